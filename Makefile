@@ -1,0 +1,37 @@
+# adfed — the two commands: `make demo` and `make test` (each sets up .venv itself).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/demo
+DEMO_RUN ?= runs/demo
+
+.PHONY: setup demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adfed data generate --users 20000 --ads 5000 --seed 0 --out $(DEMO_DATA) --overwrite
+	$(BIN)/adfed data describe $(DEMO_DATA)
+	$(BIN)/adfed train --mode centralized --data $(DEMO_DATA) --out $(DEMO_RUN)/centralized --seed 0
+	$(BIN)/adfed train --mode federated --data $(DEMO_DATA) --out $(DEMO_RUN)/federated --seed 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_store.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check adfed data_gen serving experiments tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,126 @@
+"""Columnar training examples and torch batches.
+
+:class:`Examples` holds impressions already joined with their user's and ad's fields, as
+numpy arrays; :class:`Batch` is the same as torch tensors, ready for the model.
+
+Shapes (n = number of impressions, nnz = total list length of a bag field)::
+
+    ids[name]    int64  [n]          CATEGORICAL fields (and user_id, ad_id)
+    dense[name]  float32[n]          DENSE fields
+    bags[name]   (values int64 [nnz], offsets int64 [n + 1])   MULTI_HOT / SEQUENCE
+    labels[name] click int8 [n], conversion int8 [n], label_observed bool [n],
+                 timestamp int64 [n]
+
+Bag offsets carry a trailing total (``offsets[-1] == nnz``); ``Batch`` drops it, as
+``nn.EmbeddingBag`` wants ``offsets`` of length n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+Bag = tuple[np.ndarray, np.ndarray]
+
+
+def gather_bags(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> Bag:
+    """Select ``rows`` of a ragged array (values, offsets with trailing total).
+
+    Vectorised: no Python loop over rows.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    total = int(new_offsets[-1])
+    if total == 0:
+        return np.zeros(0, dtype=values.dtype), new_offsets
+    # position of each output element within its row, plus its row's start
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    within = np.arange(total, dtype=np.int64) - new_offsets[row_of]
+    return values[starts[row_of] + within], new_offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A set of impressions with all their input fields (see module docstring)."""
+
+    ids: dict[str, np.ndarray]
+    dense: dict[str, np.ndarray]
+    bags: dict[str, Bag]
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels["click"])
+
+    def take(self, rows: np.ndarray) -> "Examples":
+        """The examples at ``rows`` (any order, repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Examples(
+            ids={k: v[rows] for k, v in self.ids.items()},
+            dense={k: v[rows] for k, v in self.dense.items()},
+            bags={k: gather_bags(v, o, rows) for k, (v, o) in self.bags.items()},
+            labels={k: v[rows] for k, v in self.labels.items()},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Examples"]) -> "Examples":
+        """Stack several Examples (same fields) row-wise."""
+        if not parts:
+            raise ValueError("Examples.concat needs at least one part")
+        first = parts[0]
+        bags: dict[str, Bag] = {}
+        for name in first.bags:
+            vals = [p.bags[name][0] for p in parts]
+            offs = [p.bags[name][1] for p in parts]
+            shift = np.cumsum([0] + [int(o[-1]) for o in offs[:-1]])
+            offsets = np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift)])
+            bags[name] = (np.concatenate(vals), offsets)
+        return Examples(
+            ids={k: np.concatenate([p.ids[k] for p in parts]) for k in first.ids},
+            dense={k: np.concatenate([p.dense[k] for p in parts]) for k in first.dense},
+            bags=bags,
+            labels={k: np.concatenate([p.labels[k] for p in parts]) for k in first.labels},
+        )
+
+    def to_batch(self) -> "Batch":
+        """Convert to torch tensors (zero-copy where numpy allows)."""
+        return Batch(
+            ids={k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in self.ids.items()},
+            dense={k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in self.dense.items()},
+            bags={
+                k: (
+                    torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)),
+                    torch.from_numpy(np.ascontiguousarray(o[:-1], dtype=np.int64)),
+                )
+                for k, (v, o) in self.bags.items()
+            },
+            click=torch.from_numpy(self.labels["click"].astype(np.float32)),
+            conversion=torch.from_numpy(self.labels["conversion"].astype(np.float32)),
+            label_observed=torch.from_numpy(self.labels["label_observed"].astype(bool)),
+        )
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None) -> "list[Batch]":
+        """Split into batches; shuffled with ``rng`` when given, in order otherwise."""
+        n = len(self)
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        return [self.take(order[i : i + batch_size]).to_batch() for i in range(0, n, batch_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Torch view of :class:`Examples`; bag offsets have length B (no trailing total)."""
+
+    ids: dict[str, torch.Tensor]
+    dense: dict[str, torch.Tensor]
+    bags: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    click: torch.Tensor  # float32 [B]
+    conversion: torch.Tensor  # float32 [B]; 0 where not clicked
+    label_observed: torch.Tensor  # bool [B]; False: the conversion label is unknown
+
+    def __len__(self) -> int:
+        return int(self.click.shape[0])

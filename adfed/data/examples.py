@@ -18,7 +18,7 @@ Bag offsets carry a trailing total (``offsets[-1] == nnz``); ``Batch`` drops it,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,12 @@ class Examples:
     labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.labels["click"])
+        for group in (self.labels, self.ids, self.dense):
+            for arr in group.values():
+                return len(arr)
+        for _, offsets in self.bags.values():
+            return len(offsets) - 1
+        return 0
 
     def take(self, rows: np.ndarray) -> "Examples":
         """The examples at ``rows`` (any order, repeats allowed)."""
@@ -104,11 +109,12 @@ class Examples:
             label_observed=torch.from_numpy(self.labels["label_observed"].astype(bool)),
         )
 
-    def batches(self, batch_size: int, rng: np.random.Generator | None) -> "list[Batch]":
-        """Split into batches; shuffled with ``rng`` when given, in order otherwise."""
+    def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator["Batch"]:
+        """Yield batches; shuffled with ``rng`` when given, in order otherwise."""
         n = len(self)
         order = rng.permutation(n) if rng is not None else np.arange(n)
-        return [self.take(order[i : i + batch_size]).to_batch() for i in range(0, n, batch_size)]
+        for i in range(0, n, batch_size):
+            yield self.take(order[i : i + batch_size]).to_batch()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""Every knob of adfed as frozen dataclasses; TOML load/dump; ``--set`` overrides.
+
+The section and key names are a stable contract (DESIGN.md "Contracts"): keys are added,
+never renamed. Validation happens on construction, so a bad value can never reach the
+engine; the error names the key, the constraint and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from adfed.errors import ConfigError
+
+
+def _check(cond: bool, key: str, constraint: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key} must be {constraint}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = "data/demo"
+    test_fraction: float = 0.2  # each user's last impressions form the test set
+    max_test_users: int = 0  # evaluate on at most this many users (0 = all)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "in (0, 1)", self.test_fraction)
+        _check(self.max_test_users >= 0, "data.max_test_users", "an int >= 0", self.max_test_users)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    variant: Literal["full", "cloud_only"] = "full"
+    embedding_dim: int = 16
+    tower: tuple[int, ...] = (128, 64)
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim >= 1, "model.embedding_dim", "an int >= 1", self.embedding_dim)
+        _check(all(w >= 1 for w in self.tower), "model.tower", "a list of ints >= 1", self.tower)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    mode: Literal["centralized", "federated"] = "centralized"
+    epochs: int = 3
+    batch_size: int = 1024
+    lr: float = 0.002
+    sparse_lr: float = 0.01
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "an int >= 1", self.batch_size)
+        _check(self.lr > 0, "train.lr", "a float > 0", self.lr)
+        _check(self.sparse_lr > 0, "train.sparse_lr", "a float > 0", self.sparse_lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "a float >= 0", self.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FLConfig:
+    rounds: int = 100
+    clients_per_round: int = 100
+    over_selection: float = 1.3
+    local_epochs: int = 1
+    local_batch_size: int = 32
+    local_lr: float = 0.05
+    local_sparse_lr: float = 0.05
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    server_lr: float = 1.0
+    prox_mu: float = 0.01
+    max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
+    schedule: Literal["sync", "async"] = "sync"
+    async_concurrency: int = 100
+    async_buffer: int = 20
+    async_max_staleness: int = 20
+    backend: Literal["inprocess", "process", "ray"] = "inprocess"
+    workers: int = 2
+    eval_every: int = 5
+    local_cache: int = 100_000  # clients whose `local` group is kept in memory
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "clients_per_round", "local_epochs", "local_batch_size",
+                    "async_concurrency", "async_buffer", "workers", "eval_every"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value >= 1, f"fl.{key}", "an int >= 1", value)
+        _check(self.over_selection >= 1.0, "fl.over_selection", "a float >= 1.0", self.over_selection)
+        for key in ("local_lr", "local_sparse_lr", "server_lr", "max_weight"):
+            _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
+        _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
+        _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",
+               self.async_max_staleness)
+        _check(self.local_cache >= 0, "fl.local_cache", "an int >= 0", self.local_cache)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WindowConfig:
+    kind: Literal["none", "fixed", "adaptive"] = "adaptive"
+    deadline_s: float = 60.0  # fixed deadline, and the adaptive window's first deadline
+    quantile: float = 0.8  # adaptive: deadline follows this quantile of completion times
+    smoothing: float = 0.5  # adaptive: weight of the new estimate (EMA)
+    history: int = 5  # adaptive: rounds of completion times considered
+    min_deadline_s: float = 1.0
+    max_deadline_s: float = 600.0
+    min_clients: int = 10  # a round that gets fewer arrivals is retried
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.deadline_s > 0, "window.deadline_s", "a float > 0", self.deadline_s)
+        _check(0 < self.quantile <= 1, "window.quantile", "in (0, 1]", self.quantile)
+        _check(0 < self.smoothing <= 1, "window.smoothing", "in (0, 1]", self.smoothing)
+        _check(self.history >= 1, "window.history", "an int >= 1", self.history)
+        _check(0 < self.min_deadline_s <= self.max_deadline_s, "window.min_deadline_s",
+               "> 0 and <= window.max_deadline_s", self.min_deadline_s)
+        _check(self.min_clients >= 1, "window.min_clients", "an int >= 1", self.min_clients)
+        _check(self.max_retries >= 0, "window.max_retries", "an int >= 0", self.max_retries)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration of a run (DESIGN.md "Contracts")."""
+
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    fl: FLConfig = dataclasses.field(default_factory=FLConfig)
+    window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0", self.seed)
+
+
+# -- (de)serialisation -----------------------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, "one of " + " | ".join(map(repr, choices)), value)
+        return value
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), key, "a list", value)
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, "true or false", value)
+    elif tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an int", value)
+    elif tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    elif tp is str:
+        _check(isinstance(value, str), key, "a string", value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {full!r}; known keys: {sorted(known)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(value, dict), full, "a table", value)
+            kwargs[key] = _build(tp, value, f"{full}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (e.g. parsed TOML)."""
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = (
+            {k: conv(x) for k, x in dataclasses.asdict(v).items()} if dataclasses.is_dataclass(v) else v
+        )
+    return out
+
+
+def load(path: str | Path) -> Config:
+    """Load a TOML config file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return from_dict(raw)
+
+
+def dumps(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value; got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.split("."), value
+
+
+def with_overrides(cfg: Config, items: list[str]) -> Config:
+    """Apply ``--set`` overrides; unknown keys and bad values raise ConfigError."""
+    raw = to_dict(cfg)
+    for item in items:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config section {'.'.join(path[:-1])!r} in --set {item}")
+            node = node[part]
+        node[path[-1]] = value
+    return from_dict(raw)

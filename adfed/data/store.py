@@ -1,0 +1,294 @@
+"""Reading a dataset: validation, lazy per-client access, joins, the time split.
+
+:class:`Dataset` opens a directory written by :class:`adfed.data.layout.DatasetWriter`
+(synthetic world or real import). Opening reads the manifest, the index and the small ads
+table, and checks every file's footer and columns; per-client access then reads only the
+row groups that hold that client's rows (see ``layout.ROW_GROUP_ROWS``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from adfed.data.examples import Examples
+from adfed.data.layout import DEVICE_COLUMNS, FORMAT_VERSION, MANIFEST, sha256_file
+from adfed.data.schema import (
+    AD_KEY,
+    LABEL_COLUMNS,
+    TRUTH_COLUMNS,
+    USER_KEY,
+    Entity,
+    FieldKind,
+    FieldSpec,
+    Schema,
+)
+from adfed.errors import DataError
+
+TRUTH_PREFIX = "truth_"
+
+
+def _expected_type(spec: FieldSpec) -> tuple[str, ...]:
+    if spec.kind is FieldKind.DENSE:
+        return ("float", "double")
+    if spec.is_bag:
+        return ("list<item: int32>", "list<element: int32>", "list<item: int64>")
+    return ("int32", "int64")
+
+
+def _check_columns(path: Path, schema: pa.Schema, fields: dict[str, tuple[str, ...]]) -> None:
+    for name, allowed in fields.items():
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            raise DataError(f"{path}: missing column {name!r}; regenerate or re-import the dataset")
+        got = str(schema.field(idx).type)
+        if got not in allowed:
+            raise DataError(f"{path}: column {name!r} has type {got}; expected one of {allowed}")
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    if not path.exists():
+        raise DataError(f"{path}: file is missing; regenerate or re-import the dataset")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file (truncated?): {exc}") from exc
+
+
+def table_to_examples(table: pa.Table, fields: tuple[FieldSpec, ...]) -> Examples:
+    """Convert the given fields of an arrow table into columnar arrays."""
+    ids: dict[str, np.ndarray] = {}
+    dense: dict[str, np.ndarray] = {}
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for spec in fields:
+        col = table.column(spec.name).combine_chunks()
+        if spec.kind is FieldKind.DENSE:
+            dense[spec.name] = col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        elif spec.is_bag:
+            values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            offsets = col.offsets.to_numpy().astype(np.int64)
+            bags[spec.name] = (values, offsets - offsets[0])
+        else:
+            ids[spec.name] = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return Examples(ids=ids, dense=dense, bags=bags, labels={})
+
+
+def _merge(*parts: Examples, labels: dict[str, np.ndarray]) -> Examples:
+    ids: dict[str, np.ndarray] = {}
+    dense: dict[str, np.ndarray] = {}
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for p in parts:
+        ids.update(p.ids)
+        dense.update(p.dense)
+        bags.update(p.bags)
+    return Examples(ids=ids, dense=dense, bags=bags, labels=labels)
+
+
+class _RowGroupFile:
+    """A parquet file addressed by global row number, reading only needed row groups."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = _open_parquet(path)
+        md = self.file.metadata
+        sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._lock = threading.Lock()
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def read_rows(self, start: int, count: int, columns: list[str] | None = None) -> pa.Table:
+        first = int(np.searchsorted(self.starts, start, side="right") - 1)
+        last = int(np.searchsorted(self.starts, start + count - 1, side="right") - 1)
+        with self._lock:  # ParquetFile is not thread-safe
+            table = self.file.read_row_groups(list(range(first, last + 1)), columns=columns)
+        return table.slice(start - int(self.starts[first]), count)
+
+
+class Dataset:
+    """An opened dataset directory. Use :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.schema = Schema.from_dict(manifest["schema"])
+        self.has_truth = (path / "truth").is_dir()
+        self._check_tables()
+        index = pq.read_table(path / "index.parquet")
+        self.user_ids = index.column("user_id").to_numpy()
+        n = self.schema.num_users
+        self._shard = np.full(n, -1, dtype=np.int32)
+        self._start = np.zeros(n, dtype=np.int64)
+        self._count = np.zeros(n, dtype=np.int64)
+        self._shard[self.user_ids] = index.column("shard").to_numpy()
+        self._start[self.user_ids] = index.column("start").to_numpy()
+        self._count[self.user_ids] = index.column("count").to_numpy()
+        num_shards = int(manifest["counts"]["shards"])
+        self._imp = [_RowGroupFile(self._shard_path("impressions", s)) for s in range(num_shards)]
+        self._truth = (
+            [_RowGroupFile(self._shard_path("truth", s)) for s in range(num_shards)]
+            if self.has_truth
+            else []
+        )
+        self._users = _RowGroupFile(path / "users.parquet")
+        self.ads = table_to_examples(
+            pq.read_table(path / "ads.parquet"), self.schema.by_entity(Entity.AD)
+        )
+        self._user_fields = self.schema.by_entity(Entity.USER)
+        self._ctx_fields = self.schema.by_entity(Entity.CONTEXT)
+        self._imp_columns = [USER_KEY, AD_KEY, *[f.name for f in self._ctx_fields], *LABEL_COLUMNS]
+
+    # -- opening and validation --------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, verify_checksums: bool = False) -> "Dataset":
+        """Open and validate a dataset directory.
+
+        Raises
+        ------
+        DataError
+            Missing directory/manifest/file, foreign format version, a missing column,
+            a wrong dtype, a truncated file, or (with ``verify_checksums``) a checksum
+            mismatch. The message names the file and the field.
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.exists():
+            raise DataError(f"{mpath}: not found; is {path} a dataset (adfed data generate)?")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{mpath}: not valid JSON ({exc}); regenerate the dataset") from exc
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DataError(
+                f"{mpath}: format_version {version!r} is not {FORMAT_VERSION}; "
+                "regenerate the dataset with this adfed"
+            )
+        for rel, digest in manifest.get("files", {}).items():
+            fpath = path / rel
+            if not fpath.exists():
+                raise DataError(f"{fpath}: file listed in the manifest is missing")
+            if verify_checksums and sha256_file(fpath) != digest:
+                raise DataError(f"{fpath}: checksum does not match the manifest (corrupted)")
+        return cls(path, manifest)
+
+    def _shard_path(self, kind: str, shard: int) -> Path:
+        return self.path / kind / f"part-{shard:05d}.parquet"
+
+    def _check_tables(self) -> None:
+        users = self.schema.by_entity(Entity.USER)
+        ads = self.schema.by_entity(Entity.AD)
+        ctx = self.schema.by_entity(Entity.CONTEXT)
+        checks: list[tuple[Path, dict[str, tuple[str, ...]]]] = [
+            (self.path / "users.parquet", {f.name: _expected_type(f) for f in users if f.name != USER_KEY}),
+            (self.path / "ads.parquet", {f.name: _expected_type(f) for f in ads}),
+            (self.path / "index.parquet", {"user_id": ("int64",), "start": ("int64",)}),
+        ]
+        labels = {k: (v if v != "bool" else "bool",) for k, v in LABEL_COLUMNS.items()}
+        for shard in range(int(self.manifest["counts"]["shards"])):
+            imp = {USER_KEY: ("int32", "int64"), AD_KEY: ("int32", "int64"), **labels}
+            imp.update({f.name: _expected_type(f) for f in ctx})
+            checks.append((self._shard_path("impressions", shard), imp))
+            if self.has_truth:
+                checks.append((self._shard_path("truth", shard), {k: ("float",) for k in TRUTH_COLUMNS}))
+        for fpath, fields in checks:
+            _check_columns(fpath, _open_parquet(fpath).schema_arrow, fields)
+        if (self.path / "devices.parquet").exists():
+            fpath = self.path / "devices.parquet"
+            _check_columns(fpath, _open_parquet(fpath).schema_arrow, {k: ("float",) for k in DEVICE_COLUMNS})
+
+    # -- access ------------------------------------------------------------------------
+    @property
+    def num_impressions(self) -> int:
+        return int(self._count.sum())
+
+    def rows_per_user(self) -> np.ndarray:
+        """Impressions per user, aligned with ``self.user_ids`` (int64)."""
+        return self._count[self.user_ids]
+
+    def rows_of(self, user_id: int) -> int:
+        """Number of impressions of one user (0 for an unknown user)."""
+        return int(self._count[user_id]) if 0 <= user_id < len(self._count) else 0
+
+    def client(self, user_id: int) -> Examples:
+        """All impressions of one user, joined with its user and ad fields.
+
+        Reads only the row groups that hold this user's rows.
+        """
+        if not 0 <= user_id < len(self._count) or self._count[user_id] == 0:
+            raise DataError(f"user_id {user_id} has no impressions in {self.path}")
+        shard, start, count = int(self._shard[user_id]), int(self._start[user_id]), int(self._count[user_id])
+        imp = self._imp[shard].read_rows(start, count, self._imp_columns)
+        truth = self._truth[shard].read_rows(start, count) if self.has_truth else None
+        user = self._users.read_rows(user_id, 1, [f.name for f in self._user_fields if f.name != USER_KEY])
+        user_rows = np.zeros(count, dtype=np.int64)
+        return self._join(imp, truth, user, user_rows)
+
+    def load(self, user_ids: np.ndarray | None = None) -> Examples:
+        """All impressions (of ``user_ids`` if given) as one joined table.
+
+        For centralized training and evaluation; memory grows with the rows loaded.
+        """
+        if user_ids is not None:
+            return Examples.concat([self.client(int(u)) for u in np.sort(user_ids)])
+        imp = pa.concat_tables(
+            [f.file.read(columns=self._imp_columns) for f in self._imp]
+        )
+        truth = pa.concat_tables([f.file.read() for f in self._truth]) if self._truth else None
+        users = self._users.file.read(columns=[f.name for f in self._user_fields if f.name != USER_KEY])
+        user_rows = imp.column(USER_KEY).to_numpy().astype(np.int64)
+        return self._join(imp, truth, users, user_rows)
+
+    def _join(self, imp: pa.Table, truth: pa.Table | None, users: pa.Table, user_rows: np.ndarray) -> Examples:
+        ctx = table_to_examples(imp, self._ctx_fields)
+        ad_ids = imp.column(AD_KEY).to_numpy().astype(np.int64)
+        user_part = table_to_examples(
+            users, tuple(f for f in self._user_fields if f.name != USER_KEY)
+        ).take(user_rows)
+        labels = {k: imp.column(k).to_numpy(zero_copy_only=False) for k in LABEL_COLUMNS}
+        if truth is not None:
+            for k in TRUTH_COLUMNS:
+                labels[TRUTH_PREFIX + k] = truth.column(k).to_numpy()
+        ids = {USER_KEY: imp.column(USER_KEY).to_numpy().astype(np.int64), AD_KEY: ad_ids}
+        keys = Examples(ids=ids, dense={}, bags={}, labels={})
+        return _merge(keys, ctx, user_part, self.ads.take(ad_ids), labels=labels)
+
+    def devices(self) -> pa.Table | None:
+        """The device-profile table, or None when the dataset has none (real imports)."""
+        path = self.path / "devices.parquet"
+        return pq.read_table(path) if path.exists() else None
+
+    def requests(self) -> pa.Table | None:
+        """Held-out rerank requests, or None."""
+        path = self.path / "requests.parquet"
+        return pq.read_table(path) if path.exists() else None
+
+
+def split_by_time(user_ids: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user time split of rows sorted by (user, timestamp).
+
+    Each user's last ``round(n_u * test_fraction)`` rows are test rows, so no test row is
+    ever earlier than a training row of the same user. Returns (train_rows, test_rows).
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
+    n = len(user_ids)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.flatnonzero(np.diff(user_ids)) + 1
+    starts = np.concatenate([[0], change])
+    counts = np.diff(np.concatenate([starts, [n]]))
+    group_start = np.repeat(starts, counts)
+    group_count = np.repeat(counts, counts)
+    pos = np.arange(n) - group_start
+    n_test = np.floor(group_count * test_fraction + 0.5).astype(np.int64)
+    is_test = pos >= group_count - n_test
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)

@@ -1,0 +1,140 @@
+"""The client update: a pure function of (global params for the client, data, settings, seed).
+
+A phone receives the ``dense_shared`` parameters and the rows of each ``sparse_shared``
+table that its own data touches, restores its ``local`` group (or starts it at zero),
+trains locally with SGD (plus the FedProx proximal term when asked), and returns an
+:class:`~adfed.fl.types.Update` with the deltas of the shared groups. The new ``local``
+group is returned separately: it stays on the phone.
+
+``scratch`` is a reusable model object (built with ``user_rows=1``) that the caller owns;
+everything the update reads from it is overwritten first, so the result does not depend
+on what a previous client left in it (rows a client does not touch are never read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from adfed.data.examples import Batch, Examples
+from adfed.data.schema import USER_KEY, ParamGroup
+from adfed.fl.types import ClientSettings, SparseRows, Update
+from adfed.model.groups import get_dense, get_rows, group_names, set_dense_inplace, set_rows_inplace, sparse_tables
+from adfed.model.pcvr import PCVRModel, ensure_finite, esmm_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTask:
+    """Everything the server sends one client for one round (plus the client's own state).
+
+    ``rows`` holds, per sparse table, the global rows for the ids the client touches;
+    ``local`` is the client's own LOCAL group from its previous round (None: first time).
+    ``seed`` is derived from (run seed, round, client) by the engine.
+    """
+
+    client_id: int
+    version: int
+    settings: ClientSettings
+    dense: dict[str, torch.Tensor]
+    rows: dict[str, SparseRows]
+    local: dict[str, torch.Tensor] | None
+    seed: tuple[int, ...]
+
+
+def local_batches(data: Examples, settings: ClientSettings, rng: np.random.Generator) -> list[Batch]:
+    """The client's training batches for all local epochs, user ids mapped to row 0."""
+    data = dataclasses.replace(data, ids={**data.ids, USER_KEY: np.zeros(len(data), np.int64)}) \
+        if USER_KEY in data.ids else data
+    out: list[Batch] = []
+    for _ in range(settings.epochs):
+        out.extend(data.batches(settings.batch_size, rng))
+    return out
+
+
+def needed_rows(scratch: PCVRModel, data: Examples) -> dict[str, torch.Tensor]:
+    """Per sparse table, the sorted unique row ids the client's data reads."""
+    from adfed.model.groups import touched_rows
+
+    return touched_rows(scratch, data.to_batch())
+
+
+def _load_inplace(scratch: PCVRModel, task: ClientTask) -> None:
+    set_dense_inplace(scratch, task.dense)
+    for table, rows in task.rows.items():
+        if len(rows.ids):
+            set_rows_inplace(scratch, table, rows.ids, rows.values)
+    params = dict(scratch.named_parameters())
+    with torch.no_grad():
+        for name in group_names(scratch, ParamGroup.LOCAL):
+            if task.local is not None:
+                params[name].copy_(task.local[name])
+            else:
+                params[name].zero_()
+
+
+def _proximal(scratch: PCVRModel, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    params = dict(scratch.named_parameters())
+    total = torch.zeros(())
+    for name, ref in anchor.items():
+        total = total + (params[name] - ref).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def client_update(
+    scratch: PCVRModel, task: ClientTask, data: Examples
+) -> tuple[Update, dict[str, torch.Tensor]]:
+    """Train one client; returns (update to upload, new local state to keep on the phone).
+
+    Runs single-threaded so the result is bitwise identical on every backend.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _load_inplace(scratch, task)
+        rng = np.random.default_rng(list(task.seed))
+        s = task.settings
+        trainable = [p for p in scratch.parameters()]
+        opt = torch.optim.SGD(trainable, lr=s.lr)
+        sparse_opt = None
+        sparse_params = [p for n, p in scratch.named_parameters() if scratch.has_sparse_grad(n)]
+        if s.sparse_lr != s.lr and sparse_params:
+            dense_params = [p for n, p in scratch.named_parameters() if not scratch.has_sparse_grad(n)]
+            opt = torch.optim.SGD(dense_params, lr=s.lr)
+            sparse_opt = torch.optim.SGD(sparse_params, lr=s.sparse_lr)
+        scratch.train()
+        losses = []
+        for step, batch in enumerate(local_batches(data, s, rng)):
+            opt.zero_grad(set_to_none=True)
+            if sparse_opt is not None:
+                sparse_opt.zero_grad(set_to_none=True)
+            loss = esmm_loss(scratch(batch), batch)
+            ensure_finite(loss, where=f"client {task.client_id}, version {task.version}, step {step}")
+            losses.append(float(loss.detach()))
+            if s.prox_mu > 0:
+                loss = loss + _proximal(scratch, task.dense, s.prox_mu)
+            loss.backward()
+            opt.step()
+            if sparse_opt is not None:
+                sparse_opt.step()
+        new_dense = get_dense(scratch, ParamGroup.DENSE_SHARED)
+        dense_delta = {k: new_dense[k] - task.dense[k] for k in task.dense}
+        sparse_delta = {}
+        for table in sparse_tables(scratch):
+            rows = task.rows.get(table)
+            if rows is None or not len(rows.ids):
+                continue
+            sparse_delta[table] = SparseRows(rows.ids, get_rows(scratch, table, rows.ids) - rows.values)
+        local = get_dense(scratch, ParamGroup.LOCAL)
+    finally:
+        torch.set_num_threads(threads)
+    update = Update(
+        client_id=task.client_id,
+        dense=dense_delta,
+        sparse=sparse_delta,
+        num_examples=len(data),
+        base_version=task.version,
+        metrics={"loss": float(np.mean(losses)) if losses else float("nan")},
+    )
+    return update, local

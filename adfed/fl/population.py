@@ -1,0 +1,93 @@
+"""The client population: lazily backed by the store, plus the phones' own storage.
+
+Only sampled clients are loaded (:meth:`Population.train_data` reads one user's rows);
+memory grows with clients per round, not with the population. Each phone's ``local``
+group lives in :class:`LocalStore`, a bounded LRU standing in for on-device storage.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import torch
+
+from adfed.data.examples import Examples
+from adfed.data.schema import USER_KEY
+from adfed.data.store import Dataset, split_by_time
+from adfed.fl.devices import DeviceProfiles
+
+
+class Population:
+    """All clients of a dataset, with device profiles and a per-user time split."""
+
+    def __init__(self, dataset: Dataset, *, test_fraction: float, seed: int) -> None:
+        self.dataset = dataset
+        self.test_fraction = test_fraction
+        counts = dataset.rows_per_user()
+        n_test = np.floor(counts * test_fraction + 0.5).astype(np.int64)
+        has_train = counts - n_test > 0
+        #: user ids with at least one training row (sorted)
+        self.clients = dataset.user_ids[has_train].astype(np.int64)
+        self._num_train = np.zeros(dataset.schema.num_users, dtype=np.int64)
+        self._num_train[dataset.user_ids] = counts - n_test
+        table = dataset.devices()
+        if table is not None:
+            self.profiles = DeviceProfiles.from_table(table, dataset.schema.num_users)
+        else:
+            rng = np.random.default_rng([seed, 0xDE71CE])
+            self.profiles = DeviceProfiles.simulate(dataset.schema.num_users, rng)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def num_train(self, user_ids: np.ndarray) -> np.ndarray:
+        """Training rows per user (known to the server only as a capped weight)."""
+        return self._num_train[user_ids]
+
+    def train_data(self, user_id: int) -> Examples:
+        """One client's training rows (all but its last ``test_fraction``)."""
+        data = self.dataset.client(int(user_id))
+        train_rows, _ = split_by_time(data.ids[USER_KEY], self.test_fraction)
+        return data.take(train_rows)
+
+    def sample(self, k: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Uniformly sample up to ``k`` distinct clients that are online now.
+
+        A client is online with its profile's ``online_prob``; draws continue until ``k``
+        online clients are found or the population is exhausted.
+        """
+        pool = self.clients if exclude is None or not len(exclude) else np.setdiff1d(self.clients, exclude)
+        order = rng.permutation(len(pool))
+        online = rng.random(len(pool)) < self.profiles.online_prob[pool[order]]
+        return pool[order[online][:k]]
+
+
+@dataclasses.dataclass
+class LocalStore:
+    """The phones' own storage of their ``local`` group, bounded in entries (LRU).
+
+    Evicting a phone's entry models a phone that lost its local state (app data
+    cleared): it restarts its local group at zero. ``evicted`` counts such events.
+    """
+
+    capacity: int
+    entries: "collections.OrderedDict[int, dict[str, torch.Tensor]]" = dataclasses.field(
+        default_factory=collections.OrderedDict)
+    evicted: int = 0
+
+    def get(self, user_id: int) -> dict[str, torch.Tensor] | None:
+        state = self.entries.get(user_id)
+        if state is not None:
+            self.entries.move_to_end(user_id)
+        return state
+
+    def put_inplace(self, user_id: int, state: dict[str, torch.Tensor]) -> None:
+        if self.capacity == 0:
+            return
+        self.entries[user_id] = state
+        self.entries.move_to_end(user_id)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+            self.evicted += 1

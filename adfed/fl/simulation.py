@@ -1,0 +1,156 @@
+"""Federated training driver: rounds (sync or async), evaluation, checkpoints, summary.
+
+``fit_federated`` is what ``Trainer(cfg).fit()`` runs for ``train.mode = "federated"``.
+Each round's server state, the phones' local storage and the rows so far are
+checkpointed atomically to ``checkpoint_dir/checkpoint.pt`` when a directory is given;
+``resume=True`` continues from it to the same final model as an uninterrupted run
+(all randomness is derived from (seed, round, client), never from carried RNG state).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adfed.config import Config
+from adfed.data.schema import ParamGroup
+from adfed.data.store import Dataset
+from adfed.errors import ConfigError
+from adfed.evaluation import evaluate, split_examples, test_users
+from adfed.fl import strategies
+from adfed.fl.backends import create_backend
+from adfed.fl.fedbuff import AsyncState, run_async_step
+from adfed.fl.population import LocalStore, Population
+from adfed.fl.rounds import ServerState, run_sync_round
+from adfed.fl.types import GlobalState
+from adfed.fl.window import initial_state
+from adfed.model.groups import get_dense, group_names, model_bytes, set_dense_inplace
+from adfed.model.pcvr import PCVRModel
+
+logger = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.ServerOptimizer) -> ServerState:
+    dense = get_dense(model, ParamGroup.DENSE_SHARED)
+    sparse = get_dense(model, ParamGroup.SPARSE_SHARED)
+    return ServerState(model=GlobalState(dense=dense, sparse=sparse, version=0),
+                       opt_state=server_opt.init(dense), window=initial_state(cfg.window))
+
+
+def load_global_inplace(model: PCVRModel, state: ServerState, store: LocalStore) -> None:
+    """Write the global model and the phones' local rows into a full-size eval model."""
+    set_dense_inplace(model, state.model.dense)
+    set_dense_inplace(model, state.model.sparse)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in group_names(model, ParamGroup.LOCAL):
+            params[name].zero_()
+            if store.entries:
+                users = torch.tensor(list(store.entries.keys()), dtype=torch.int64)
+                rows = torch.cat([e[name] for e in store.entries.values()])
+                params[name][users] = rows
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path / CHECKPOINT)
+
+
+def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], model: PCVRModel,
+             wall_s: float, population: Population) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {
+        "mode": "federated",
+        "schedule": cfg.fl.schedule,
+        "strategy": cfg.fl.strategy,
+        "backend": cfg.fl.backend,
+        "window": cfg.window.kind,
+        "rounds": len(rows),
+        "seed": cfg.seed,
+        "clients_per_round": cfg.fl.clients_per_round,
+        "population": len(population),
+        **final,
+        "bytes_up_per_client": mean("bytes_up"),
+        "bytes_down_per_client": mean("bytes_down"),
+        "bytes_up_dense_per_client": mean("bytes_up_dense"),
+        "bytes_up_sparse_per_client": mean("bytes_up_sparse"),
+        "model_bytes": model_bytes(model),
+        "sim_time_s": rows[-1]["sim_time_s"] if rows else 0.0,
+        "median_round_sim_s": float(np.median([r["round_sim_s"] for r in rows])) if rows else 0.0,
+        "dropped_clients": int(sum(r.get("failed", 0) + r.get("late", 0) for r in rows)),
+        "failed_clients": int(sum(r.get("failed", 0) for r in rows)),
+        "late_clients": int(sum(r.get("late", 0) for r in rows)),
+        "wall_time_s": wall_s,
+        "simulated_device_profiles": population.profiles.simulated,
+    }
+
+
+def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None = None,
+                  resume: bool = False, on_step: Any = None) -> Any:
+    """Run ``cfg.fl.rounds`` rounds (sync) or server steps (async); see module doc."""
+    from adfed.trainer import TrainResult, model_from_config
+
+    population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    if len(population) == 0:
+        raise ConfigError(f"data.path {dataset.path} has no client with training rows")
+    eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
+    test = split_examples(dataset.load(eval_users), cfg.data.test_fraction).test
+    eval_model = model_from_config(cfg, dataset)
+    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
+    state = initial_server_state(cfg, eval_model, server_opt)
+    store = LocalStore(capacity=cfg.fl.local_cache)
+    async_state = AsyncState()
+    rows: list[dict[str, Any]] = []
+    wall_before = 0.0
+    ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
+    if resume:
+        if ckpt is None or not ckpt.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
+        saved = torch.load(ckpt, weights_only=False)
+        state, rows, async_state = saved["state"], saved["rows"], saved["async"]
+        store.entries.update(saved["local"])
+        store.evicted = saved["evicted"]
+        wall_before = saved["wall_s"]
+    start = time.perf_counter()
+    backend = create_backend(cfg.fl.backend, dataset.path, cfg)
+    final: dict[str, float] = {}
+    try:
+        while state.round < cfg.fl.rounds:
+            if cfg.fl.schedule == "sync":
+                state, row = run_sync_round(state, cfg, population, backend, store, server_opt)
+            else:
+                state, row = run_async_step(state, async_state, cfg, population, backend, store, server_opt)
+            if state.round % cfg.fl.eval_every == 0 or state.round == cfg.fl.rounds:
+                load_global_inplace(eval_model, state, store)
+                final = evaluate(eval_model, test)
+                row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss") if k in final})
+            row["wall_time_s"] = wall_before + time.perf_counter() - start
+            rows.append(row)
+            logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
+            if ckpt is not None:
+                _save_checkpoint(ckpt.parent, {"state": state, "rows": rows, "async": async_state,
+                                               "local": dict(store.entries), "evicted": store.evicted,
+                                               "wall_s": row["wall_time_s"]})
+            if on_step:
+                on_step(row)
+    finally:
+        backend.close()
+    if not final:  # resumed a finished run: evaluate the restored model
+        load_global_inplace(eval_model, state, store)
+        final = evaluate(eval_model, test)
+    wall = wall_before + time.perf_counter() - start
+    summary = _summary(cfg, rows, final, eval_model, wall, population)
+    summary["local_state_evictions"] = store.evicted
+    return TrainResult(summary=summary, rows=rows, rows_name="rounds.csv", model=eval_model)

@@ -1,0 +1,62 @@
+"""Values that flow through a federated round.
+
+An :class:`Update` is what one client sends back: per-group payloads, never the
+``local`` group. Dense payloads are *deltas* (client params − global params), sparse
+payloads are the touched row ids and their row deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRows:
+    """Rows of one sparse table: ``ids`` int64 [R] (sorted, unique), ``values`` [R, D]."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    """Server-pushed settings for one round's local training."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    sparse_lr: float
+    prox_mu: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One client's upload for one round.
+
+    Attributes
+    ----------
+    client_id : the user id of the phone.
+    dense : ``dense_shared`` deltas by parameter name.
+    sparse : ``sparse_shared`` row deltas by table parameter name.
+    num_examples : self-reported training examples (the server caps its weight).
+    base_version : model version the client trained from (async staleness).
+    metrics : local training metrics (loss, ...).
+    """
+
+    client_id: int
+    dense: dict[str, torch.Tensor]
+    sparse: dict[str, SparseRows]
+    num_examples: int
+    base_version: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalState:
+    """The server's model: dense_shared tensors, sparse tables (full), version."""
+
+    dense: dict[str, torch.Tensor]
+    sparse: dict[str, torch.Tensor]
+    version: int = 0

@@ -1,0 +1,124 @@
+"""The run directory (DESIGN.md "Contracts"): config.toml, summary.json, CSVs, plots.
+
+This module is the file edge of training: the Trainer and the engine return values, and
+only this module (called from the CLI) writes them. Every file is written to a temporary
+name and renamed, so a crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adfed import config as config_mod
+from adfed.config import Config
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode) as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def write_config(out: Path, cfg: Config) -> None:
+    atomic_write(out / "config.toml", config_mod.dumps(cfg))
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write(out / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write dict rows as CSV (columns: union of keys in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write(path, buf.getvalue())
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def plot_curves(
+    path: Path,
+    rows: Sequence[dict[str, Any]],
+    *,
+    x: str,
+    ys: Sequence[str],
+    title: str,
+    hlines: dict[str, float] | None = None,
+) -> None:
+    """Line plot of ``ys`` against ``x`` from dict rows, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for y in ys:
+        pts = [(r[x], r[y]) for r in rows if r.get(y) is not None and r.get(x) is not None]
+        pts = [(a, b) for a, b in pts if isinstance(b, (int, float)) and math.isfinite(b)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=y)
+    for label, value in (hlines or {}).items():
+        if value is not None and math.isfinite(value):
+            ax.axhline(value, ls="--", lw=1, color="grey")
+            ax.annotate(f"{label} {value:.3f}", (0.01, value), xycoords=("axes fraction", "data"),
+                        fontsize=8, va="bottom", color="grey")
+    ax.set_xlabel(x)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_run(out: Path, cfg: Config, result: Any) -> None:
+    """Write a whole run directory from a :class:`adfed.trainer.TrainResult`."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)
+    write_rows(out / result.rows_name, result.rows)
+    summary = result.summary
+    refs = {"oracle": summary.get("oracle_auc", float("nan"))}
+    if summary.get("centralized_auc") is not None:
+        refs["centralized"] = summary["centralized_auc"]
+    if result.rows_name == "epochs.csv":
+        plot_curves(out / "plots" / "learning_curve.png", result.rows, x="epoch",
+                    ys=["auc", "ctcvr_auc"], title="Centralized: test AUC per epoch", hlines=refs)
+    else:
+        evaluated = [r for r in result.rows if r.get("auc") is not None]
+        plot_curves(out / "plots" / "auc_vs_round.png", evaluated, x="round",
+                    ys=["auc", "ctcvr_auc"], title="Federated: test AUC per round", hlines=refs)
+        plot_curves(out / "plots" / "auc_vs_sim_time.png", evaluated, x="sim_time_s",
+                    ys=["auc"], title="Federated: test AUC vs simulated time (s)", hlines=refs)
+    write_summary(out, summary)

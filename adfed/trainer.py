@@ -1,0 +1,130 @@
+"""One ``Trainer``, one switch: ``train.mode = "centralized" | "federated"``.
+
+The caller is the same in both modes::
+
+    result = Trainer(cfg).fit()
+
+``fit`` returns a :class:`TrainResult` (summary, per-epoch or per-round rows, the
+model); writing the run directory is the caller's job (:mod:`adfed.rundir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adfed.config import Config
+from adfed.data.store import Dataset
+from adfed.evaluation import evaluate, split_examples, test_users
+from adfed.model.groups import make_optimizers, model_bytes
+from adfed.model.pcvr import PCVRModel, build_model, ensure_finite, esmm_loss
+
+logger = logging.getLogger(__name__)
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    ``rows`` are per epoch (centralized, ``rows_name="epochs.csv"``) or per round
+    (federated, ``rows_name="rounds.csv"``).
+    """
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    rows_name: str
+    model: PCVRModel
+
+
+def model_from_config(cfg: Config, dataset: Dataset, *, user_rows: int | None = None) -> PCVRModel:
+    return build_model(
+        dataset.schema,
+        variant=cfg.model.variant,
+        embedding_dim=cfg.model.embedding_dim,
+        tower=cfg.model.tower,
+        user_rows=user_rows,
+        seed=cfg.seed,
+    )
+
+
+class Trainer:
+    """Trains the pCVR model of ``cfg`` on the dataset at ``cfg.data.path``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def fit(
+        self,
+        dataset: Dataset | None = None,
+        *,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> TrainResult:
+        """Train and evaluate; ``on_step`` gets each epoch's / round's row as it is made."""
+        dataset = dataset or Dataset.open(self.cfg.data.path)
+        if self.cfg.train.mode == "centralized":
+            return fit_centralized(self.cfg, dataset, on_step=on_step)
+        from adfed.fl.simulation import fit_federated
+
+        return fit_federated(self.cfg, dataset, checkpoint_dir=checkpoint_dir, resume=resume,
+                             on_step=on_step)
+
+
+def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | None = None) -> TrainResult:
+    """Stand-alone training on all users' pooled training rows (the upper baseline)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    split = split_examples(dataset.load(), cfg.data.test_fraction)
+    eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
+    test = split.test if eval_users is None else split_examples(
+        dataset.load(eval_users), cfg.data.test_fraction).test
+    model = model_from_config(cfg, dataset)
+    optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr)
+    rng = np.random.default_rng([cfg.seed, 0xC3])
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    train_s = 0.0
+    for epoch in range(1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        losses = []
+        for step, batch in enumerate(split.train.batches(cfg.train.batch_size, rng)):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss = ensure_finite(esmm_loss(model(batch), batch), where=f"epoch {epoch}, step {step}")
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            losses.append(float(loss.detach()))
+        epoch_s = time.perf_counter() - t0
+        train_s += epoch_s
+        metrics = evaluate(model, test)
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics,
+               "wall_time_s": time.perf_counter() - start,
+               "examples_per_s": len(split.train) / max(epoch_s, 1e-9)}
+        rows.append(row)
+        logger.info("epoch %d loss %.4f auc %.4f", epoch, row["loss"], row["auc"])
+        if on_step:
+            on_step(row)
+    final = rows[-1]
+    summary = {
+        "mode": "centralized",
+        "epochs": cfg.train.epochs,
+        "seed": cfg.seed,
+        "variant": cfg.model.variant,
+        **{k: final[k] for k in final if k not in ("epoch", "loss", "examples_per_s")},
+        "train_examples": len(split.train),
+        "test_examples": len(test),
+        "examples_per_s": len(split.train) * cfg.train.epochs / max(train_s, 1e-9),
+        "model_bytes": model_bytes(model),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=model)

@@ -53,7 +53,7 @@ def data_generate(
 ) -> None:
     """Materialize the synthetic world to parquet (streaming; memory does not grow with --users)."""
     from data_gen.generate import generate
-    from data_gen.world import WorldParams
+    from data_gen.params import WorldParams
 
     try:
         params = WorldParams(num_users=users, num_ads=ads)

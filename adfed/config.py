@@ -225,7 +225,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
+        value = text.strip()  # a bare word: "mode = federated" means "federated"
     return key.split("."), value
 
 

@@ -1,0 +1,143 @@
+"""Evaluation metrics for pCTR / pCVR predictions (AUC, logloss, calibration, oracle).
+
+Which rows each metric uses (ESMM's conventions):
+
+- CVR metrics (``auc``, ``logloss``, ``ece``, ``pred_rate``, ``obs_rate``): clicked
+  impressions whose conversion label is observed; label = conversion, score = pCVR.
+- CTCVR metrics (``ctcvr_auc``, ``ctcvr_logloss``): every impression whose label is
+  observed; label = click ∧ conversion, score = pCTR × pCVR.
+- CTR metrics (``ctr_auc``): every impression (clicks are always observed).
+- Oracle metrics: the same rows and labels scored with the generator's true
+  probabilities; the best any model can do on this sample.
+
+A metric that is undefined on the given rows (no rows, or a single class for AUC) is
+``nan``, never an exception: small clients often have no positive label.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sklearn.metrics import log_loss, roc_auc_score
+
+logger = logging.getLogger(__name__)
+
+ECE_BINS = 10
+
+
+def _as_1d(name: str, x: np.ndarray, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-d array; got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} must have length {n} like click; got {arr.shape[0]}")
+    return arr
+
+
+def _as_prob(name: str, p: np.ndarray, n: int | None = None) -> np.ndarray:
+    arr = _as_1d(name, p, n).astype(np.float64)
+    if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+        raise ValueError(f"{name} must be finite probabilities in [0, 1]; got NaN, inf or out of range")
+    return arr
+
+
+def safe_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of scores ``p`` against binary labels ``y``; ``nan`` with fewer than 2 classes."""
+    y = np.asarray(y)
+    if y.size == 0 or np.unique(y).size < 2:
+        return float("nan")
+    return float(roc_auc_score(y, p))
+
+
+def safe_logloss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy (natural log); ``nan`` on no rows. Works with one class."""
+    y = np.asarray(y)
+    if y.size == 0:
+        return float("nan")
+    return float(log_loss(y, np.asarray(p, dtype=np.float64), labels=[0, 1]))
+
+
+def ece(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error with ``bins`` equal-count bins.
+
+    Rows are sorted by ``p`` and split into ``bins`` consecutive chunks of (nearly) equal
+    size; ECE = Σ_b (n_b / n) · |mean(p_b) − mean(y_b)|. ``nan`` on no rows.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    if y.size == 0:
+        return float("nan")
+    if bins < 1:
+        raise ValueError(f"ece bins must be an int >= 1; got {bins}")
+    order = np.argsort(p, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, min(bins, y.size)):
+        total += chunk.size * abs(p[chunk].mean() - y[chunk].mean())
+    return float(total / y.size)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else float("nan")
+
+
+def evaluate_predictions(
+    click: np.ndarray,
+    conversion: np.ndarray,
+    label_observed: np.ndarray,
+    pctr: np.ndarray,
+    pcvr: np.ndarray,
+    truth_p_click: np.ndarray | None = None,
+    truth_p_cvr: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All evaluation figures for one set of impressions (see the module docstring).
+
+    Parameters
+    ----------
+    click, conversion : int/bool [n]; ``conversion`` counts only where ``click`` is 1.
+    label_observed : bool [n]; False where the device never reported conversions.
+    pctr, pcvr : float [n] model probabilities.
+    truth_p_click, truth_p_cvr : float [n] generator truth, or ``None``.
+
+    Returns
+    -------
+    ``auc``, ``logloss``, ``ctcvr_auc``, ``ctcvr_logloss``, ``ctr_auc``, ``ece``,
+    ``pred_rate``, ``obs_rate``; with ``truth_p_cvr`` also ``oracle_auc`` and
+    ``oracle_logloss``; with both truths also ``oracle_ctcvr_auc``.
+
+    Raises
+    ------
+    ValueError : arrays of different lengths, or probabilities that are NaN, infinite
+        or outside [0, 1].
+    """
+    click = _as_1d("click", click).astype(bool)
+    n = click.shape[0]
+    conversion = _as_1d("conversion", conversion, n).astype(bool)
+    observed = _as_1d("label_observed", label_observed, n).astype(bool)
+    pctr = _as_prob("pctr", pctr, n)
+    pcvr = _as_prob("pcvr", pcvr, n)
+
+    cvr_rows = click & observed
+    y_cvr = conversion[cvr_rows].astype(np.int64)
+    y_ctcvr = (click & conversion)[observed].astype(np.int64)
+    pctcvr = (pctr * pcvr)[observed]
+    out = {
+        "auc": safe_auc(y_cvr, pcvr[cvr_rows]),
+        "logloss": safe_logloss(y_cvr, pcvr[cvr_rows]),
+        "ctcvr_auc": safe_auc(y_ctcvr, pctcvr),
+        "ctcvr_logloss": safe_logloss(y_ctcvr, pctcvr),
+        "ctr_auc": safe_auc(click.astype(np.int64), pctr),
+        "ece": ece(y_cvr, pcvr[cvr_rows]),
+        "pred_rate": _mean(pcvr[cvr_rows]),
+        "obs_rate": _mean(y_cvr.astype(np.float64)),
+    }
+    if truth_p_cvr is not None:
+        t_cvr = _as_prob("truth_p_cvr", truth_p_cvr, n)
+        out["oracle_auc"] = safe_auc(y_cvr, t_cvr[cvr_rows])
+        out["oracle_logloss"] = safe_logloss(y_cvr, t_cvr[cvr_rows])
+        if truth_p_click is not None:
+            t_click = _as_prob("truth_p_click", truth_p_click, n)
+            out["oracle_ctcvr_auc"] = safe_auc(y_ctcvr, (t_click * t_cvr)[observed])
+    elif truth_p_click is not None:
+        raise ValueError("truth_p_click needs truth_p_cvr too (oracle CTCVR uses both)")
+    return out

@@ -1,0 +1,196 @@
+"""The parameter decomposition of DESIGN.md, as functions over a :class:`PCVRModel`.
+
+Every parameter belongs to exactly one :class:`ParamGroup`; the model decides which at
+construction (:meth:`PCVRModel.parameter_groups`) and this module only reads that map:
+
+- ``local``: the ``user_id`` row and the user bias; never uploaded.
+- ``sparse_shared``: large ID tables; a client uploads only the rows it touched
+  (:func:`touched_rows`, :func:`get_rows`) and receives rows (:func:`set_rows_inplace`).
+- ``dense_shared``: towers and small tables; moved whole (:func:`get_dense`,
+  :func:`set_dense_inplace`).
+
+Functions ending in ``_inplace`` write into the model; all others leave it untouched and
+return copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+from adfed.data.examples import Batch
+from adfed.data.schema import ParamGroup
+from adfed.model.pcvr import PCVRModel
+
+logger = logging.getLogger(__name__)
+
+DenseOpt = Literal["adam", "sgd"]
+SparseOpt = Literal["sparse_adam", "adagrad", "sgd"]
+_FP32_BYTES = 4
+
+
+def group_names(model: PCVRModel, group: ParamGroup) -> list[str]:
+    """Names of the parameters in ``group``, in ``named_parameters`` order."""
+    groups = model.parameter_groups()
+    return [name for name, _ in model.named_parameters() if groups[name] is group]
+
+
+def partition(model: PCVRModel) -> dict[ParamGroup, list[str]]:
+    """Every group (all three keys, possibly empty) -> its parameter names."""
+    return {group: group_names(model, group) for group in ParamGroup}
+
+
+def _param(model: PCVRModel, name: str) -> torch.nn.Parameter:
+    params = dict(model.named_parameters())
+    if name not in params:
+        raise KeyError(f"model has no parameter {name!r}; known: {sorted(params)}")
+    return params[name]
+
+
+def get_dense(model: PCVRModel, group: ParamGroup) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter in ``group`` (whole tensors).
+
+    Meant for DENSE_SHARED (what a client uploads whole) and LOCAL (a phone's own state
+    between rounds). For SPARSE_SHARED it returns the full tables, which is what a
+    server sends when it ships the whole model; clients exchange rows instead.
+    """
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in group_names(model, group)}
+
+
+def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (name -> tensor of the parameter's shape) into ``model``.
+
+    Raises
+    ------
+    KeyError : a name is not a parameter of ``model``.
+    ValueError : a shape differs, or a value is not finite.
+    """
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise KeyError(f"model has no parameter {name!r}; known: {sorted(params)}")
+        target = params[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"parameter {name}: shape must be {tuple(target.shape)}; got {tuple(value.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"parameter {name}: values must be finite")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def sparse_tables(model: PCVRModel) -> list[str]:
+    """Parameter names of the SPARSE_SHARED embedding tables."""
+    return group_names(model, ParamGroup.SPARSE_SHARED)
+
+
+def touched_rows(model: PCVRModel, batch: Batch) -> dict[str, torch.Tensor]:
+    """Row ids each SPARSE_SHARED table reads for ``batch``.
+
+    Returns
+    -------
+    table name -> int64 [k], unique and sorted (k may be 0 for an all-empty bag field).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in sparse_tables(model):
+        spec = model.table_field(name)
+        ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        out[name] = torch.unique(ids.to(torch.int64), sorted=True)
+    return out
+
+
+def _check_ids(name: str, ids: torch.Tensor, rows: int) -> None:
+    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"row ids for {name} must be a 1-d integer tensor; got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise ValueError(f"row ids for {name} must lie in [0, {rows}); got [{int(ids.min())}, {int(ids.max())}]")
+
+
+def get_rows(model: PCVRModel, table: str, ids: torch.Tensor) -> torch.Tensor:
+    """Copies of rows ``ids`` (int64 [k]) of embedding table ``table``: float32 [k, D]."""
+    weight = _param(model, table)
+    _check_ids(table, ids, weight.shape[0])
+    return weight.detach()[ids.long()].clone()
+
+
+def set_rows_inplace(model: PCVRModel, table: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (float [k, D]) into rows ``ids`` (int64 [k], unique) of ``table``.
+
+    Raises
+    ------
+    ValueError : ids out of range or repeated, a shape mismatch, or non-finite values.
+    """
+    weight = _param(model, table)
+    _check_ids(table, ids, weight.shape[0])
+    expected = (ids.numel(), weight.shape[1])
+    if tuple(values.shape) != expected:
+        raise ValueError(f"rows for {table}: values must have shape {expected}; got {tuple(values.shape)}")
+    if torch.unique(ids).numel() != ids.numel():
+        raise ValueError(f"rows for {table}: ids must be unique")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"rows for {table}: values must be finite")
+    with torch.no_grad():
+        weight[ids.long()] = values.to(weight.dtype)
+
+
+def make_optimizers(
+    model: PCVRModel,
+    *,
+    lr: float,
+    sparse_lr: float | None = None,
+    dense_opt: DenseOpt = "adam",
+    sparse_opt: SparseOpt = "sparse_adam",
+) -> list[torch.optim.Optimizer]:
+    """One optimizer for the parameters with sparse gradients, one for the rest.
+
+    Sparse optimizers touch only the rows present in a step's gradient, so untouched
+    rows of the big tables keep their values (and their optimizer state) exactly.
+    Empty parameter sets get no optimizer; call ``step``/``zero_grad`` on every one.
+
+    Parameters
+    ----------
+    lr : learning rate of the dense optimizer (and of the sparse one by default).
+    sparse_lr : learning rate of the sparse optimizer; ``None`` means ``lr``.
+    dense_opt : ``"adam"`` or ``"sgd"``.
+    sparse_opt : ``"sparse_adam"``, ``"adagrad"`` or ``"sgd"``.
+    """
+    if not lr > 0:
+        raise ValueError(f"train.lr must be a float > 0; got {lr}")
+    if sparse_lr is not None and not sparse_lr > 0:
+        raise ValueError(f"sparse_lr must be None or a float > 0; got {sparse_lr}")
+    slr = lr if sparse_lr is None else sparse_lr
+    sparse = [p for n, p in model.named_parameters() if model.has_sparse_grad(n)]
+    dense = [p for n, p in model.named_parameters() if not model.has_sparse_grad(n)]
+    optimizers: list[torch.optim.Optimizer] = []
+    if dense:
+        if dense_opt == "adam":
+            optimizers.append(torch.optim.Adam(dense, lr=lr))
+        elif dense_opt == "sgd":
+            optimizers.append(torch.optim.SGD(dense, lr=lr))
+        else:
+            raise ValueError(f"dense_opt must be 'adam' or 'sgd'; got {dense_opt!r}")
+    if sparse:
+        if sparse_opt == "sparse_adam":
+            optimizers.append(torch.optim.SparseAdam(sparse, lr=slr))
+        elif sparse_opt == "adagrad":
+            optimizers.append(torch.optim.Adagrad(sparse, lr=slr))
+        elif sparse_opt == "sgd":
+            optimizers.append(torch.optim.SGD(sparse, lr=slr))
+        else:
+            raise ValueError(f"sparse_opt must be 'sparse_adam', 'adagrad' or 'sgd'; got {sparse_opt!r}")
+    return optimizers
+
+
+def group_bytes(model: PCVRModel, group: ParamGroup) -> int:
+    """Size of ``group``'s parameters as fp32, in bytes."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in group_names(model, group)) * _FP32_BYTES
+
+
+def model_bytes(model: PCVRModel) -> int:
+    """Size of the whole model as fp32, in bytes (``summary.json: model_bytes``)."""
+    return sum(p.numel() for p in model.parameters()) * _FP32_BYTES

@@ -1,0 +1,241 @@
+"""Building blocks of the pCVR model: field embeddings, the entity cross, the towers.
+
+Notation (as in TorchRec): B = batch size, F = number of embedded (non-DENSE) fields,
+D = embedding dimension, N = number of DENSE fields, E = number of entity pairs among
+(user, ad, context) that the schema has (at most 3)::
+
+    batch ─► FieldEmbeddings ─► F pooled [B, D] ─┬──────────────────────────┐
+                              └► N dense [B]     ┼──────────────────────────┼─► concat
+                                                 └─► EntityCross [B, E·D] ──┘   [B, F·D + N + E·D]
+                                                                                  │
+                                            ctr_logit [B] ◄─ ctr ◄─┬─ bottom ◄────┘
+                                            cvr_logit [B] ◄─ cvr ◄─┘
+
+Every component states the :class:`ParamGroup` of each of its parameters, so the model
+can decide its decomposition in one place (:meth:`PCVRModel.parameter_groups`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from adfed.data.examples import Batch
+from adfed.data.schema import Entity, FieldKind, FieldSpec, ParamGroup
+from adfed.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+#: Standard deviation of the initial embedding rows.
+EMBEDDING_INIT_STD = 0.05
+
+
+def is_sparse_group(group: ParamGroup) -> bool:
+    """True when tables of ``group`` produce sparse gradients (touched rows only)."""
+    return group is not ParamGroup.DENSE_SHARED
+
+
+def _table_key(name: str) -> str:
+    # A field named like a ModuleDict attribute ("keys", "type", ...) cannot be a key.
+    return f"{name}_field" if hasattr(nn.ModuleDict, name) else name
+
+
+class FieldEmbeddings(nn.Module):
+    """One embedding table per non-DENSE field; DENSE fields pass through as scalars.
+
+    Parameters
+    ----------
+    fields : the schema fields to read, in order; their order fixes the F axis.
+    dim : embedding dimension D, shared by every table (dot products need it).
+    rows_override : table sizes that replace a field's ``vocab_size`` (e.g. ``user_id``
+        with a single row on a phone).
+
+    Notes
+    -----
+    CATEGORICAL fields use ``nn.Embedding``; MULTI_HOT / SEQUENCE fields use
+    ``nn.EmbeddingBag(mode="mean")`` (an empty bag pools to zeros). Tables of LOCAL and
+    SPARSE_SHARED fields have sparse gradients; DENSE_SHARED tables have dense ones.
+    """
+
+    def __init__(
+        self,
+        fields: Sequence[FieldSpec],
+        dim: int,
+        *,
+        rows_override: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"model.embedding_dim must be an int >= 1; got {dim}")
+        rows_override = rows_override or {}
+        self.dim = dim
+        self.embedded: tuple[FieldSpec, ...] = tuple(f for f in fields if f.kind is not FieldKind.DENSE)
+        self.dense_names: tuple[str, ...] = tuple(f.name for f in fields if f.kind is FieldKind.DENSE)
+        self.tables = nn.ModuleDict()
+        self._key: dict[str, str] = {}
+        for f in self.embedded:
+            rows = rows_override.get(f.name, f.vocab_size)
+            if rows < 1:
+                raise ValueError(f"table size of field {f.name} must be >= 1; got {rows}")
+            sparse = is_sparse_group(f.group)
+            table: nn.Module
+            if f.is_bag:
+                table = nn.EmbeddingBag(rows, dim, mode="mean", sparse=sparse)
+            else:
+                table = nn.Embedding(rows, dim, sparse=sparse)
+            key = _table_key(f.name)
+            if key in self.tables:
+                raise DataError(f"schema field {f.name}: table key {key!r} collides with another field")
+            self.tables[key] = table
+            self._key[f.name] = key
+
+    @property
+    def num_fields(self) -> int:
+        """F, the number of embedded fields."""
+        return len(self.embedded)
+
+    def param_name(self, field: str) -> str:
+        """The (module-relative) parameter name of ``field``'s table."""
+        return f"tables.{self._key[field]}.weight"
+
+    def param_groups(self) -> dict[str, ParamGroup]:
+        """Module-relative parameter name -> ParamGroup, from each field's ``group``."""
+        return {self.param_name(f.name): f.group for f in self.embedded}
+
+    def sparse_param_names(self) -> list[str]:
+        """Module-relative names of the tables whose gradients are sparse."""
+        return [self.param_name(f.name) for f in self.embedded if is_sparse_group(f.group)]
+
+    def field_of(self, param_name: str) -> FieldSpec:
+        """The field whose table is ``param_name`` (module-relative)."""
+        for f in self.embedded:
+            if self.param_name(f.name) == param_name:
+                return f
+        raise KeyError(f"{param_name!r} is not an embedding table; known: {list(self.param_groups())}")
+
+    def forward(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pool every field.
+
+        Returns
+        -------
+        pooled : F tensors float32 [B, D], in ``self.embedded`` order.
+        dense : N tensors float32 [B, 1], the DENSE fields as they come.
+
+        Raises
+        ------
+        DataError : the batch lacks a field this model reads.
+        """
+        pooled: list[torch.Tensor] = []
+        try:
+            for f in self.embedded:
+                table = self.tables[self._key[f.name]]
+                if f.is_bag:
+                    values, offsets = batch.bags[f.name]
+                    pooled.append(table(values, offsets))
+                else:
+                    pooled.append(table(batch.ids[f.name]))
+            dense = [batch.dense[name].unsqueeze(1) for name in self.dense_names]
+        except KeyError as exc:
+            raise DataError(f"batch lacks model input field {exc.args[0]!r}") from exc
+        return pooled, dense
+
+
+class EntityCross(nn.Module):
+    """Element-wise products of the per-entity sums of field embeddings.
+
+    With u, a, c the sums of the user-side, ad-side and context field embeddings, the
+    features are ``u ⊙ a``, ``c ⊙ a`` and ``u ⊙ c`` (the pairs whose entities are
+    present). A unit of the next linear layer with weights w on ``u ⊙ a`` computes
+    ``Σ_ij e_ui^T diag(w) e_aj``: a learned bilinear affinity over every (user field,
+    ad field) pair, ``user_id`` x ``ad_id`` included, at O(B·D) cost. This is the
+    factorization-machine cross term (Rendle, ICDM 2010) kept as a vector, as in
+    neural collaborative filtering's GMF (He et al., WWW 2017); DLRM's per-pair dot
+    products (a batched matmul of F x F per row) cost more than the towers on a CPU.
+    No parameters.
+
+    Parameters
+    ----------
+    entities : the entity of each of the F pooled inputs, in order.
+    dim : D.
+    """
+
+    _PAIRS = ((Entity.USER, Entity.AD), (Entity.CONTEXT, Entity.AD), (Entity.USER, Entity.CONTEXT))
+
+    def __init__(self, entities: Sequence[Entity], dim: int) -> None:
+        super().__init__()
+        self.members = {e: [i for i, x in enumerate(entities) if x is e] for e in Entity}
+        self.pairs = tuple((a, b) for a, b in self._PAIRS if self.members[a] and self.members[b])
+        self.out_features = len(self.pairs) * dim
+
+    def forward(self, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """F tensors float32 [B, D] -> float32 [B, E·D]."""
+        sums = {e: _sum([pooled[i] for i in idx]) for e, idx in self.members.items() if idx}
+        if not self.pairs:
+            return pooled[0].new_zeros(pooled[0].shape[0], 0) if pooled else torch.zeros(0, 0)
+        return torch.cat([sums[a] * sums[b] for a, b in self.pairs], dim=1)
+
+
+def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+def _mlp(in_features: int, hidden: Sequence[int], out_features: int | None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    if out_features is not None:
+        layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+class Towers(nn.Module):
+    """A shared bottom layer, then a CTR tower and a CVR tower with one logit each.
+
+    With ``hidden = (h0, h1, ..., hk)``: ``bottom`` is Linear(in, h0) + ReLU, shared by
+    both tasks; each tower is an MLP h0 → h1 → ... → hk → 1 with ReLU in between.
+    Sharing the widest layer halves the cost of the towers (the wide input meets the
+    first layer once), which is most of a training step on a CPU::
+
+        x [B, in] ─► bottom [B, h0] ─┬─► ctr tower ─► [B]
+                                     └─► cvr tower ─► [B]
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        if len(hidden) < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"model.tower must be one or more ints >= 1; got {list(hidden)}")
+        self.bottom = _mlp(in_features, hidden[:1], None)
+        self.ctr = _mlp(hidden[0], hidden[1:], 1)
+        self.cvr = _mlp(hidden[0], hidden[1:], 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x float32 [B, in] -> (ctr_logit [B], cvr_logit [B])."""
+        h = self.bottom(x)
+        return self.ctr(h).squeeze(1), self.cvr(h).squeeze(1)
+
+
+@torch.no_grad()
+def init_parameters_(module: nn.Module, generator: torch.Generator) -> None:
+    """Initialise every parameter of ``module`` from ``generator`` (never the global RNG).
+
+    Embedding rows ~ N(0, EMBEDDING_INIT_STD²); ``nn.Linear`` weights ~ U(±1/sqrt(fan_in))
+    (PyTorch's default bound), biases 0. Parameters are visited in ``named_modules``
+    order, so the same generator state gives the same model.
+    """
+    for sub in module.modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+            sub.weight.normal_(0.0, EMBEDDING_INIT_STD, generator=generator)
+        elif isinstance(sub, nn.Linear):
+            bound = 1.0 / math.sqrt(sub.in_features)
+            sub.weight.uniform_(-bound, bound, generator=generator)
+            if sub.bias is not None:
+                sub.bias.zero_()

@@ -1,0 +1,261 @@
+"""The ESMM-style pCVR model over the entire impression space.
+
+pCTR and pCVR come from two towers over one shared representation; the model is trained
+on click (pCTR) and on click ∧ conversion (pCTCVR = pCTR × pCVR), so the CVR tower learns
+from every impression, not only from clicked ones (Ma et al., "Entire Space Multi-Task
+Model", SIGIR 2018).
+
+Per-user parameters. When the schema has a ``user_id`` field its table (one row per user)
+and a per-user scalar bias per tower are LOCAL: they never leave the phone. A phone
+builds its model with ``user_rows=1`` and feeds it batches whose ``user_id`` column has
+been mapped to row 0 with :func:`remap_user`; a centralized model keeps one row per user
+and reads ``user_id`` as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adfed.data.examples import Batch
+from adfed.data.schema import USER_KEY, FieldSpec, ParamGroup, Schema
+from adfed.errors import TrainingError
+from adfed.model.layers import (
+    EntityCross,
+    FieldEmbeddings,
+    Towers,
+    init_parameters_,
+    is_sparse_group,
+)
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["full", "cloud_only"]
+#: log(pCTCVR) is clamped below this so that log(1 - pCTCVR) stays finite.
+_LOG_P_MAX = -1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Model output for a batch: two logits, float32 [B] each."""
+
+    ctr_logit: torch.Tensor
+    cvr_logit: torch.Tensor
+
+    @property
+    def pctr(self) -> torch.Tensor:
+        """P(click | impression), [B]."""
+        return torch.sigmoid(self.ctr_logit)
+
+    @property
+    def pcvr(self) -> torch.Tensor:
+        """P(conversion | click, impression), [B]."""
+        return torch.sigmoid(self.cvr_logit)
+
+    @property
+    def pctcvr(self) -> torch.Tensor:
+        """P(click ∧ conversion | impression) = pCTR × pCVR, [B]."""
+        return self.pctr * self.pcvr
+
+    @property
+    def log_pctcvr(self) -> torch.Tensor:
+        """log pCTCVR computed in log space (finite for any logits), [B]."""
+        return F.logsigmoid(self.ctr_logit) + F.logsigmoid(self.cvr_logit)
+
+
+class PCVRModel(nn.Module):
+    """Shared field embeddings + entity cross → shared bottom → CTR and CVR towers.
+
+    Parameters
+    ----------
+    schema : the fields this model reads (already reduced for the cloud-only variant).
+    embeddings : one table per embedded field (see :class:`FieldEmbeddings`).
+    cross : products of the per-entity embedding sums (user x ad, ...).
+    towers : the shared bottom layer and the two towers, [B, in] -> two [B] logits.
+    user_bias : a ``[user_rows, 2]`` table of per-user logit offsets (CTR, CVR), LOCAL;
+        ``None`` when the schema has no ``user_id`` field.
+
+    Use :func:`build_model` rather than this constructor.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        embeddings: FieldEmbeddings,
+        cross: EntityCross,
+        towers: Towers,
+        user_bias: nn.Embedding | None,
+    ) -> None:
+        super().__init__()
+        self.schema = schema
+        self.embeddings = embeddings
+        self.cross = cross
+        self.towers = towers
+        self.user_bias = user_bias
+        self._groups = self._decide_groups()
+        self._sparse = frozenset(self._sparse_names())
+
+    # ---- the parameter decomposition: decided here and nowhere else ----------------
+
+    def _decide_groups(self) -> dict[str, ParamGroup]:
+        groups = {f"embeddings.{k}": g for k, g in self.embeddings.param_groups().items()}
+        if self.user_bias is not None:
+            groups.update({f"user_bias.{k}": ParamGroup.LOCAL for k, _ in self.user_bias.named_parameters()})
+        for part in ("cross", "towers"):
+            module = getattr(self, part)
+            groups.update({f"{part}.{k}": ParamGroup.DENSE_SHARED for k, _ in module.named_parameters()})
+        names = {n for n, _ in self.named_parameters()}
+        if names != set(groups):
+            raise RuntimeError(f"parameters without a ParamGroup: {sorted(names ^ set(groups))}")
+        return groups
+
+    def _sparse_names(self) -> list[str]:
+        names = [f"embeddings.{k}" for k in self.embeddings.sparse_param_names()]
+        if self.user_bias is not None and self.user_bias.sparse:
+            names.append("user_bias.weight")
+        return names
+
+    def parameter_groups(self) -> dict[str, ParamGroup]:
+        """Parameter name -> its ParamGroup, for every parameter (a copy)."""
+        return dict(self._groups)
+
+    def has_sparse_grad(self, name: str) -> bool:
+        """True when parameter ``name`` gets sparse gradients (touched rows only)."""
+        return name in self._sparse
+
+    def table_name(self, field: str) -> str:
+        """The parameter name of ``field``'s embedding table."""
+        return "embeddings." + self.embeddings.param_name(field)
+
+    def table_field(self, name: str) -> FieldSpec:
+        """The schema field whose embedding table is parameter ``name``."""
+        prefix = "embeddings."
+        if not name.startswith(prefix):
+            raise KeyError(f"{name!r} is not an embedding table")
+        return self.embeddings.field_of(name[len(prefix) :])
+
+    # ---- forward -------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> Output:
+        """Score a batch; returns both logits, float32 [B] each."""
+        pooled, dense = self.embeddings(batch)
+        x = torch.cat([*pooled, *dense, self.cross(pooled)], dim=1)
+        ctr, cvr = self.towers(x)
+        if self.user_bias is not None:
+            bias = self.user_bias(batch.ids[USER_KEY])
+            ctr = ctr + bias[:, 0]
+            cvr = cvr + bias[:, 1]
+        return Output(ctr_logit=ctr, cvr_logit=cvr)
+
+
+def build_model(
+    schema: Schema,
+    *,
+    variant: Variant = "full",
+    embedding_dim: int = 16,
+    tower: tuple[int, ...] = (128, 64),
+    user_rows: int | None = None,
+    seed: int = 0,
+) -> PCVRModel:
+    """Build a freshly initialised :class:`PCVRModel` for ``schema``.
+
+    Parameters
+    ----------
+    schema : the dataset schema.
+    variant : ``"full"`` reads every field; ``"cloud_only"`` reads ``schema.cloud_only()``
+        (no PRIVATE fields, hence no ``user_id`` row or bias in our schemas).
+    embedding_dim : D, the width of every embedding table.
+    tower : hidden sizes ``(h0, h1, ...)``: ``h0`` is the shared bottom layer, the rest
+        are each tower's own hidden layers (see :class:`Towers`).
+    user_rows : size of the ``user_id`` table and the user bias; ``None`` keeps the
+        field's vocabulary size. A phone uses ``1`` together with :func:`remap_user`.
+    seed : initialisation seed (a local ``torch.Generator``; the global RNG is untouched).
+
+    Raises
+    ------
+    ValueError : on a bad ``variant``, ``embedding_dim``, ``tower`` or ``user_rows``.
+    """
+    if variant not in ("full", "cloud_only"):
+        raise ValueError(f"model.variant must be 'full' or 'cloud_only'; got {variant!r}")
+    if user_rows is not None and user_rows < 1:
+        raise ValueError(f"user_rows must be None or an int >= 1; got {user_rows}")
+    used = schema.cloud_only() if variant == "cloud_only" else schema
+    names = {f.name for f in used.fields}
+    has_user = USER_KEY in names
+    rows = {USER_KEY: user_rows} if (has_user and user_rows is not None) else {}
+    # Built on the meta device: the default initialisers would draw from the global RNG.
+    with torch.device("meta"):
+        embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows)
+        cross = EntityCross([f.entity for f in embeddings.embedded], embedding_dim)
+        in_features = embeddings.num_fields * embedding_dim + len(embeddings.dense_names)
+        in_features += cross.out_features
+        towers = Towers(in_features, tower)
+        user_bias = None
+        if has_user:
+            spec = used.field(USER_KEY)
+            bias_rows = user_rows if user_rows is not None else spec.vocab_size
+            user_bias = nn.Embedding(bias_rows, 2, sparse=is_sparse_group(spec.group))
+        model = PCVRModel(used, embeddings, cross, towers, user_bias)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    init_parameters_(model, generator)
+    if model.user_bias is not None:
+        with torch.no_grad():
+            model.user_bias.weight.zero_()
+    logger.debug("built %s model with %d parameters", variant, sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def remap_user(batch: Batch, row: int = 0) -> Batch:
+    """The same batch with every ``user_id`` replaced by ``row`` (a phone's own row).
+
+    A phone's model holds only its user's row (``build_model(..., user_rows=1)``); the
+    data it reads still carries the global ``user_id``. Returns a new Batch; ``batch``
+    is not modified. A batch without ``user_id`` is returned unchanged.
+    """
+    if USER_KEY not in batch.ids:
+        return batch
+    ids = dict(batch.ids)
+    ids[USER_KEY] = torch.full_like(ids[USER_KEY], row)
+    return dataclasses.replace(batch, ids=ids)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Mächler 2012)."""
+    x = x.clamp(max=_LOG_P_MAX)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def esmm_loss(out: Output, batch: Batch) -> torch.Tensor:
+    """ESMM loss: BCE(click, pCTR) + BCE(click ∧ conversion, pCTCVR).
+
+    The CTR term averages over every row. The CTCVR term averages over rows whose
+    conversion label is observed (``batch.label_observed``) and is 0 when there are none.
+    pCTCVR's BCE is computed in log space, so it is finite for any finite logits.
+
+    Returns
+    -------
+    A scalar tensor. It is NaN when the logits are; see :func:`ensure_finite`.
+    """
+    ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click)
+    target = batch.click * batch.conversion
+    log_p = out.log_pctcvr
+    nll = -(target * log_p + (1.0 - target) * _log1mexp(log_p))
+    mask = batch.label_observed.to(nll.dtype)
+    ctcvr = (nll * mask).sum() / mask.sum().clamp(min=1.0)
+    return ctr + ctcvr
+
+
+def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:
+    """Return ``loss`` unchanged, or raise TrainingError if it is NaN or infinite.
+
+    ``where`` names the step (e.g. ``"client 12, round 3, step 7"``) for the message.
+    """
+    if not bool(torch.isfinite(loss).all()):
+        raise TrainingError(f"loss is {loss.item()} at {where}; lower train.lr or check the data")
+    return loss

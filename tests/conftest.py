@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic world generated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adfed.config import Config, with_overrides
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3,000-user, 400-ad synthetic dataset (seed 7)."""
+    from data_gen.generate import generate
+    from data_gen.params import WorldParams
+
+    out = tmp_path_factory.mktemp("world") / "small"
+    return generate(out, WorldParams(num_users=3000, num_ads=400), seed=7, workers=1)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def _fl_config(data: Path, *overrides: str) -> Config:
+    base = [
+        f'data.path="{data}"', "train.mode=\"federated\"", "fl.rounds=4",
+        "fl.clients_per_round=12", "fl.eval_every=2", "window.min_clients=3",
+        "data.max_test_users=600", "model.tower=[32,16]", "model.embedding_dim=8",
+    ]
+    return with_overrides(Config(), base + list(overrides))
+
+
+@pytest.fixture
+def fl_config():  # noqa: ANN201 - returns the factory
+    """Factory: a small, fast federated config on a dataset, plus ``--set`` overrides."""
+    return _fl_config

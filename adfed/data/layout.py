@@ -102,6 +102,7 @@ class DatasetWriter:
         self._truth_writer: pq.ParquetWriter | None = None
         self._index: list[pa.Table] = []
         self._last_user = -1
+        self._with_truth: bool | None = None  # set by the first chunk
 
     # -- single-file tables ------------------------------------------------------------
     def _append(self, name: str, table: pa.Table) -> None:
@@ -145,6 +146,15 @@ class DatasetWriter:
             return
         if users[0] <= self._last_user or np.any(np.diff(users) < 0):
             raise DataError("impressions must arrive sorted by user_id, whole users per chunk")
+        if "timestamp" in impressions.column_names:
+            ts = impressions.column("timestamp").to_numpy()
+            if np.any((np.diff(ts) < 0) & (np.diff(users) == 0)):
+                raise DataError("impressions must be sorted by timestamp within each user "
+                                "(the time split relies on it)")
+        if self._with_truth is None:
+            self._with_truth = truth is not None
+        elif self._with_truth != (truth is not None):
+            raise DataError("truth must be given for every impressions chunk or none")
         self._last_user = int(users[-1])
         if self._shard_rows >= SHARD_ROWS:
             self._next_shard(impressions.schema, None if truth is None else truth.schema)

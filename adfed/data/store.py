@@ -38,7 +38,8 @@ def _expected_type(spec: FieldSpec) -> tuple[str, ...]:
     if spec.kind is FieldKind.DENSE:
         return ("float", "double")
     if spec.is_bag:
-        return ("list<item: int32>", "list<element: int32>", "list<item: int64>")
+        return ("list<item: int32>", "list<element: int32>", "list<item: int64>",
+                "list<element: int64>")
     return ("int32", "int64")
 
 
@@ -148,7 +149,7 @@ class Dataset:
 
     # -- opening and validation --------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, verify_checksums: bool = False) -> "Dataset":
+    def open(cls, path: str | Path, *, verify_checksums: bool = False) -> Dataset:
         """Open and validate a dataset directory.
 
         Raises
@@ -172,6 +173,9 @@ class Dataset:
                 f"{mpath}: format_version {version!r} is not {FORMAT_VERSION}; "
                 "regenerate the dataset with this adfed"
             )
+        for key in ("schema", "counts"):
+            if not isinstance(manifest.get(key), dict):
+                raise DataError(f"{mpath}: missing or malformed {key!r}; regenerate the dataset")
         for rel, digest in manifest.get("files", {}).items():
             fpath = path / rel
             if not fpath.exists():

@@ -41,12 +41,14 @@ def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
     total = float(weights.sum())
     if not tensors:
         raise ValueError("weighted_mean needs at least one update")
+    if len(weights) != len(tensors):
+        raise ValueError(f"weighted_mean: {len(tensors)} updates but {len(weights)} weights")
     if total <= 0:
         raise ValueError("weighted_mean: total weight is zero (no client had examples)")
     out: Tensors = {}
     for name in tensors[0]:
         acc = torch.zeros_like(tensors[0][name], dtype=torch.float64)
-        for t, w in zip(tensors, weights):
+        for t, w in zip(tensors, weights, strict=True):
             if w > 0:
                 acc += t[name].to(torch.float64) * (w / total)
         out[name] = acc.to(tensors[0][name].dtype)
@@ -61,7 +63,9 @@ def aggregate_sparse(
     A row touched by clients C gets sum_{c in C} w_c * delta_c / sum_{c in C} w_c; rows
     nobody touched are absent from the result (they stay unchanged on the server).
     """
-    parts_w = [(p, w) for p, w in zip(parts, weights) if w > 0 and len(p.ids) > 0]
+    if len(weights) != len(parts):
+        raise ValueError(f"aggregate_sparse: {len(parts)} parts but {len(weights)} weights")
+    parts_w = [(p, w) for p, w in zip(parts, weights, strict=True) if w > 0 and len(p.ids) > 0]
     if not parts_w:
         dim = parts[0].values.shape[1] if parts else 0
         return SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dim))

@@ -3,7 +3,7 @@
 Every byte figure adfed reports is ``len()`` of these payloads, not an estimate.
 Keys: ``dense/<param>`` for dense deltas, ``sparse/<table>/ids`` and
 ``sparse/<table>/values`` for row deltas; metadata carries client id, example count and
-base version (strings, as safetensors requires).
+base version and the client's metrics as JSON (strings, as safetensors requires).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def encode_update(update: Update) -> bytes:
         tensors[f"sparse/{table}/ids"] = rows.ids
         tensors[f"sparse/{table}/values"] = rows.values
     meta = {"client_id": str(update.client_id), "num_examples": str(update.num_examples),
-            "base_version": str(update.base_version)}
+            "base_version": str(update.base_version), "metrics": json.dumps(update.metrics)}
     return encode_tensors(tensors, meta)
 
 
@@ -43,6 +43,7 @@ def decode_update(payload: bytes) -> Update:
         tables = {k.split("/")[1] for k in tensors if k.startswith("sparse/")}
         sparse = {t: SparseRows(tensors[f"sparse/{t}/ids"], tensors[f"sparse/{t}/values"]) for t in tables}
         return Update(client_id=int(meta["client_id"]), dense=dense, sparse=sparse,
-                      num_examples=int(meta["num_examples"]), base_version=int(meta["base_version"]))
+                      num_examples=int(meta["num_examples"]), base_version=int(meta["base_version"]),
+                      metrics={k: float(v) for k, v in json.loads(meta.get("metrics", "{}")).items()})
     except Exception as exc:  # safetensors raises its own error type for bad bytes
         raise DataError(f"update payload is malformed: {exc}") from exc

@@ -1,0 +1,537 @@
+"""DatasetWriter + Dataset: a tiny hand-built dataset, per-client joins, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adfed.data import layout
+from adfed.data.examples import Examples
+from adfed.data.layout import DEVICE_COLUMNS, DatasetWriter
+from adfed.data.schema import (
+    Entity,
+    FieldKind,
+    FieldSpec,
+    ParamGroup,
+    Schema,
+    Visibility,
+)
+from adfed.data.store import TRUTH_PREFIX, Dataset, split_by_time
+from adfed.errors import DataError
+
+ROWS_PER_USER = [3, 5, 0, 1, 4, 2]  # user 2 has no impressions
+CHUNKS = [[0, 1], [2, 3], [4, 5]]  # users per write_impressions call
+NUM_ADS = 7
+
+
+def _field(name: str, kind: FieldKind, vocab: int, entity: Entity, group: ParamGroup, **kw: object) -> FieldSpec:
+    return FieldSpec(name=name, kind=kind, vocab_size=vocab, visibility=Visibility.CLOUD,
+                     entity=entity, group=group, **kw)  # type: ignore[arg-type]
+
+
+SCHEMA = Schema(
+    fields=(
+        dataclasses.replace(
+            _field("user_id", FieldKind.CATEGORICAL, len(ROWS_PER_USER), Entity.USER, ParamGroup.LOCAL),
+            visibility=Visibility.PRIVATE,
+        ),
+        _field("age", FieldKind.CATEGORICAL, 5, Entity.USER, ParamGroup.DENSE_SHARED),
+        _field("apps", FieldKind.MULTI_HOT, 30, Entity.USER, ParamGroup.SPARSE_SHARED, max_len=4),
+        _field("ad_id", FieldKind.CATEGORICAL, NUM_ADS, Entity.AD, ParamGroup.SPARSE_SHARED),
+        _field("advertiser", FieldKind.CATEGORICAL, 3, Entity.AD, ParamGroup.DENSE_SHARED),
+        _field("hour", FieldKind.CATEGORICAL, 24, Entity.CONTEXT, ParamGroup.DENSE_SHARED),
+    ),
+    num_users=len(ROWS_PER_USER),
+    num_ads=NUM_ADS,
+)
+
+
+@dataclasses.dataclass
+class World:
+    """The raw tables written to disk, for computing expected joins in plain Python."""
+
+    path: Path
+    users: pa.Table
+    ads: pa.Table
+    imp: pa.Table  # all impressions, in file order
+    truth: pa.Table
+
+
+def _tables(rng: np.random.Generator) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
+    n_users = len(ROWS_PER_USER)
+    apps = [rng.integers(0, 30, size=rng.integers(0, 5)).tolist() for _ in range(n_users)]
+    users = pa.table({
+        "user_id": pa.array(np.arange(n_users), pa.int64()),
+        "age": pa.array(rng.integers(0, 5, n_users), pa.int32()),
+        "apps": pa.array(apps, pa.list_(pa.int32())),
+    })
+    ads = pa.table({
+        "ad_id": pa.array(np.arange(NUM_ADS), pa.int32()),
+        "advertiser": pa.array(rng.integers(0, 3, NUM_ADS), pa.int32()),
+        "bid": pa.array(rng.random(NUM_ADS), pa.float32()),
+    })
+    user_col = np.repeat(np.arange(n_users), ROWS_PER_USER)
+    n = len(user_col)
+    click = (rng.random(n) < 0.5).astype(np.int8)
+    imp = pa.table({
+        "user_id": pa.array(user_col, pa.int64()),
+        "ad_id": pa.array(rng.integers(0, NUM_ADS, n), pa.int32()),
+        "hour": pa.array(rng.integers(0, 24, n), pa.int32()),
+        "timestamp": pa.array(np.arange(n) * 10 + user_col * 1000, pa.int64()),
+        "click": pa.array(click, pa.int8()),
+        "conversion": pa.array(click & (rng.random(n) < 0.5), pa.int8()),
+        "label_observed": pa.array(rng.random(n) < 0.8, pa.bool_()),
+    })
+    truth = pa.table({
+        "p_click": pa.array(rng.random(n), pa.float32()),
+        "p_cvr": pa.array(rng.random(n), pa.float32()),
+    })
+    return users, ads, imp, truth
+
+
+def _devices(n_users: int) -> pa.Table:
+    cols = {name: pa.array(np.full(n_users, 0.5), pa.float32()) for name in DEVICE_COLUMNS}
+    return pa.table({"user_id": pa.array(np.arange(n_users), pa.int64()), **cols})
+
+
+def _rows(table: pa.Table, users: list[int]) -> pa.Table:
+    mask = np.isin(table.column("user_id").to_numpy(), users)
+    return table.filter(pa.array(mask))
+
+
+@pytest.fixture
+def small_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny shards and row groups, so shard boundaries and row-group reads are exercised."""
+    monkeypatch.setattr(layout, "SHARD_ROWS", 4)
+    monkeypatch.setattr(layout, "ROW_GROUP_ROWS", 2)
+
+
+@pytest.fixture
+def world(tmp_path: Path, rng: np.random.Generator, small_layout: None) -> World:
+    users, ads, imp, truth = _tables(rng)
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={"k": 1})
+    writer.write_ads(ads)
+    writer.write_users(users.slice(0, 3))
+    writer.write_users(users.slice(3))
+    writer.write_devices(_devices(len(ROWS_PER_USER)))
+    user_col = imp.column("user_id").to_numpy()
+    for chunk in CHUNKS:
+        mask = pa.array(np.isin(user_col, chunk))
+        writer.write_impressions(imp.filter(mask), truth.filter(mask))
+    path = writer.close(extra={"note": "hand-built"})
+    return World(path=path, users=users, ads=ads, imp=imp, truth=truth)
+
+
+def _expected(world: World, user: int) -> dict[str, list]:
+    """One user's joined rows, computed row by row in Python."""
+    imp = _rows(world.imp, [user]).to_pylist()
+    mask = pa.array(world.imp.column("user_id").to_numpy() == user)
+    truth = world.truth.filter(mask).to_pylist()
+    u = world.users.to_pylist()[user]
+    ads = world.ads.to_pylist()
+    return {
+        "user_id": [r["user_id"] for r in imp],
+        "ad_id": [r["ad_id"] for r in imp],
+        "hour": [r["hour"] for r in imp],
+        "age": [u["age"]] * len(imp),
+        "apps": [u["apps"]] * len(imp),
+        "advertiser": [ads[r["ad_id"]]["advertiser"] for r in imp],
+        "timestamp": [r["timestamp"] for r in imp],
+        "click": [r["click"] for r in imp],
+        "conversion": [r["conversion"] for r in imp],
+        "label_observed": [r["label_observed"] for r in imp],
+        "truth_p_click": [r["p_click"] for r in truth],
+    }
+
+
+def _as_lists(ex: Examples) -> dict[str, list]:
+    values, offsets = ex.bags["apps"]
+    return {
+        **{k: v.tolist() for k, v in ex.ids.items()},
+        **{k: v.tolist() for k, v in ex.labels.items() if k != TRUTH_PREFIX + "p_cvr"},
+        "apps": [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)],
+    }
+
+
+def _assert_examples_equal(a: Examples, b: Examples) -> None:
+    assert len(a) == len(b)
+    for group in ("ids", "dense", "labels"):
+        ga, gb = getattr(a, group), getattr(b, group)
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            np.testing.assert_array_equal(ga[k], gb[k], err_msg=f"{group}[{k}]")
+    assert a.bags.keys() == b.bags.keys()
+    for k in a.bags:
+        np.testing.assert_array_equal(a.bags[k][0], b.bags[k][0])
+        np.testing.assert_array_equal(a.bags[k][1], b.bags[k][1])
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def test_open_reads_manifest_and_index(world: World) -> None:
+    # Execute
+    ds = Dataset.open(world.path, verify_checksums=True)
+
+    # Assert
+    assert ds.schema == SCHEMA
+    assert ds.has_truth
+    assert ds.manifest["counts"]["shards"] == 2  # SHARD_ROWS=4: users 0,1 | users 3,4,5
+    assert ds.manifest["note"] == "hand-built"
+    assert sorted(p.name for p in (world.path / "impressions").iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet"]
+    assert ds.user_ids.tolist() == [0, 1, 3, 4, 5]
+    assert ds.rows_per_user().tolist() == [3, 5, 1, 4, 2]
+    assert ds.num_impressions == sum(ROWS_PER_USER)
+    assert [ds.rows_of(u) for u in (0, 2, 4, -1, 99)] == [3, 0, 4, 0, 0]
+    assert ds.devices() is not None and ds.devices().num_rows == len(ROWS_PER_USER)
+    assert ds.requests() is None
+    assert not world.path.with_name("ds.partial").exists()
+
+
+@pytest.mark.parametrize("user", [u for u, n in enumerate(ROWS_PER_USER) if n > 0])
+def test_client_returns_exactly_that_users_rows_joined(world: World, user: int) -> None:
+    # Prepare
+    ds = Dataset.open(world.path)
+
+    # Execute
+    ex = ds.client(user)
+
+    # Assert
+    got = _as_lists(ex)
+    want = _expected(world, user)
+    assert len(ex) == ROWS_PER_USER[user]
+    for key, values in want.items():
+        assert got[key] == values, key
+    assert ex.dense == {}
+
+
+@pytest.mark.parametrize("user", [2, -1, len(ROWS_PER_USER)])
+def test_client_without_rows_raises(world: World, user: int) -> None:
+    ds = Dataset.open(world.path)
+    with pytest.raises(DataError, match=rf"user_id {user} has no impressions"):
+        ds.client(user)
+
+
+def test_load_equals_concat_of_all_clients(world: World) -> None:
+    # Prepare
+    ds = Dataset.open(world.path)
+    clients = [ds.client(int(u)) for u in ds.user_ids]
+
+    # Execute
+    everything = ds.load()
+
+    # Assert
+    _assert_examples_equal(everything, Examples.concat(clients))
+    assert everything.labels["timestamp"].tolist() == world.imp.column("timestamp").to_pylist()
+
+
+def test_load_of_some_users_is_sorted_by_user(world: World) -> None:
+    ds = Dataset.open(world.path)
+    some = ds.load(np.array([4, 0]))
+    _assert_examples_equal(some, Examples.concat([ds.client(0), ds.client(4)]))
+
+
+def test_to_batch_of_a_client(world: World) -> None:
+    batch = Dataset.open(world.path).client(1).to_batch()
+    assert len(batch) == 5
+    assert batch.bags["apps"][1].shape == (5,)
+
+
+# -- split_by_time ---------------------------------------------------------------------------
+
+def test_split_by_time_takes_each_users_last_rows(world: World) -> None:
+    # Prepare
+    data = Dataset.open(world.path).load()
+    users = data.ids["user_id"]
+
+    # Execute
+    train, test = split_by_time(users, 0.25)
+
+    # Assert
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(users)))
+    assert len(np.intersect1d(train, test)) == 0
+    ts = data.labels["timestamp"]
+    for u, n in enumerate(ROWS_PER_USER):
+        rows = np.flatnonzero(users == u)
+        n_test = int(np.floor(n * 0.25 + 0.5))
+        assert np.array_equal(np.intersect1d(rows, test), rows[n - n_test :])
+        if n_test and n - n_test:
+            assert ts[np.intersect1d(rows, train)].max() < ts[np.intersect1d(rows, test)].min()
+    # 3 -> 1, 5 -> 1, 1 -> 0, 4 -> 1, 2 -> 1 (floor(x + 0.5))
+    assert len(test) == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 12), max_size=10),
+    fraction=st.floats(0.0, 0.99),
+)
+def test_split_by_time_is_a_partition_with_a_suffix_per_user(counts: list[int], fraction: float) -> None:
+    # Prepare
+    users = np.repeat(np.arange(len(counts)) * 3, counts)
+
+    # Execute
+    train, test = split_by_time(users, fraction)
+
+    # Assert
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(users)))
+    is_test = np.zeros(len(users), bool)
+    is_test[test] = True
+    start = 0
+    for n in counts:
+        flags = is_test[start : start + n]
+        n_test = int(np.floor(n * fraction + 0.5))
+        assert flags.tolist() == [False] * (n - n_test) + [True] * n_test
+        start += n
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_split_by_time_rejects_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        split_by_time(np.array([0, 0, 1]), fraction)
+
+
+def test_split_by_time_of_nothing() -> None:
+    train, test = split_by_time(np.zeros(0, np.int64), 0.2)
+    assert len(train) == 0 and len(test) == 0
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _rewrite(path: Path, edit) -> None:  # noqa: ANN001 - edit: pa.Table -> pa.Table
+    pq.write_table(edit(pq.read_table(path)), path)
+
+
+def _edit_manifest(path: Path, edit) -> None:  # noqa: ANN001 - edit: dict -> None
+    mpath = path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    edit(manifest)
+    mpath.write_text(json.dumps(manifest))
+
+
+def test_missing_manifest(world: World) -> None:
+    (world.path / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"ds/manifest\.json: not found"):
+        Dataset.open(world.path)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere/manifest\.json: not found"):
+        Dataset.open(tmp_path / "nowhere")
+
+
+def test_manifest_not_json(world: World) -> None:
+    (world.path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json: not valid JSON"):
+        Dataset.open(world.path)
+
+
+def test_foreign_format_version(world: World) -> None:
+    _edit_manifest(world.path, lambda m: m.update(format_version=99))
+    with pytest.raises(DataError, match=r"manifest\.json: format_version 99 is not 1"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize("key", ["schema", "counts"])
+def test_manifest_missing_a_section(world: World, key: str) -> None:
+    _edit_manifest(world.path, lambda m: m.pop(key))
+    with pytest.raises(DataError, match=rf"manifest\.json: .*{key!r}"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize("rel", ["ads.parquet", "index.parquet", "impressions/part-00001.parquet",
+                                 "truth/part-00000.parquet"])
+def test_listed_file_missing(world: World, rel: str) -> None:
+    (world.path / rel).unlink()
+    with pytest.raises(DataError, match=rf"{rel}: file listed in the manifest is missing"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize("rel", ["users.parquet", "impressions/part-00000.parquet", "truth/part-00001.parquet",
+                                 "index.parquet"])
+def test_truncated_file(world: World, rel: str) -> None:
+    # Prepare
+    fpath = world.path / rel
+    data = fpath.read_bytes()
+    fpath.write_bytes(data[: len(data) // 2])
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=rf"{rel}: not a readable parquet file \(truncated\?\)"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize(
+    ("rel", "column"),
+    [
+        ("users.parquet", "apps"),
+        ("ads.parquet", "advertiser"),
+        ("impressions/part-00001.parquet", "hour"),
+        ("impressions/part-00000.parquet", "click"),
+        ("impressions/part-00000.parquet", "ad_id"),
+        ("truth/part-00001.parquet", "p_cvr"),
+        ("devices.parquet", "latency_ms"),
+    ],
+)
+def test_missing_column(world: World, rel: str, column: str) -> None:
+    _rewrite(world.path / rel, lambda t: t.drop_columns([column]))
+    with pytest.raises(DataError, match=rf"{rel}: missing column {column!r}"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize(
+    ("rel", "column", "arrow_type", "shown"),
+    [
+        ("users.parquet", "age", pa.float64(), "double"),
+        ("users.parquet", "apps", pa.list_(pa.float32()), r"list<element: float>"),
+        ("ads.parquet", "advertiser", pa.string(), "string"),
+        ("impressions/part-00000.parquet", "click", pa.int64(), "int64"),
+        ("impressions/part-00001.parquet", "label_observed", pa.int8(), "int8"),
+        ("devices.parquet", "online_prob", pa.float64(), "double"),
+    ],
+)
+def test_wrong_dtype(world: World, rel: str, column: str, arrow_type: pa.DataType, shown: str) -> None:
+    def cast(t: pa.Table) -> pa.Table:
+        i = t.schema.get_field_index(column)
+        return t.set_column(i, column, t.column(column).cast(arrow_type))
+
+    _rewrite(world.path / rel, cast)
+    with pytest.raises(DataError, match=rf"{rel}: column {column!r} has type {shown}; expected"):
+        Dataset.open(world.path)
+
+
+def test_checksum_mismatch_only_with_verify(world: World) -> None:
+    # Prepare: a valid parquet file with other content
+    _rewrite(world.path / "ads.parquet",
+             lambda t: t.set_column(1, "advertiser", pa.array(np.zeros(t.num_rows), pa.int32())))
+
+    # Execute / Assert
+    assert Dataset.open(world.path).ads.ids["advertiser"].tolist() == [0] * NUM_ADS
+    with pytest.raises(DataError, match=r"ads\.parquet: checksum does not match the manifest"):
+        Dataset.open(world.path, verify_checksums=True)
+
+
+# -- writer ----------------------------------------------------------------------------------
+
+def test_writer_refuses_existing_dir_and_leaves_it_untouched(tmp_path: Path) -> None:
+    # Prepare
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"ds already exists; pass --overwrite"):
+        DatasetWriter(out, schema=SCHEMA, generator="test", params={})
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "ds.partial").exists()
+
+
+def test_writer_overwrite_replaces(world: World, rng: np.random.Generator) -> None:
+    # Prepare
+    users, ads, imp, _ = _tables(rng)
+    (world.path / "extra.txt").write_text("old")
+
+    # Execute
+    writer = DatasetWriter(world.path, schema=SCHEMA, generator="again", params={}, overwrite=True)
+    writer.write_users(users)
+    writer.write_ads(ads)
+    writer.write_impressions(imp)
+    writer.close()
+
+    # Assert
+    ds = Dataset.open(world.path, verify_checksums=True)
+    assert ds.manifest["generator"] == "again"
+    assert not ds.has_truth and not (world.path / "extra.txt").exists()
+    assert ds.load().ids["ad_id"].tolist() == imp.column("ad_id").to_pylist()
+
+
+def test_abort_leaves_no_trace(tmp_path: Path, rng: np.random.Generator) -> None:
+    users, _, imp, _ = _tables(rng)
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+    writer.write_users(users)
+    writer.write_impressions(imp)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [[1, 0]],  # users out of order within a chunk
+        [[3], [1]],  # a later chunk goes back
+        [[0, 1], [1, 3]],  # a user split across chunks
+    ],
+)
+def test_writer_rejects_unsorted_users(tmp_path: Path, rng: np.random.Generator, chunks: list[list[int]]) -> None:
+    # Prepare
+    _, _, imp, _ = _tables(rng)
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+    by_user = {u: _rows(imp, [u]) for u in range(len(ROWS_PER_USER))}
+    parts = [pa.concat_tables([by_user[u] for u in c]) for c in chunks]
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="sorted by user_id"):
+        for part in parts:
+            writer.write_impressions(part)
+    writer.abort()
+
+
+def test_writer_rejects_unsorted_timestamps(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Prepare
+    _, _, imp, _ = _tables(rng)
+    rows = _rows(imp, [1])
+    shuffled = rows.take(pa.array([0, 2, 1, 3, 4]))
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="timestamp"):
+        writer.write_impressions(shuffled)
+    writer.abort()
+
+
+def test_writer_rejects_misaligned_truth(tmp_path: Path, rng: np.random.Generator) -> None:
+    _, _, imp, truth = _tables(rng)
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+    with pytest.raises(DataError, match="truth chunk must align"):
+        writer.write_impressions(imp, truth.slice(1))
+    writer.abort()
+
+
+@pytest.mark.parametrize("with_truth_first", [True, False])
+def test_writer_rejects_truth_in_only_some_chunks(
+    tmp_path: Path, rng: np.random.Generator, small_layout: None, with_truth_first: bool
+) -> None:
+    # Prepare
+    _, _, imp, truth = _tables(rng)
+    user_col = imp.column("user_id").to_numpy()
+    first, second = (pa.array(np.isin(user_col, c)) for c in ([0], [1]))
+    writer = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+    truths = (truth.filter(first), None) if with_truth_first else (None, truth.filter(second))
+
+    # Execute / Assert
+    writer.write_impressions(imp.filter(first), truths[0])
+    with pytest.raises(DataError, match="truth must be given for every impressions chunk or none"):
+        writer.write_impressions(imp.filter(second), truths[1])
+    writer.abort()
+
+
+def test_writer_output_is_deterministic(tmp_path: Path, small_layout: None) -> None:
+    # Prepare
+    def build(name: str) -> dict[str, str]:
+        users, ads, imp, truth = _tables(np.random.default_rng(5))
+        writer = DatasetWriter(tmp_path / name, schema=SCHEMA, generator="test", params={})
+        writer.write_users(users)
+        writer.write_ads(ads)
+        writer.write_impressions(imp, truth)
+        return json.loads((writer.close() / "manifest.json").read_text())["files"]
+
+    # Execute / Assert
+    assert build("a") == build("b")

@@ -1,0 +1,73 @@
+"""LocalStore: the phones' bounded LRU storage of their ``local`` group."""
+
+from __future__ import annotations
+
+import torch
+
+from adfed.fl.population import LocalStore
+
+
+def _state(v: float) -> dict[str, torch.Tensor]:
+    return {"emb.user_id.weight": torch.full((1, 2), v)}
+
+
+def test_put_and_get() -> None:
+    store = LocalStore(capacity=3)
+    store.put_inplace(7, _state(1.0))
+    assert torch.equal(store.get(7)["emb.user_id.weight"], torch.full((1, 2), 1.0))
+    assert store.get(8) is None
+    assert store.evicted == 0
+
+
+def test_evicts_least_recently_used() -> None:
+    # Prepare
+    store = LocalStore(capacity=2)
+    store.put_inplace(1, _state(1.0))
+    store.put_inplace(2, _state(2.0))
+
+    # Execute
+    store.get(1)  # 1 is now the most recent
+    store.put_inplace(3, _state(3.0))
+
+    # Assert
+    assert store.get(2) is None
+    assert store.get(1) is not None and store.get(3) is not None
+    assert list(store.entries) == [1, 3]
+    assert store.evicted == 1
+
+
+def test_re_put_refreshes_without_evicting() -> None:
+    # Prepare
+    store = LocalStore(capacity=2)
+    store.put_inplace(1, _state(1.0))
+    store.put_inplace(2, _state(2.0))
+
+    # Execute
+    store.put_inplace(1, _state(10.0))
+    store.put_inplace(3, _state(3.0))
+
+    # Assert
+    assert store.evicted == 1
+    assert list(store.entries) == [1, 3]
+    assert store.get(1)["emb.user_id.weight"][0, 0].item() == 10.0
+
+
+def test_counts_every_eviction() -> None:
+    store = LocalStore(capacity=3)
+    for u in range(10):
+        store.put_inplace(u, _state(float(u)))
+    assert store.evicted == 7
+    assert list(store.entries) == [7, 8, 9]
+
+
+def test_zero_capacity_stores_nothing() -> None:
+    store = LocalStore(capacity=0)
+    store.put_inplace(1, _state(1.0))
+    assert store.get(1) is None
+    assert len(store.entries) == 0 and store.evicted == 0
+
+
+def test_stores_are_independent() -> None:
+    a, b = LocalStore(capacity=2), LocalStore(capacity=2)
+    a.put_inplace(1, _state(1.0))
+    assert b.get(1) is None

@@ -1,0 +1,118 @@
+"""The update wire format: round trip, exact byte counts, malformed payloads."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from adfed.errors import DataError
+from adfed.fl.types import SparseRows, Update
+from adfed.fl.wire import decode_update, encode_tensors, encode_update
+
+
+@pytest.fixture
+def update(rng: np.random.Generator) -> Update:
+    return Update(
+        client_id=42,
+        dense={
+            "tower.0.weight": torch.from_numpy(rng.normal(size=(4, 3)).astype(np.float32)),
+            "tower.0.bias": torch.from_numpy(rng.normal(size=4).astype(np.float32)),
+        },
+        sparse={
+            "emb.ad_id.weight": SparseRows(torch.tensor([0, 7, 9]), torch.from_numpy(rng.normal(size=(3, 2)).astype(np.float32))),
+            "emb.apps.weight": SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2)),
+        },
+        num_examples=17,
+        base_version=3,
+        metrics={"loss": 0.6931},
+    )
+
+
+def _assert_same(a: Update, b: Update) -> None:
+    assert (a.client_id, a.num_examples, a.base_version) == (b.client_id, b.num_examples, b.base_version)
+    assert a.dense.keys() == b.dense.keys() and a.sparse.keys() == b.sparse.keys()
+    for k in a.dense:
+        assert a.dense[k].dtype == b.dense[k].dtype
+        assert torch.equal(a.dense[k], b.dense[k])
+    for k in a.sparse:
+        assert a.sparse[k].ids.dtype == b.sparse[k].ids.dtype
+        assert torch.equal(a.sparse[k].ids, b.sparse[k].ids)
+        assert torch.equal(a.sparse[k].values, b.sparse[k].values)
+    assert a.metrics == b.metrics
+
+
+def test_round_trip(update: Update) -> None:
+    # Execute
+    decoded = decode_update(encode_update(update))
+
+    # Assert
+    _assert_same(decoded, update)
+
+
+def test_round_trip_of_an_empty_update() -> None:
+    empty = Update(client_id=0, dense={}, sparse={}, num_examples=0, base_version=0)
+    _assert_same(decode_update(encode_update(empty)), empty)
+
+
+def test_round_trip_of_non_contiguous_tensors() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4).T
+    up = Update(client_id=1, dense={"w": t}, sparse={}, num_examples=1, base_version=0)
+    assert torch.equal(decode_update(encode_update(up)).dense["w"], t)
+
+
+def test_payload_length_is_header_plus_raw_tensor_bytes(update: Update) -> None:
+    # Execute
+    payload = encode_update(update)
+
+    # Assert
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + header_len])
+    raw = sum(t.numel() * t.element_size() for t in update.dense.values())
+    raw += sum(r.ids.numel() * 8 + r.values.numel() * 4 for r in update.sparse.values())
+    assert len(payload) == 8 + header_len + raw
+    assert header["__metadata__"]["client_id"] == "42"
+
+
+def test_payload_grows_with_touched_rows(update: Update) -> None:
+    more = SparseRows(torch.arange(10), torch.zeros(10, 2))
+    bigger = Update(client_id=42, dense=update.dense, sparse={**update.sparse, "emb.ad_id.weight": more},
+                    num_examples=17, base_version=3, metrics=update.metrics)
+    assert len(encode_update(bigger)) - len(encode_update(update)) == 7 * (8 + 2 * 4)
+
+
+def test_encoded_size_is_deterministic(update: Update) -> None:
+    # safetensors writes the metadata map in hash order, so bytes may differ between
+    # encodings; their length (what adfed reports) and their content may not.
+    a, b = encode_update(update), encode_update(update)
+    assert len(a) == len(b)
+    _assert_same(decode_update(a), decode_update(b))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"garbage",
+        b"\xff" * 64,
+        struct.pack("<Q", 10**9) + b"{}",  # header length beyond the payload
+    ],
+)
+def test_garbage_raises_data_error(payload: bytes) -> None:
+    with pytest.raises(DataError, match="update payload is malformed"):
+        decode_update(payload)
+
+
+def test_truncated_payload_raises_data_error(update: Update) -> None:
+    payload = encode_update(update)
+    with pytest.raises(DataError, match="update payload is malformed"):
+        decode_update(payload[: len(payload) - 5])
+
+
+def test_tensors_without_update_metadata_raise_data_error() -> None:
+    payload = encode_tensors({"dense/w": torch.zeros(2)})
+    with pytest.raises(DataError, match="update payload is malformed.*client_id"):
+        decode_update(payload)

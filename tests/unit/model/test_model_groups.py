@@ -1,0 +1,256 @@
+"""The parameter decomposition: groups, dense/row transfer, sparse optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from adfed.data.examples import Batch
+from adfed.data.schema import (
+    Entity,
+    FieldKind,
+    FieldSpec,
+    ParamGroup,
+    Schema,
+    Visibility,
+)
+from adfed.model import (
+    build_model,
+    esmm_loss,
+    get_dense,
+    get_rows,
+    group_bytes,
+    group_names,
+    make_optimizers,
+    model_bytes,
+    partition,
+    set_dense_inplace,
+    set_rows_inplace,
+    sparse_tables,
+    touched_rows,
+)
+from adfed.model.pcvr import PCVRModel
+
+
+def _assert_partition(model: PCVRModel) -> None:
+    parts = partition(model)
+    names = [n for n, _ in model.named_parameters()]
+    flat = [n for group in ParamGroup for n in parts[group]]
+    assert set(parts) == set(ParamGroup)
+    assert sorted(flat) == sorted(names)  # every parameter exactly once
+    for group in ParamGroup:
+        assert group_names(model, group) == parts[group]
+
+
+@pytest.mark.parametrize("variant", ["full", "cloud_only"])
+@pytest.mark.parametrize("user_rows", [None, 1])
+def test_groups_partition_the_parameters(schema: Schema, variant: str, user_rows: int | None) -> None:
+    model = build_model(schema, variant=variant, user_rows=user_rows)  # type: ignore[arg-type]
+
+    _assert_partition(model)
+
+
+_KINDS = [FieldKind.CATEGORICAL, FieldKind.MULTI_HOT, FieldKind.SEQUENCE, FieldKind.DENSE]
+
+
+@st.composite
+def schemas(draw: st.DrawFn) -> Schema:
+    n_extra = draw(st.integers(0, 6))
+    fields = [
+        FieldSpec(
+            name="ad_id", kind=FieldKind.CATEGORICAL, vocab_size=draw(st.integers(1, 30)),
+            visibility=Visibility.CLOUD, entity=Entity.AD, group=draw(st.sampled_from(list(ParamGroup))),
+        )
+    ]
+    if draw(st.booleans()):
+        fields.append(FieldSpec(
+            name="user_id", kind=FieldKind.CATEGORICAL, vocab_size=draw(st.integers(1, 30)),
+            visibility=draw(st.sampled_from(list(Visibility))), entity=Entity.USER, group=ParamGroup.LOCAL,
+        ))
+    for i in range(n_extra):
+        kind = draw(st.sampled_from(_KINDS))
+        fields.append(FieldSpec(
+            name=f"f{i}", kind=kind, vocab_size=0 if kind is FieldKind.DENSE else draw(st.integers(1, 30)),
+            visibility=draw(st.sampled_from(list(Visibility))), entity=draw(st.sampled_from(list(Entity))),
+            group=draw(st.sampled_from(list(ParamGroup))), max_len=draw(st.integers(1, 4)),
+        ))
+    return Schema(fields=tuple(fields), num_users=5, num_ads=5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(schema=schemas(), variant=st.sampled_from(["full", "cloud_only"]))
+def test_any_schema_gives_a_partition_that_follows_the_field_groups(schema: Schema, variant: str) -> None:
+    model = build_model(schema, variant=variant, embedding_dim=4, tower=(8,))  # type: ignore[arg-type]
+
+    _assert_partition(model)
+    groups = model.parameter_groups()
+    for f in model.schema.fields:
+        if f.kind is not FieldKind.DENSE:
+            assert groups[model.table_name(f.name)] is f.group
+    for name, group in groups.items():
+        if name.startswith("towers."):
+            assert group is ParamGroup.DENSE_SHARED
+        if name.startswith("user_bias."):
+            assert group is ParamGroup.LOCAL
+
+
+def test_local_parameters_are_never_in_an_upload(schema: Schema) -> None:
+    model = build_model(schema)
+
+    local = set(group_names(model, ParamGroup.LOCAL))
+    upload = set(get_dense(model, ParamGroup.DENSE_SHARED)) | set(sparse_tables(model))
+
+    assert local == {model.table_name("user_id"), "user_bias.weight"}
+    assert not local & upload
+
+
+def test_get_dense_copies_and_set_dense_round_trips(schema: Schema) -> None:
+    model = build_model(schema, seed=0)
+    other = build_model(schema, seed=1)
+
+    dense = get_dense(model, ParamGroup.DENSE_SHARED)
+    for t in dense.values():
+        t.add_(1.0)  # a copy: the model must not change
+    set_dense_inplace(other, get_dense(model, ParamGroup.DENSE_SHARED))
+
+    params, others = dict(model.named_parameters()), dict(other.named_parameters())
+    for name, t in dense.items():
+        torch.testing.assert_close(t - 1.0, params[name].detach())
+        assert torch.equal(others[name], params[name])
+    local = model.table_name("user_id")
+    assert not torch.equal(others[local], params[local])  # only what was given is written
+
+
+def test_set_dense_rejects_bad_input(schema: Schema) -> None:
+    model = build_model(schema)
+    name = group_names(model, ParamGroup.DENSE_SHARED)[0]
+    shape = dict(model.named_parameters())[name].shape
+    before = get_dense(model, ParamGroup.DENSE_SHARED)
+
+    with pytest.raises(KeyError, match="nope"):
+        set_dense_inplace(model, {"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        set_dense_inplace(model, {name: torch.zeros(3, 3, 3)})
+    with pytest.raises(ValueError, match="finite"):
+        set_dense_inplace(model, {name: torch.full(shape, float("nan"))})
+    after = get_dense(model, ParamGroup.DENSE_SHARED)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_touched_rows_are_the_ids_in_the_batch(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(40)
+
+    touched = touched_rows(model, batch)
+
+    assert set(touched) == set(sparse_tables(model))
+    assert {model.table_field(t).name for t in touched} == {"ad_id", "advertiser_id", "installed_apps"}
+    for table, rows in touched.items():
+        field = model.table_field(table).name
+        ids = batch.bags[field][0] if field in batch.bags else batch.ids[field]
+        assert rows.dtype == torch.int64
+        np.testing.assert_array_equal(rows.numpy(), np.unique(ids.numpy()))
+
+
+def test_get_and_set_rows_round_trip(schema: Schema) -> None:
+    model = build_model(schema)
+    table = model.table_name("ad_id")
+    ids = torch.tensor([3, 0, 17])
+    before = get_rows(model, table, torch.arange(100))
+
+    values = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16)
+    set_rows_inplace(model, table, ids, values)
+
+    torch.testing.assert_close(get_rows(model, table, ids), values)
+    rest = torch.tensor([i for i in range(100) if i not in (0, 3, 17)])
+    torch.testing.assert_close(get_rows(model, table, rest), before[rest])
+    got = get_rows(model, table, ids)
+    got.zero_()  # a copy
+    torch.testing.assert_close(get_rows(model, table, ids), values)
+
+
+def test_row_access_rejects_bad_input(schema: Schema) -> None:
+    model = build_model(schema)
+    table = model.table_name("ad_id")
+    rows = model.schema.field("ad_id").vocab_size
+
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        get_rows(model, table, torch.tensor([rows]))
+    with pytest.raises(ValueError, match="unique"):
+        set_rows_inplace(model, table, torch.tensor([1, 1]), torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="shape"):
+        set_rows_inplace(model, table, torch.tensor([1, 2]), torch.zeros(2, 15))
+    with pytest.raises(ValueError, match="finite"):
+        set_rows_inplace(model, table, torch.tensor([1]), torch.full((1, 16), float("inf")))
+    with pytest.raises(KeyError, match="nope"):
+        get_rows(model, "nope", torch.tensor([0]))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("sparse_opt", ["sparse_adam", "adagrad", "sgd"])
+def test_optimizers_update_only_touched_rows(
+    schema: Schema, make_batch: Callable[..., Batch], sparse_opt: str
+) -> None:
+    model = build_model(schema)
+    optimizers = make_optimizers(model, lr=0.05, sparse_opt=sparse_opt)  # type: ignore[arg-type]
+    sparse = {n for n, _ in model.named_parameters() if model.has_sparse_grad(n)}
+    batch = make_batch(16)
+    touched = touched_rows(model, batch)
+    touched[model.table_name("user_id")] = torch.unique(batch.ids["user_id"])
+    touched["user_bias.weight"] = touched[model.table_name("user_id")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for _ in range(2):
+        for opt in optimizers:
+            opt.zero_grad()
+        esmm_loss(model(batch), batch).backward()
+        for opt in optimizers:
+            opt.step()
+
+    assert len(optimizers) == 2
+    opt_params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in optimizers]
+    params = dict(model.named_parameters())
+    assert opt_params[1] == {id(params[n]) for n in sparse}
+    assert sparse == set(touched)
+    for name in sparse:
+        changed = (params[name].detach() != before[name]).any(dim=1).nonzero().flatten()
+        assert set(changed.tolist()) <= set(touched[name].tolist()), name
+        assert changed.numel() > 0, name
+    assert not torch.equal(params["towers.bottom.0.weight"], before["towers.bottom.0.weight"])
+
+
+def test_make_optimizers_rejects_bad_options(schema: Schema) -> None:
+    model = build_model(schema)
+
+    with pytest.raises(ValueError, match="train.lr"):
+        make_optimizers(model, lr=0.0)
+    with pytest.raises(ValueError, match="sparse_lr"):
+        make_optimizers(model, lr=0.1, sparse_lr=-1.0)
+    with pytest.raises(ValueError, match="dense_opt"):
+        make_optimizers(model, lr=0.1, dense_opt="lion")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sparse_opt"):
+        make_optimizers(model, lr=0.1, sparse_opt="adam")  # type: ignore[arg-type]
+
+
+def test_sparse_lr_reaches_the_sparse_optimizer(schema: Schema) -> None:
+    model = build_model(schema)
+
+    dense_opt, sparse_opt = make_optimizers(model, lr=0.1, sparse_lr=0.01)
+
+    assert isinstance(sparse_opt, torch.optim.SparseAdam) and sparse_opt.param_groups[0]["lr"] == 0.01
+    assert isinstance(dense_opt, torch.optim.Adam) and dense_opt.param_groups[0]["lr"] == 0.1
+
+
+def test_model_bytes_counts_every_parameter_as_fp32(schema: Schema) -> None:
+    model = build_model(schema, embedding_dim=8)
+
+    total = sum(p.numel() for p in model.parameters()) * 4
+
+    assert model_bytes(model) == total
+    assert sum(group_bytes(model, g) for g in ParamGroup) == total
+    assert group_bytes(model, ParamGroup.LOCAL) == (50 * 8 + 50 * 2) * 4

@@ -1,0 +1,266 @@
+"""PCVRModel construction, forward pass, ESMM loss and per-user remapping."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from model_toys import NUM_USERS, toy_schema
+from torch import nn
+
+from adfed.data.examples import Batch
+from adfed.data.schema import FieldKind, ParamGroup, Schema, Visibility
+from adfed.errors import DataError, TrainingError
+from adfed.model import (
+    Output,
+    build_model,
+    ensure_finite,
+    esmm_loss,
+    get_dense,
+    make_optimizers,
+    remap_user,
+    set_dense_inplace,
+)
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_one_table_per_embedded_field_with_its_sparsity(schema: Schema) -> None:
+    model = build_model(schema, embedding_dim=8)
+
+    for f in schema.fields:
+        if f.kind is FieldKind.DENSE:
+            continue
+        table = dict(model.named_parameters())[model.table_name(f.name)]
+        assert tuple(table.shape) == (f.vocab_size, 8)
+        assert model.has_sparse_grad(model.table_name(f.name)) == (f.group is not ParamGroup.DENSE_SHARED)
+        assert model.table_field(model.table_name(f.name)) == f
+    assert model.user_bias is not None and tuple(model.user_bias.weight.shape) == (NUM_USERS, 2)
+
+
+def test_user_rows_resizes_user_table_and_bias(schema: Schema) -> None:
+    model = build_model(schema, user_rows=1)
+
+    assert tuple(dict(model.named_parameters())[model.table_name("user_id")].shape) == (1, 16)
+    assert model.user_bias is not None and tuple(model.user_bias.weight.shape) == (1, 2)
+
+
+def test_cloud_only_has_no_private_tables(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema, variant="cloud_only")
+    batch = make_batch(16)
+
+    private = [f.name for f in schema.fields if f.visibility is Visibility.PRIVATE]
+    assert all(f.visibility is Visibility.CLOUD for f in model.schema.fields)
+    assert model.user_bias is None
+    assert not [n for n in model.parameter_groups() if any(f"tables.{p}." in n for p in private)]
+    assert ParamGroup.LOCAL not in set(model.parameter_groups().values())
+    out = model(batch)  # the batch still carries private fields; they are ignored
+    assert out.ctr_logit.shape == (16,)
+
+
+def test_same_seed_same_parameters_and_global_rng_untouched(schema: Schema) -> None:
+    before = torch.random.get_rng_state()
+
+    a, b, c = build_model(schema, seed=3), build_model(schema, seed=3), build_model(schema, seed=4)
+
+    assert torch.equal(before, torch.random.get_rng_state())
+    pa, pb, pc = _params(a), _params(b), _params(c)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert not all(torch.equal(pa[n], pc[n]) for n in pa)
+
+
+def test_user_bias_starts_at_zero(schema: Schema) -> None:
+    model = build_model(schema)
+
+    assert model.user_bias is not None and not model.user_bias.weight.any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"variant": "edge"}, "model.variant"),
+        ({"embedding_dim": 0}, "model.embedding_dim"),
+        ({"tower": ()}, "model.tower"),
+        ({"tower": (8, 0)}, "model.tower"),
+        ({"user_rows": 0}, "user_rows"),
+    ],
+)
+def test_bad_arguments_are_named(schema: Schema, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_model(schema, **kwargs)
+
+
+def test_forward_shapes_and_probabilities(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(32)
+
+    out = model(batch)
+
+    assert isinstance(out, Output)
+    for t in (out.ctr_logit, out.cvr_logit, out.pctr, out.pcvr, out.pctcvr):
+        assert t.shape == (32,) and torch.isfinite(t).all()
+    assert ((out.pctr > 0) & (out.pctr < 1)).all()
+    torch.testing.assert_close(out.pctcvr, out.pctr * out.pcvr)
+    torch.testing.assert_close(out.log_pctcvr.exp(), out.pctcvr)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.ctr_logit = out.cvr_logit  # type: ignore[misc]
+
+
+def test_empty_bags_pool_to_zeros(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(8)
+    names = [f.name for f in model.embeddings.embedded]
+    empty = {k: (v[:0], torch.zeros_like(o)) for k, (v, o) in batch.bags.items()}
+
+    pooled, _ = model.embeddings(dataclasses.replace(batch, bags=empty))
+
+    for name in batch.bags:
+        assert not pooled[names.index(name)].any()
+
+
+def test_missing_field_is_a_data_error(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(4)
+    ids = {k: v for k, v in batch.ids.items() if k != "region"}
+
+    with pytest.raises(DataError, match="region"):
+        model(dataclasses.replace(batch, ids=ids))
+
+
+def test_phone_model_with_remapped_user_matches_the_central_model(
+    schema: Schema, make_batch: Callable[..., Batch]
+) -> None:
+    central = build_model(schema, seed=0)
+    with torch.no_grad():
+        assert central.user_bias is not None
+        central.user_bias.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    phone = build_model(schema, seed=9, user_rows=1)
+    user = 7
+    batch = make_batch(16)
+    batch = dataclasses.replace(batch, ids={**batch.ids, "user_id": torch.full((16,), user)})
+    # the phone receives the shared groups and holds its own row of the local group
+    shared = get_dense(central, ParamGroup.DENSE_SHARED) | get_dense(central, ParamGroup.SPARSE_SHARED)
+    local = {n: t[user : user + 1] for n, t in get_dense(central, ParamGroup.LOCAL).items()}
+    set_dense_inplace(phone, shared | local)
+
+    mapped = remap_user(batch)
+    want, got = central(batch), phone(mapped)
+
+    assert torch.equal(batch.ids["user_id"], torch.full((16,), user))  # input untouched
+    torch.testing.assert_close(got.ctr_logit, want.ctr_logit)
+    torch.testing.assert_close(got.cvr_logit, want.cvr_logit)
+    with pytest.raises(IndexError):
+        phone(batch)  # an unmapped user id is out of the phone's one-row table
+
+
+def test_remap_user_without_user_field_is_identity(make_batch: Callable[..., Batch]) -> None:
+    batch = make_batch(4)
+    no_user = dataclasses.replace(batch, ids={k: v for k, v in batch.ids.items() if k != "user_id"})
+
+    assert remap_user(no_user) is no_user
+
+
+def _naive_esmm(out: Output, batch: Batch) -> torch.Tensor:
+    ctr = F.binary_cross_entropy(out.pctr, batch.click)
+    obs = batch.label_observed
+    if not obs.any():
+        return ctr
+    target = (batch.click * batch.conversion)[obs]
+    return ctr + F.binary_cross_entropy(out.pctcvr[obs], target)
+
+
+def test_esmm_loss_matches_the_textbook_formula(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(64)
+
+    out = model(batch)
+
+    torch.testing.assert_close(esmm_loss(out, batch), _naive_esmm(out, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_ctcvr_term_ignores_unobserved_rows(schema: Schema, make_batch: Callable[..., Batch]) -> None:
+    model = build_model(schema)
+    batch = make_batch(64)
+    out = model(batch)
+    flipped = torch.where(batch.label_observed, batch.conversion, 1.0 - batch.conversion)
+
+    loss = esmm_loss(out, batch)
+    loss_flipped = esmm_loss(out, dataclasses.replace(batch, conversion=flipped))
+    none_observed = esmm_loss(out, dataclasses.replace(batch, label_observed=torch.zeros(64, dtype=torch.bool)))
+
+    torch.testing.assert_close(loss, loss_flipped)
+    torch.testing.assert_close(none_observed, F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click))
+
+
+def test_esmm_loss_is_finite_for_extreme_logits(make_batch: Callable[..., Batch]) -> None:
+    batch = make_batch(6)
+    logits = torch.tensor([-80.0, -20.0, 0.0, 20.0, 80.0, 1e-4], requires_grad=True)
+    out = Output(ctr_logit=logits, cvr_logit=logits.flip(0) * 2)
+    batch = dataclasses.replace(
+        batch,
+        click=torch.tensor([1.0, 0, 1, 1, 0, 1]),
+        conversion=torch.tensor([1.0, 0, 0, 1, 0, 0]),
+        label_observed=torch.ones(6, dtype=torch.bool),
+    )
+
+    loss = esmm_loss(out, batch)
+    loss.backward()
+
+    assert torch.isfinite(loss) and logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_nan_logits_give_nan_loss_and_ensure_finite_raises(make_batch: Callable[..., Batch]) -> None:
+    batch = make_batch(4)
+    out = Output(ctr_logit=torch.tensor([0.0, float("nan"), 0.0, 0.0]), cvr_logit=torch.zeros(4))
+
+    loss = esmm_loss(out, batch)
+
+    assert torch.isnan(loss)
+    with pytest.raises(TrainingError, match="step 3"):
+        ensure_finite(loss, where="step 3")
+    assert ensure_finite(torch.tensor(0.5), where="x") == 0.5
+
+
+def _learnable_batch(schema: Schema, n: int, rng: np.random.Generator) -> Batch:
+    """Clicks driven by the ad, conversions by user x ad affinity: learnable from ids."""
+    from model_toys import random_examples
+
+    ex = random_examples(schema, n, rng)
+    ad, user = ex.ids["ad_id"].astype(np.int64), ex.ids["user_id"].astype(np.int64)
+    p_click = np.where(ad % 3 == 0, 0.8, 0.1)
+    p_cvr = np.where((ad + user) % 2 == 0, 0.9, 0.05)
+    click = (rng.random(n) < p_click).astype(np.int8)
+    conversion = (click & (rng.random(n) < p_cvr)).astype(np.int8)
+    labels = {**ex.labels, "click": click, "conversion": conversion}
+    return dataclasses.replace(ex, labels=labels).to_batch()
+
+
+@pytest.mark.parametrize("dense_opt", ["adam", "sgd"])
+def test_loss_decreases_on_a_learnable_toy_problem(dense_opt: str, rng: np.random.Generator) -> None:
+    schema = toy_schema(num_users=8, num_ads=12)
+    model = build_model(schema, embedding_dim=8, tower=(32, 16), seed=1)
+    lr = 0.02 if dense_opt == "adam" else 0.5
+    optimizers = make_optimizers(model, lr=lr, dense_opt=dense_opt)  # type: ignore[arg-type]
+    batches = [_learnable_batch(schema, 512, rng) for _ in range(4)]
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([esmm_loss(model(b), b).item() for b in batches]))
+
+    start = mean_loss()
+    for _ in range(25):
+        for b in batches:
+            for opt in optimizers:
+                opt.zero_grad()
+            esmm_loss(model(b), b).backward()
+            for opt in optimizers:
+                opt.step()
+    end = mean_loss()
+
+    assert end < 0.75 * start, (start, end)

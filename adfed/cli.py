@@ -94,7 +94,7 @@ def data_describe(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Print a dataset's statistics (rates, rows per user, oracle AUC when truth exists)."""
-    from adfed.data.describe import describe
+    from data_gen.describe import describe
 
     try:
         stats = describe(path)
@@ -103,6 +103,7 @@ def data_describe(
     if as_json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return
+    personas = stats.pop("personas", None) or []
     table = Table(title=f"dataset {path}")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -112,7 +113,15 @@ def data_describe(
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
         table.add_row(key, str(value))
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    if personas:
+        ptable = Table(title="per persona (non-IID clients)")
+        for col in personas[0]:
+            ptable.add_column(col, justify="right")
+        for p in personas:
+            ptable.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()])
+        out.print(ptable)
 
 
 # -- train -----------------------------------------------------------------------------

@@ -133,9 +133,11 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
             else:
                 state, row = run_async_step(state, async_state, cfg, population, backend, store, server_opt)
             if state.round % cfg.fl.eval_every == 0 or state.round == cfg.fl.rounds:
+                t_eval = time.perf_counter()
                 load_global_inplace(eval_model, state, store)
                 final = evaluate(eval_model, test)
                 row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss") if k in final})
+                row["eval_s"] = time.perf_counter() - t_eval
             row["wall_time_s"] = wall_before + time.perf_counter() - start
             rows.append(row)
             logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])

@@ -27,15 +27,12 @@ from torch import nn
 from adfed.data.examples import Batch
 from adfed.data.schema import Entity, FieldKind, FieldSpec, ParamGroup
 from adfed.errors import DataError
+from adfed.model.pooling import pool_dense_bag
 
 logger = logging.getLogger(__name__)
 
 #: Standard deviation of the initial embedding rows.
 EMBEDDING_INIT_STD = 0.05
-#: Tables with dense gradients and at most this many rows are read as a one-hot /
-#: multi-hot matrix times the table: one GEMM forward and one backward, several times
-#: faster on a CPU than a gather whose backward sorts the ids.
-MATMUL_LOOKUP_MAX_ROWS = 256
 
 
 def is_sparse_group(group: ParamGroup) -> bool:
@@ -63,8 +60,8 @@ class FieldEmbeddings(nn.Module):
     CATEGORICAL fields use ``nn.Embedding``; MULTI_HOT / SEQUENCE fields use
     ``nn.EmbeddingBag(mode="mean")`` (an empty bag pools to zeros). Tables of LOCAL and
     SPARSE_SHARED fields have sparse gradients; DENSE_SHARED tables have dense ones.
-    Small dense-gradient tables are read with :func:`one_hot_lookup` and
-    :func:`multi_hot_mean`, which compute the same values faster.
+    Bags over dense-gradient tables are pooled by :func:`pool_dense_bag` (same values,
+    faster backward).
     """
 
     def __init__(
@@ -139,59 +136,16 @@ class FieldEmbeddings(nn.Module):
         try:
             for f in self.embedded:
                 table = self.tables[self._key[f.name]]
-                by_matmul = not table.sparse and table.weight.shape[0] <= MATMUL_LOOKUP_MAX_ROWS
-                if f.is_bag:
-                    values, offsets = batch.bags[f.name]
-                    if by_matmul:
-                        pooled.append(multi_hot_mean(values, offsets, table.weight))
-                    else:
-                        pooled.append(table(values, offsets))
-                elif by_matmul:
-                    pooled.append(one_hot_lookup(batch.ids[f.name], table.weight))
-                else:
+                if not isinstance(table, nn.EmbeddingBag):
                     pooled.append(table(batch.ids[f.name]))
+                elif table.sparse:
+                    pooled.append(table(*batch.bags[f.name]))
+                else:
+                    pooled.append(pool_dense_bag(*batch.bags[f.name], table.weight))
             dense = [batch.dense[name].unsqueeze(1) for name in self.dense_names]
         except KeyError as exc:
             raise DataError(f"batch lacks model input field {exc.args[0]!r}") from exc
         return pooled, dense
-
-
-def _check_range(ids: torch.Tensor, rows: int) -> None:
-    if ids.numel():
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= rows:
-            raise IndexError(f"embedding ids must lie in [0, {rows}); got [{int(low)}, {int(high)}]")
-
-
-def one_hot_lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``weight[ids]`` computed as one_hot(ids) @ weight: int64 [B], [V, D] -> [B, D]."""
-    _check_range(ids, weight.shape[0])
-    one_hot = weight.new_zeros(ids.shape[0], weight.shape[0])
-    one_hot.scatter_(1, ids.unsqueeze(1), 1.0)
-    return one_hot @ weight
-
-
-def multi_hot_mean(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean of ``weight`` rows per bag, as ``nn.EmbeddingBag(mode="mean")`` computes it.
-
-    Parameters
-    ----------
-    values : int64 [nnz], the ids of all bags back to back.
-    offsets : int64 [B], where each bag starts in ``values`` (no trailing total).
-    weight : float [V, D].
-
-    Returns
-    -------
-    float [B, D]; an empty bag gives zeros. Computed as M @ weight with M [B, V] the
-    row-normalised id counts, so the backward pass is one GEMM.
-    """
-    _check_range(values, weight.shape[0])
-    n = offsets.shape[0]
-    lengths = torch.diff(offsets, append=offsets.new_tensor([values.shape[0]]))
-    rows = torch.repeat_interleave(torch.arange(n), lengths, output_size=values.shape[0])
-    counts = weight.new_zeros(n, weight.shape[0])
-    counts.index_put_((rows, values), weight.new_ones(()).expand(values.shape[0]), accumulate=True)
-    return (counts / lengths.clamp(min=1).unsqueeze(1)) @ weight
 
 
 class EntityCross(nn.Module):

@@ -40,7 +40,7 @@ Variant = Literal["full", "cloud_only"]
 _LOG_P_MAX = -1e-6
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Output:
     """Model output for a batch: two logits, float32 [B] each."""
 

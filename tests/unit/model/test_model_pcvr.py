@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_toys import NUM_USERS, toy_schema
 from torch import nn
 
-from adfed.data.examples import Batch
+from adfed.data.examples import Batch, Examples
 from adfed.data.schema import FieldKind, ParamGroup, Schema, Visibility
 from adfed.errors import DataError, TrainingError
 from adfed.model import (
@@ -41,7 +40,7 @@ def test_one_table_per_embedded_field_with_its_sparsity(schema: Schema) -> None:
         assert tuple(table.shape) == (f.vocab_size, 8)
         assert model.has_sparse_grad(model.table_name(f.name)) == (f.group is not ParamGroup.DENSE_SHARED)
         assert model.table_field(model.table_name(f.name)) == f
-    assert model.user_bias is not None and tuple(model.user_bias.weight.shape) == (NUM_USERS, 2)
+    assert model.user_bias is not None and tuple(model.user_bias.weight.shape) == (schema.num_users, 2)
 
 
 def test_user_rows_resizes_user_table_and_bias(schema: Schema) -> None:
@@ -227,11 +226,9 @@ def test_nan_logits_give_nan_loss_and_ensure_finite_raises(make_batch: Callable[
     assert ensure_finite(torch.tensor(0.5), where="x") == 0.5
 
 
-def _learnable_batch(schema: Schema, n: int, rng: np.random.Generator) -> Batch:
+def _learnable_batch(ex: Examples, rng: np.random.Generator) -> Batch:
     """Clicks driven by the ad, conversions by user x ad affinity: learnable from ids."""
-    from model_toys import random_examples
-
-    ex = random_examples(schema, n, rng)
+    n = len(ex)
     ad, user = ex.ids["ad_id"].astype(np.int64), ex.ids["user_id"].astype(np.int64)
     p_click = np.where(ad % 3 == 0, 0.8, 0.1)
     p_cvr = np.where((ad + user) % 2 == 0, 0.9, 0.05)
@@ -242,12 +239,14 @@ def _learnable_batch(schema: Schema, n: int, rng: np.random.Generator) -> Batch:
 
 
 @pytest.mark.parametrize("dense_opt", ["adam", "sgd"])
-def test_loss_decreases_on_a_learnable_toy_problem(dense_opt: str, rng: np.random.Generator) -> None:
-    schema = toy_schema(num_users=8, num_ads=12)
+def test_loss_decreases_on_a_learnable_toy_problem(
+    dense_opt: str, rng: np.random.Generator, toy: Callable[..., Schema], make_examples: Callable[..., Examples]
+) -> None:
+    schema = toy(num_users=8, num_ads=12)
     model = build_model(schema, embedding_dim=8, tower=(32, 16), seed=1)
     lr = 0.02 if dense_opt == "adam" else 0.5
     optimizers = make_optimizers(model, lr=lr, dense_opt=dense_opt)  # type: ignore[arg-type]
-    batches = [_learnable_batch(schema, 512, rng) for _ in range(4)]
+    batches = [_learnable_batch(make_examples(schema, 512), rng) for _ in range(4)]
 
     def mean_loss() -> float:
         with torch.no_grad():

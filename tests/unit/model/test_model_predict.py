@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
-from model_toys import random_examples
 
+from adfed.data.examples import Examples
 from adfed.data.schema import Schema
 from adfed.model import build_model, predict
 
 
-def test_predict_matches_forward_for_any_batch_size(schema: Schema, rng: np.random.Generator) -> None:
+def test_predict_matches_forward_for_any_batch_size(schema: Schema, make_examples: Callable[..., Examples]) -> None:
     model = build_model(schema)
-    examples = random_examples(schema, 50, rng)
+    examples = make_examples(schema, 50)
     with torch.no_grad():
         out = model(examples.to_batch())
 
@@ -25,9 +27,9 @@ def test_predict_matches_forward_for_any_batch_size(schema: Schema, rng: np.rand
         np.testing.assert_allclose(pcvr, out.pcvr.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_predict_restores_the_training_mode(schema: Schema, rng: np.random.Generator) -> None:
+def test_predict_restores_the_training_mode(schema: Schema, make_examples: Callable[..., Examples]) -> None:
     model = build_model(schema)
-    examples = random_examples(schema, 5, rng)
+    examples = make_examples(schema, 5)
 
     model.train()
     predict(model, examples)
@@ -37,6 +39,6 @@ def test_predict_restores_the_training_mode(schema: Schema, rng: np.random.Gener
     assert not model.training
 
 
-def test_predict_rejects_a_bad_batch_size(schema: Schema, rng: np.random.Generator) -> None:
+def test_predict_rejects_a_bad_batch_size(schema: Schema, make_examples: Callable[..., Examples]) -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        predict(build_model(schema), random_examples(schema, 3, rng), batch_size=0)
+        predict(build_model(schema), make_examples(schema, 3), batch_size=0)

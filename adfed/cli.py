@@ -176,6 +176,34 @@ def train(
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
 
+experiment_app = typer.Typer(help="Run the experiments that produce the README's tables.",
+                             no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("run")
+def experiment_run(
+    name: Annotated[str, typer.Argument(help="fl_vs_central | window | async | all")],
+    out: Annotated[Path, typer.Option(help="Directory for the experiment's runs and results.")] = Path("runs/experiments"),
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="Base TOML config.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset directory (data.path).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (fl.rounds).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: section.key=value.")] = None,
+) -> None:
+    """Run an experiment: several trainings, results.json, a comparison plot."""
+    from experiments import fl_targets
+
+    names = sorted(fl_targets.EXPERIMENTS) if name == "all" else [name]
+    try:
+        cfg = _resolve_config(config_file, sets or [], {"data.path": data, "seed": seed, "fl.rounds": rounds})
+        for n in names:
+            results = fl_targets.run(n, cfg, out, progress=lambda msg: console.print(msg))
+            print(json.dumps(results, indent=2, default=str))
+    except (AdfedError, ValueError) as exc:
+        _fail(str(exc))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -1,0 +1,161 @@
+"""Experiments behind the federated engine's targets (issue: federated engine).
+
+Each experiment trains several runs on one dataset and writes ``OUT/<name>/``: every run's
+directory (config.toml, summary.json, rounds.csv, plots), ``results.json`` and a
+comparison plot. Numbers are what these runs measured; nothing is tuned per target.
+
+- ``fl_vs_central``: centralized training, then FedAvg (100 clients/round); the first
+  evaluated round whose AUC reaches ``centralized_auc - 0.01``, with its simulated time.
+- ``window``: the same sync FedAvg run waiting for every sampled client
+  (``window.kind="none"``) vs the adaptive window: median simulated round time ratio and
+  the AUC difference at equal rounds.
+- ``async``: sync (adaptive window) vs FedBuff at the same client concurrency: the
+  simulated time each needs to reach the sync run's final AUC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adfed import rundir
+from adfed.config import Config, with_overrides
+from adfed.data.store import Dataset
+from adfed.trainer import TrainResult, Trainer
+
+Progress = Callable[[str], None]
+
+
+def _run(cfg: Config, dataset: Dataset, out: Path, progress: Progress) -> TrainResult:
+    progress(f"{out.name}: {cfg.train.mode} {cfg.fl.schedule if cfg.train.mode == 'federated' else ''}")
+    result = Trainer(cfg).fit(dataset)
+    rundir.write_run(out, cfg, result)
+    return result
+
+
+def first_reaching(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluated row whose AUC is at least ``target``."""
+    for row in rows:
+        auc = row.get("auc")
+        if auc is not None and auc >= target:
+            return {"round": row["round"], "sim_time_s": row["sim_time_s"], "auc": auc}
+    return None
+
+
+def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
+    central = _run(with_overrides(base, ['train.mode="centralized"']), dataset, out / "centralized", progress)
+    fed = _run(with_overrides(base, ['train.mode="federated"', 'fl.strategy="fedavg"']),
+               dataset, out / "fedavg", progress)
+    target = central.summary["auc"] - 0.01
+    return {
+        "centralized_auc": central.summary["auc"],
+        "oracle_auc": central.summary.get("oracle_auc"),
+        "federated_final_auc": fed.summary["auc"],
+        "target_auc": target,
+        "reached": first_reaching(fed.rows, target),
+        "rounds": fed.summary["rounds"],
+        "bytes_up_per_client": fed.summary["bytes_up_per_client"],
+        "bytes_up_dense_per_client": fed.summary["bytes_up_dense_per_client"],
+        "bytes_up_sparse_per_client": fed.summary["bytes_up_sparse_per_client"],
+        "bytes_down_per_client": fed.summary["bytes_down_per_client"],
+        "model_bytes": fed.summary["model_bytes"],
+    }
+
+
+def window(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
+    fed = with_overrides(base, ['train.mode="federated"'])
+    wait_all = _run(with_overrides(fed, ['window.kind="none"']), dataset, out / "wait_all", progress)
+    adaptive = _run(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "adaptive", progress)
+    med_all = wait_all.summary["median_round_sim_s"]
+    med_ad = adaptive.summary["median_round_sim_s"]
+    return {
+        "median_round_sim_s_wait_all": med_all,
+        "median_round_sim_s_adaptive": med_ad,
+        "speedup": med_all / med_ad,
+        "auc_wait_all": wait_all.summary["auc"],
+        "auc_adaptive": adaptive.summary["auc"],
+        "auc_loss": wait_all.summary["auc"] - adaptive.summary["auc"],
+        "late_clients_adaptive": adaptive.summary["late_clients"],
+        "sim_time_s_wait_all": wait_all.summary["sim_time_s"],
+        "sim_time_s_adaptive": adaptive.summary["sim_time_s"],
+    }
+
+
+def asynchronous(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
+    fed = with_overrides(base, ['train.mode="federated"'])
+    sync = _run(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "sync", progress)
+    k = fed.fl.clients_per_round
+    # same number of client updates as the sync run: rounds * k = steps * buffer
+    buffer = max(1, k // 5)
+    steps = fed.fl.rounds * k // buffer
+    asy = _run(with_overrides(fed, ['fl.schedule="async"', f"fl.async_concurrency={k}",
+                                    f"fl.async_buffer={buffer}", f"fl.rounds={steps}",
+                                    f"fl.eval_every={max(1, fed.fl.eval_every * k // buffer)}"]),
+               dataset, out / "async", progress)
+    target = sync.summary["auc"]
+    sync_hit = first_reaching(sync.rows, target)
+    async_hit = first_reaching(asy.rows, target)
+    ratio = None
+    if sync_hit and async_hit:
+        ratio = sync_hit["sim_time_s"] / async_hit["sim_time_s"]
+    return {"target_auc": target, "sync": sync_hit, "async": async_hit,
+            "sync_over_async_time": ratio, "async_final_auc": asy.summary["auc"],
+            "async_buffer": buffer, "async_steps": steps}
+
+
+EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any]]] = {
+    "fl_vs_central": fl_vs_central,
+    "window": window,
+    "async": asynchronous,
+}
+
+
+def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:
+    """Run experiment ``name`` and write ``OUT/name/results.json``; returns the results."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    dataset = Dataset.open(base.data.path)
+    target = out / name
+    results = EXPERIMENTS[name](base, dataset, target, progress)
+    results = {"experiment": name, "data": str(base.data.path), "seed": base.seed, **results}
+    rundir.atomic_write(target / "results.json", json.dumps(results, indent=2, default=_json) + "\n")
+    _plot(name, target)
+    return results
+
+
+def _json(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)  # type: ignore[arg-type]
+    raise TypeError(type(o))
+
+
+def _plot(name: str, target: Path) -> None:
+    """AUC vs simulated time of every federated run of the experiment, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for run_dir in sorted(p for p in target.iterdir() if (p / "rounds.csv").exists()):
+        rows = [r for r in rundir.read_rows(run_dir / "rounds.csv") if r.get("auc")]
+        ax.plot([float(r["sim_time_s"]) for r in rows], [float(r["auc"]) for r in rows],
+                marker="o", ms=3, label=run_dir.name)
+    central = target / "centralized" / "summary.json"
+    if central.exists():
+        ax.axhline(json.loads(central.read_text())["auc"], ls="--", color="grey", label="centralized")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("test CVR AUC")
+    ax.set_title(f"experiment {name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target / f"{name}.png")
+    plt.close(fig)

@@ -8,6 +8,7 @@ row groups that hold that client's rows (see ``layout.ROW_GROUP_ROWS``).
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from pathlib import Path
@@ -34,6 +35,8 @@ from adfed.errors import DataError
 TRUTH_PREFIX = "truth_"
 #: Up to this many users, ``load(user_ids)`` reads client by client instead of scanning.
 _FEW_USERS = 500
+#: Decoded row groups kept per dataset (an LRU; a row group is ~0.1-1 MB decoded).
+_CACHED_ROW_GROUPS = 64
 
 
 def _expected_type(spec: FieldSpec) -> tuple[str, ...]:
@@ -96,9 +99,10 @@ def _merge(*parts: Examples, labels: dict[str, np.ndarray]) -> Examples:
 class _RowGroupFile:
     """A parquet file addressed by global row number, reading only needed row groups."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache: "collections.OrderedDict[Any, pa.Table] | None" = None) -> None:
         self.path = path
         self.file = _open_parquet(path)
+        self._cache = cache
         md = self.file.metadata
         sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -111,8 +115,20 @@ class _RowGroupFile:
     def read_rows(self, start: int, count: int, columns: list[str] | None = None) -> pa.Table:
         first = int(np.searchsorted(self.starts, start, side="right") - 1)
         last = int(np.searchsorted(self.starts, start + count - 1, side="right") - 1)
-        with self._lock:  # ParquetFile is not thread-safe
-            table = self.file.read_row_groups(list(range(first, last + 1)), columns=columns)
+        if first != last or self._cache is None:
+            with self._lock:  # ParquetFile is not thread-safe
+                table = self.file.read_row_groups(list(range(first, last + 1)), columns=columns)
+            return table.slice(start - int(self.starts[first]), count)
+        key = (str(self.path), first, tuple(columns or ()))
+        with self._lock:
+            table = self._cache.get(key)
+            if table is None:
+                table = self.file.read_row_group(first, columns=columns)
+                self._cache[key] = table
+                while len(self._cache) > _CACHED_ROW_GROUPS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
         return table.slice(start - int(self.starts[first]), count)
 
 
@@ -135,13 +151,14 @@ class Dataset:
         self._start[self.user_ids] = index.column("start").to_numpy()
         self._count[self.user_ids] = index.column("count").to_numpy()
         num_shards = int(manifest["counts"]["shards"])
-        self._imp = [_RowGroupFile(self._shard_path("impressions", s)) for s in range(num_shards)]
+        cache: collections.OrderedDict[Any, pa.Table] = collections.OrderedDict()
+        self._imp = [_RowGroupFile(self._shard_path("impressions", s), cache) for s in range(num_shards)]
         self._truth = (
-            [_RowGroupFile(self._shard_path("truth", s)) for s in range(num_shards)]
+            [_RowGroupFile(self._shard_path("truth", s), cache) for s in range(num_shards)]
             if self.has_truth
             else []
         )
-        self._users = _RowGroupFile(path / "users.parquet")
+        self._users = _RowGroupFile(path / "users.parquet", cache)
         self.ads = table_to_examples(
             pq.read_table(path / "ads.parquet"), self.schema.by_entity(Entity.AD)
         )
@@ -224,16 +241,18 @@ class Dataset:
         """Number of impressions of one user (0 for an unknown user)."""
         return int(self._count[user_id]) if 0 <= user_id < len(self._count) else 0
 
-    def client(self, user_id: int) -> Examples:
+    def client(self, user_id: int, *, with_truth: bool = True) -> Examples:
         """All impressions of one user, joined with its user and ad fields.
 
-        Reads only the row groups that hold this user's rows.
+        Reads only the row groups that hold this user's rows (recently read row groups
+        are cached, bounded). ``with_truth=False`` skips the truth columns (training
+        never reads them).
         """
         if not 0 <= user_id < len(self._count) or self._count[user_id] == 0:
             raise DataError(f"user_id {user_id} has no impressions in {self.path}")
         shard, start, count = int(self._shard[user_id]), int(self._start[user_id]), int(self._count[user_id])
         imp = self._imp[shard].read_rows(start, count, self._imp_columns)
-        truth = self._truth[shard].read_rows(start, count) if self.has_truth else None
+        truth = self._truth[shard].read_rows(start, count) if self.has_truth and with_truth else None
         user = self._users.read_rows(user_id, 1, [f.name for f in self._user_fields if f.name != USER_KEY])
         user_rows = np.zeros(count, dtype=np.int64)
         return self._join(imp, truth, user, user_rows)

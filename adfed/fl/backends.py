@@ -49,8 +49,8 @@ class ClientResult:
     local: dict[str, torch.Tensor]
     bytes_down: int  # dense model + the rows this client needs, serialized
     bytes_up: int  # the serialized update
-    bytes_up_dense: int  # its dense_shared part alone
-    bytes_up_sparse: int  # its sparse_shared rows alone
+    bytes_up_dense: int  # tensor bytes of its dense_shared part (within bytes_up)
+    bytes_up_sparse: int  # tensor bytes of its sparse_shared ids and rows (within bytes_up)
 
 
 class WorkerContext:
@@ -80,12 +80,15 @@ def run_job(ctx: WorkerContext, model: RoundModel, job: Job) -> ClientResult:
     update, local = client_update(ctx.scratch, task, data)
     rows_down = {f"{t}.ids": r.ids for t, r in rows.items()} | {f"{t}.rows": r.values for t, r in rows.items()}
     bytes_down = ctx.dense_bytes(model) + len(encode_tensors(rows_down))
-    sparse_up = {f"{t}.ids": r.ids for t, r in update.sparse.items()}
-    sparse_up |= {f"{t}.rows": r.values for t, r in update.sparse.items()}
+    sparse_bytes = sum(_nbytes(r.ids) + _nbytes(r.values) for r in update.sparse.values())
     return ClientResult(update=update, local=local, bytes_down=bytes_down,
                         bytes_up=len(encode_update(update)),
-                        bytes_up_dense=len(encode_tensors(update.dense)),
-                        bytes_up_sparse=len(encode_tensors(sparse_up)))
+                        bytes_up_dense=sum(_nbytes(t) for t in update.dense.values()),
+                        bytes_up_sparse=sparse_bytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class Backend(Protocol):

@@ -48,7 +48,7 @@ class Population:
 
     def train_data(self, user_id: int) -> Examples:
         """One client's training rows (all but its last ``test_fraction``)."""
-        data = self.dataset.client(int(user_id))
+        data = self.dataset.client(int(user_id), with_truth=False)
         train_rows, _ = split_by_time(data.ids[USER_KEY], self.test_fraction)
         return data.take(train_rows)
 

@@ -1,15 +1,15 @@
-"""Building blocks of the pCVR model: field embeddings, the entity cross, the towers.
+"""Building blocks of the pCVR model: field embeddings, the dot interaction, the towers.
 
 Notation (as in TorchRec): B = batch size, F = number of embedded (non-DENSE) fields,
-D = embedding dimension, N = number of DENSE fields, E = number of entity pairs among
-(user, ad, context) that the schema has (at most 3)::
+D = embedding dimension, N = number of scalar inputs (DENSE fields plus one bag size per
+bag field), P = number of (ad-side field, other field) pairs::
 
-    batch ─► FieldEmbeddings ─► F pooled [B, D] ─┬──────────────────────────┐
-                              └► N dense [B]     ┼──────────────────────────┼─► concat
-                                                 └─► EntityCross [B, E·D] ──┘   [B, F·D + N + E·D]
-                                                                                  │
-                                            ctr_logit [B] ◄─ ctr ◄─┬─ bottom ◄────┘
-                                            cvr_logit [B] ◄─ cvr ◄─┘
+    batch ─► FieldEmbeddings ─┬─► F pooled [B, D] ───────────────┐
+                              ├─► N scalars [B, 1] ──────────────┼─► concat [B, F·D + N + P]
+                              └─► DotInteraction(pooled) [B, P] ─┘        │
+                                                                          ▼
+                         ctr_logit [B] ◄── ctr ◄──┬── bottom [B, h0] ◄────┘
+                         cvr_logit [B] ◄── cvr ◄──┘
 
 Every component states the :class:`ParamGroup` of each of its parameters, so the model
 can decide its decomposition in one place (:meth:`PCVRModel.parameter_groups`).
@@ -46,7 +46,7 @@ def _table_key(name: str) -> str:
 
 
 class FieldEmbeddings(nn.Module):
-    """One embedding table per non-DENSE field; DENSE fields pass through as scalars.
+    """One embedding table per non-DENSE field; DENSE fields and bag sizes as scalars.
 
     Parameters
     ----------
@@ -126,7 +126,8 @@ class FieldEmbeddings(nn.Module):
         Returns
         -------
         pooled : F tensors float32 [B, D], in ``self.embedded`` order.
-        dense : N tensors float32 [B, 1], the DENSE fields as they come.
+        scalars : N tensors float32 [B, 1]: the DENSE fields as they come, then
+            :func:`bag_size` of each bag field.
 
         Raises
         ------
@@ -145,49 +146,53 @@ class FieldEmbeddings(nn.Module):
             dense = [batch.dense[name].unsqueeze(1) for name in self.dense_names]
         except KeyError as exc:
             raise DataError(f"batch lacks model input field {exc.args[0]!r}") from exc
+        dense += [bag_size(*batch.bags[f.name]) for f in self.embedded if f.is_bag]
         return pooled, dense
 
+    @property
+    def num_scalars(self) -> int:
+        """N, the scalar inputs: DENSE fields, then one bag size per bag field."""
+        return len(self.dense_names) + sum(f.is_bag for f in self.embedded)
 
-class EntityCross(nn.Module):
-    """Element-wise products of the per-entity sums of field embeddings.
 
-    With u, a, c the sums of the user-side, ad-side and context field embeddings, the
-    features are ``u ⊙ a``, ``c ⊙ a`` and ``u ⊙ c`` (the pairs whose entities are
-    present). A unit of the next linear layer with weights w on ``u ⊙ a`` computes
-    ``Σ_ij e_ui^T diag(w) e_aj``: a learned bilinear affinity over every (user field,
-    ad field) pair, ``user_id`` x ``ad_id`` included, at O(B·D) cost. This is the
-    factorization-machine cross term (Rendle, ICDM 2010) kept as a vector, as in
-    neural collaborative filtering's GMF (He et al., WWW 2017); DLRM's per-pair dot
-    products (a batched matmul of F x F per row) cost more than the towers on a CPU.
-    No parameters.
+def bag_size(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """log1p of each bag's length, float32 [B, 1].
+
+    Mean pooling forgets how many ids a bag holds (how many apps are installed, how many
+    purchase intents are active), which is itself a signal; this gives it back.
+    """
+    lengths = torch.diff(offsets, append=offsets.new_tensor([values.shape[0]]))
+    return torch.log1p(lengths.to(torch.float32)).unsqueeze(1)
+
+
+class DotInteraction(nn.Module):
+    """Dot products between every ad-side field and every other field.
+
+    With ad-side fields a (``Entity.AD``: ad_id, advertiser, category, ...) and the other
+    fields o (user and context, ``user_id`` and the private fields included), the
+    features are ``<e_a, e_o>`` for every pair: the user x ad and context x ad affinities
+    (installed apps x ad, intents x ad category, ...) that an MLP over the concatenation
+    learns poorly. DLRM's pairwise dot interaction (Naumov et al., 2019) restricted to
+    the pairs that involve the ad. No parameters.
 
     Parameters
     ----------
     entities : the entity of each of the F pooled inputs, in order.
-    dim : D.
     """
 
-    _PAIRS = ((Entity.USER, Entity.AD), (Entity.CONTEXT, Entity.AD), (Entity.USER, Entity.CONTEXT))
-
-    def __init__(self, entities: Sequence[Entity], dim: int) -> None:
+    def __init__(self, entities: Sequence[Entity]) -> None:
         super().__init__()
-        self.members = {e: [i for i, x in enumerate(entities) if x is e] for e in Entity}
-        self.pairs = tuple((a, b) for a, b in self._PAIRS if self.members[a] and self.members[b])
-        self.out_features = len(self.pairs) * dim
+        self.ad_fields = [i for i, e in enumerate(entities) if e is Entity.AD]
+        self.other_fields = [i for i, e in enumerate(entities) if e is not Entity.AD]
+        self.out_features = len(self.ad_fields) * len(self.other_fields)
 
     def forward(self, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
-        """F tensors float32 [B, D] -> float32 [B, E·D]."""
-        sums = {e: _sum([pooled[i] for i in idx]) for e, idx in self.members.items() if idx}
-        if not self.pairs:
-            return pooled[0].new_zeros(pooled[0].shape[0], 0) if pooled else torch.zeros(0, 0)
-        return torch.cat([sums[a] * sums[b] for a, b in self.pairs], dim=1)
-
-
-def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
-    return total
+        """F tensors float32 [B, D] -> float32 [B, P], P = #ad fields x #other fields."""
+        if self.out_features == 0:
+            return pooled[0].new_zeros(pooled[0].shape[0], 0)
+        ads = torch.stack([pooled[i] for i in self.ad_fields], dim=1)  # [B, A, D]
+        others = torch.stack([pooled[i] for i in self.other_fields], dim=1)  # [B, O, D]
+        return torch.bmm(others, ads.transpose(1, 2)).flatten(1)
 
 
 def _mlp(in_features: int, hidden: Sequence[int], out_features: int | None) -> nn.Sequential:

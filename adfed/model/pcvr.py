@@ -26,7 +26,7 @@ from adfed.data.examples import Batch
 from adfed.data.schema import USER_KEY, FieldSpec, ParamGroup, Schema
 from adfed.errors import TrainingError
 from adfed.model.layers import (
-    EntityCross,
+    DotInteraction,
     FieldEmbeddings,
     Towers,
     init_parameters_,
@@ -69,13 +69,13 @@ class Output:
 
 
 class PCVRModel(nn.Module):
-    """Shared field embeddings + entity cross → shared bottom → CTR and CVR towers.
+    """Shared field embeddings + ad x (user, context) dots → shared bottom → CTR and CVR towers.
 
     Parameters
     ----------
     schema : the fields this model reads (already reduced for the cloud-only variant).
     embeddings : one table per embedded field (see :class:`FieldEmbeddings`).
-    cross : products of the per-entity embedding sums (user x ad, ...).
+    interaction : dot products between ad-side and other field embeddings.
     towers : the shared bottom layer and the two towers, [B, in] -> two [B] logits.
     user_bias : a ``[user_rows, 2]`` table of per-user logit offsets (CTR, CVR), LOCAL;
         ``None`` when the schema has no ``user_id`` field.
@@ -87,14 +87,14 @@ class PCVRModel(nn.Module):
         self,
         schema: Schema,
         embeddings: FieldEmbeddings,
-        cross: EntityCross,
+        interaction: DotInteraction,
         towers: Towers,
         user_bias: nn.Embedding | None,
     ) -> None:
         super().__init__()
         self.schema = schema
         self.embeddings = embeddings
-        self.cross = cross
+        self.interaction = interaction
         self.towers = towers
         self.user_bias = user_bias
         self._groups = self._decide_groups()
@@ -106,7 +106,7 @@ class PCVRModel(nn.Module):
         groups = {f"embeddings.{k}": g for k, g in self.embeddings.param_groups().items()}
         if self.user_bias is not None:
             groups.update({f"user_bias.{k}": ParamGroup.LOCAL for k, _ in self.user_bias.named_parameters()})
-        for part in ("cross", "towers"):
+        for part in ("interaction", "towers"):
             module = getattr(self, part)
             groups.update({f"{part}.{k}": ParamGroup.DENSE_SHARED for k, _ in module.named_parameters()})
         names = {n for n, _ in self.named_parameters()}
@@ -143,8 +143,8 @@ class PCVRModel(nn.Module):
 
     def forward(self, batch: Batch) -> Output:
         """Score a batch; returns both logits, float32 [B] each."""
-        pooled, dense = self.embeddings(batch)
-        x = torch.cat([*pooled, *dense, self.cross(pooled)], dim=1)
+        pooled, scalars = self.embeddings(batch)
+        x = torch.cat([*pooled, *scalars, self.interaction(pooled)], dim=1)
         ctr, cvr = self.towers(x)
         if self.user_bias is not None:
             bias = self.user_bias(batch.ids[USER_KEY])
@@ -191,16 +191,16 @@ def build_model(
     # Built on the meta device: the default initialisers would draw from the global RNG.
     with torch.device("meta"):
         embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows)
-        cross = EntityCross([f.entity for f in embeddings.embedded], embedding_dim)
-        in_features = embeddings.num_fields * embedding_dim + len(embeddings.dense_names)
-        in_features += cross.out_features
+        interaction = DotInteraction([f.entity for f in embeddings.embedded])
+        in_features = embeddings.num_fields * embedding_dim + embeddings.num_scalars
+        in_features += interaction.out_features
         towers = Towers(in_features, tower)
         user_bias = None
         if has_user:
             spec = used.field(USER_KEY)
             bias_rows = user_rows if user_rows is not None else spec.vocab_size
             user_bias = nn.Embedding(bias_rows, 2, sparse=is_sparse_group(spec.group))
-        model = PCVRModel(used, embeddings, cross, towers, user_bias)
+        model = PCVRModel(used, embeddings, interaction, towers, user_bias)
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     init_parameters_(model, generator)

@@ -19,7 +19,7 @@ produce the sparse row gradients that the sparse optimizers need.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +102,7 @@ def mean_bag(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor) 
     IndexError : an id outside ``[0, V)``.
     """
     _check_range(values, weight.shape[0])
-    out = _MeanBag.apply(weight, values, offsets)
-    assert isinstance(out, torch.Tensor)  # for mypy: Function.apply is untyped
-    return out
+    return cast(torch.Tensor, _MeanBag.apply(weight, values, offsets))
 
 
 def pool_dense_bag(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

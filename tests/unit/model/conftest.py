@@ -3,10 +3,11 @@ random examples over it (uniform ids, bags of length 0..max_len, Bernoulli label
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import Entity, FieldKind, FieldSpec, ParamGroup, Schema, Visibility
@@ -99,3 +100,13 @@ def make_batch(schema: Schema, rng: np.random.Generator) -> Callable[..., Batch]
         return random_examples(schema, n, rng, **kwargs).to_batch()
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine two OpenMP
+    threads on two cores can be ten times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

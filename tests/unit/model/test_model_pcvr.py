@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adfed.data.examples import Batch, Examples
-from adfed.data.schema import FieldKind, ParamGroup, Schema, Visibility
+from adfed.data.schema import Entity, FieldKind, ParamGroup, Schema, Visibility
 from adfed.errors import DataError, TrainingError
 from adfed.model import (
     Output,
@@ -263,3 +263,37 @@ def test_loss_decreases_on_a_learnable_toy_problem(
     end = mean_loss()
 
     assert end < 0.75 * start, (start, end)
+
+
+def test_interaction_is_the_dot_product_of_each_ad_field_with_each_other_field(
+    schema: Schema, make_batch: Callable[..., Batch]
+) -> None:
+    model = build_model(schema, embedding_dim=4)
+    batch = make_batch(8)
+    fields = model.embeddings.embedded
+
+    pooled, _ = model.embeddings(batch)
+    features = model.interaction(pooled)
+
+    ads = [i for i, f in enumerate(fields) if f.entity is Entity.AD]
+    others = [i for i, f in enumerate(fields) if f.entity is not Entity.AD]
+    want = torch.stack([(pooled[o] * pooled[a]).sum(1) for o in others for a in ads], dim=1)
+    assert features.shape == (8, len(ads) * len(others)) == (8, 3 * 7)
+    torch.testing.assert_close(features, want)
+
+
+def test_scalar_inputs_are_dense_fields_then_log_bag_sizes(
+    schema: Schema, make_batch: Callable[..., Batch]
+) -> None:
+    model = build_model(schema)
+    batch = make_batch(8)
+
+    _, scalars = model.embeddings(batch)
+
+    bag_fields = [f.name for f in model.embeddings.embedded if f.is_bag]
+    assert len(scalars) == 1 + len(bag_fields) == model.embeddings.num_scalars
+    torch.testing.assert_close(scalars[0].squeeze(1), batch.dense["battery"])
+    for name, got in zip(bag_fields, scalars[1:], strict=True):
+        values, offsets = batch.bags[name]
+        lengths = torch.diff(offsets, append=torch.tensor([values.numel()]))
+        torch.testing.assert_close(got.squeeze(1), torch.log1p(lengths.float()))

@@ -1,0 +1,122 @@
+"""Training throughput of the default pCVR model (examples per second, one process).
+
+Prints one JSON object: for each (threads, batch size), the best and median
+examples/s of full training steps (forward, ESMM loss, backward, both optimizers) over
+``--rounds`` passes of 8 batches, and the same for the model without its dot
+interaction (``ratio`` = with / without, the baseline from the same run).
+
+Batches come from ``--data`` (a generated world) when given, otherwise from the
+synthetic world's schema with random ids and bag lengths like the generator's
+(installed apps 0-24, app usage 20, intents 0-4). On a shared machine, run it when the
+cores are idle: a second busy process makes two OpenMP threads far slower than one.
+
+Usage::
+
+    python benchmarks/bench_model.py [--data data/demo] [--threads 1 2] [--batch 1024 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from adfed.data.examples import Batch, Examples
+from adfed.data.schema import FieldKind, Schema
+from adfed.model import build_model, esmm_loss, make_optimizers
+from adfed.model.layers import Towers, init_parameters_
+from adfed.model.pcvr import PCVRModel
+
+BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
+
+
+def random_examples(schema: Schema, n: int, rng: np.random.Generator) -> Examples:
+    ids: dict[str, np.ndarray] = {}
+    dense: dict[str, np.ndarray] = {}
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for f in schema.fields:
+        if f.kind is FieldKind.DENSE:
+            dense[f.name] = rng.normal(size=n).astype(np.float32)
+        elif f.is_bag:
+            lo, hi = BAG_LENGTHS.get(f.name, (0, f.max_len + 1))
+            offsets = np.concatenate([[0], np.cumsum(rng.integers(lo, hi, size=n))])
+            bags[f.name] = (rng.integers(0, f.vocab_size, size=int(offsets[-1])), offsets)
+        else:
+            ids[f.name] = rng.zipf(1.3, size=n) % f.vocab_size
+    click = (rng.random(n) < 0.03).astype(np.int8)
+    labels: dict[str, np.ndarray] = {"timestamp": np.arange(n), "click": click,
+              "conversion": (click & (rng.random(n) < 0.1)).astype(np.int8),
+              "label_observed": rng.random(n) < 0.7}
+    return Examples(ids=ids, dense=dense, bags=bags, labels=labels)
+
+
+class _NoInteraction(nn.Module):
+    out_features = 0
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return pooled[0].new_zeros(pooled[0].shape[0], 0)
+
+
+def _without_interaction(model: PCVRModel) -> PCVRModel:
+    emb = model.embeddings
+    towers = Towers(emb.num_fields * emb.dim + emb.num_scalars, (128, 64))
+    init_parameters_(towers, torch.Generator().manual_seed(0))
+    return PCVRModel(model.schema, emb, _NoInteraction(), towers, model.user_bias)  # type: ignore[arg-type]
+
+
+def _rate(model: PCVRModel, batches: list[Batch], rounds: int) -> tuple[float, float]:
+    opts = make_optimizers(model, lr=1e-3)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for b in batches:
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            esmm_loss(model(b), b).backward()
+            for opt in opts:
+                opt.step()
+        return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+    one_pass()
+    rates = [one_pass() for _ in range(rounds)]
+    return max(rates), float(np.median(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    if args.data:
+        from adfed.data.store import Dataset
+
+        ds = Dataset.open(args.data)
+        schema, pool = ds.schema, ds.load()
+    else:
+        from data_gen.params import WorldParams, build_schema
+
+        schema = build_schema(WorldParams())
+        pool = random_examples(schema, 8 * max(args.batch), rng)
+    results = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for size in args.batch:
+            rows = rng.permutation(len(pool))[: 8 * size]
+            batches = [pool.take(rows[i : i + size]).to_batch() for i in range(0, len(rows), size)]
+            full = _rate(build_model(schema, seed=0), batches, args.rounds)
+            base = _rate(_without_interaction(build_model(schema, seed=0)), batches, args.rounds)
+            results.append({"threads": threads, "batch": size, "best": round(full[0]),
+                            "median": round(full[1]), "no_interaction_median": round(base[1]),
+                            "ratio": round(full[1] / base[1], 3)})
+    print(json.dumps({"bench": "model_train_step", "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

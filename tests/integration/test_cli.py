@@ -1,0 +1,187 @@
+"""The ``adfed`` command end to end, as real subprocesses (what a user types)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adfed import config as config_mod
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_DATA = Path(os.environ.get("ADFED_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
+TALKINGDATA_CSV = REAL_DATA / "talkingdata_adtracking" / "train_sample.csv"
+SMALL_TRAIN = ["--set", "data.max_test_users=300", "--set", "model.tower=[32,16]"]
+
+
+def adfed(*args: str | Path, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "adfed.cli", *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+    )
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def tree(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- data ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli_gen") / "D"
+    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "3", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "manifest.json").exists()
+    return out
+
+
+def test_generate_is_deterministic(tiny_dataset: Path, tmp_path: Path) -> None:
+    # Prepare: a stale directory that --overwrite must replace
+    other = tmp_path / "D2"
+    other.mkdir()
+    (other / "stale.txt").write_text("old")
+    # Execute
+    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "3",
+                 "--out", other, "--overwrite")
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads((tiny_dataset / "manifest.json").read_text())["files"]
+    b = json.loads((other / "manifest.json").read_text())["files"]
+    assert a and a == b
+    assert not (other / "stale.txt").exists()
+
+
+def test_generate_refuses_existing_dir(tiny_dataset: Path) -> None:
+    before = tree(tiny_dataset)
+    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "4",
+                 "--out", tiny_dataset)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and str(tiny_dataset) in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree(tiny_dataset) == before
+
+
+def test_describe_json(tiny_dataset: Path) -> None:
+    proc = adfed("data", "describe", tiny_dataset, "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert 0.0 < stats["click_rate"] < 1.0
+    assert 0.0 <= stats["cvr_among_clicks"] <= 1.0
+    assert stats["impressions"] > 0 and stats["ads"] == 100
+    assert 0.5 < stats["oracle_ctr_auc"] <= 1.0
+
+
+@pytest.mark.skipif(not TALKINGDATA_CSV.exists(), reason=f"no real data at {TALKINGDATA_CSV}")
+def test_import_talkingdata(tmp_path: Path) -> None:
+    out = tmp_path / "td"
+    proc = adfed("data", "import", "--format", "talkingdata", TALKINGDATA_CSV, out, "--min-rows", "5")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] and manifest["counts"]["shards"] >= 1
+    assert not (out / "truth").exists()
+
+
+def test_import_unknown_format(tmp_path: Path) -> None:
+    proc = adfed("data", "import", "--format", "nope", tmp_path / "src.csv", tmp_path / "out")
+    assert proc.returncode == 2
+    (err,) = error_lines(proc)
+    assert "'nope'" in err
+    for known in ("talkingdata", "taobao", "aliccp"):
+        assert known in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- train -----------------------------------------------------------------------------
+
+def test_train_centralized_writes_run_dir(small_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "RUN"
+    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["mode"] == "centralized"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("mode", "auc", "logloss", "ctcvr_auc", "oracle_auc", "model_bytes", "wall_time_s", "seed"):
+        assert key in summary, key
+    assert summary["mode"] == "centralized" and 0.0 <= summary["auc"] <= 1.0
+    with open(run / "epochs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == summary["epochs"] and "auc" in rows[0]
+    assert (run / "plots" / "learning_curve.png").stat().st_size > 0
+    cfg = config_mod.load(run / "config.toml")
+    assert cfg.train.mode == "centralized"
+    assert list(cfg.model.tower) == [32, 16] and cfg.data.max_test_users == 300
+    assert Path(cfg.data.path) == small_world
+
+
+def test_train_federated_writes_run_dir(small_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "RUNF"
+    proc = adfed("train", "--mode", "federated", "--data", small_world, "--out", run,
+                 "--rounds", "2", "--clients-per-round", "10", "--set", "window.min_clients=2",
+                 *SMALL_TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    with open(run / "rounds.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
+    for col in ("round", "auc", "arrived", "late", "failed", "deadline_s", "sim_time_s",
+                "wall_time_s", "bytes_up", "bytes_down"):
+        assert col in columns, col
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert all(int(r["arrived"]) >= 2 for r in rows)
+    assert rows[-1]["auc"] != ""  # the last round is always evaluated
+    for plot in ("auc_vs_round.png", "auc_vs_sim_time.png"):
+        assert (run / "plots" / plot).stat().st_size > 0
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("mode", "auc", "bytes_up_per_client", "bytes_down_per_client",
+                "bytes_up_dense_per_client", "bytes_up_sparse_per_client", "clients_per_round",
+                "dropped_clients", "sim_time_s"):
+        assert key in summary, key
+    assert summary["mode"] == "federated" and summary["clients_per_round"] == 10
+    assert summary["sim_time_s"] > 0
+    assert config_mod.load(run / "config.toml").fl.rounds == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "fl.bogus=1"], "fl.bogus"),
+        (["--set", "train.mode=sideways"], "train.mode"),
+    ],
+    ids=["unknown-key", "bad-mode"],
+)
+def test_train_bad_config(small_world: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
+    assert proc.returncode == 2
+    (err,) = error_lines(proc)
+    assert needle in err
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_missing_dataset(tmp_path: Path) -> None:
+    proc = adfed("train", "--data", "/nonexistent", "--out", tmp_path / "run")
+    assert proc.returncode == 2
+    (err,) = error_lines(proc)
+    assert "manifest.json" in err and "/nonexistent" in err
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", [["train"], ["data", "generate"], ["experiment", "run"]],
+                         ids=lambda c: " ".join(c))
+def test_help(cmd: list[str]) -> None:
+    proc = adfed(*cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout

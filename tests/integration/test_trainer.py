@@ -1,0 +1,73 @@
+"""Trainer in process: centralized fit, the cloud-only variant, NaN detection."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from adfed.config import Config, with_overrides
+from adfed.data.schema import Visibility
+from adfed.data.store import Dataset
+from adfed.errors import TrainingError
+from adfed.model.pcvr import ensure_finite
+from adfed.trainer import Trainer, fit_centralized
+
+
+def _central(data: Path, *overrides: str) -> Config:
+    base = [f'data.path="{data}"', 'train.mode="centralized"', "model.tower=[32,16]",
+            "data.max_test_users=300"]
+    return with_overrides(Config(), base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def dataset(small_world: Path) -> Dataset:
+    return Dataset.open(small_world)
+
+
+def test_centralized_fit_rows_per_epoch(small_world: Path, dataset: Dataset) -> None:
+    cfg = _central(small_world, "train.epochs=2")
+    seen: list[dict] = []
+    result = Trainer(cfg).fit(dataset, on_step=seen.append)
+    assert result.rows_name == "epochs.csv"
+    assert [r["epoch"] for r in result.rows] == [1, 2]
+    assert seen == result.rows
+    for row in result.rows:
+        assert math.isfinite(row["auc"]) and 0.0 <= row["auc"] <= 1.0
+        assert math.isfinite(row["loss"])
+    s = result.summary
+    assert s["mode"] == "centralized" and s["epochs"] == 2 and s["auc"] == result.rows[-1]["auc"]
+    assert s["model_bytes"] > 0 and s["train_examples"] > 0 and s["test_examples"] > 0
+
+
+def test_cloud_only_variant_reads_no_private_field(small_world: Path, dataset: Dataset) -> None:
+    private = {f.name for f in dataset.schema.fields if f.visibility is Visibility.PRIVATE}
+    assert private, "the synthetic schema should have PRIVATE fields"
+    result = Trainer(_central(small_world, 'model.variant="cloud_only"')).fit(dataset)
+    model = result.model
+    names = {f.name for f in model.schema.fields}
+    assert names and not names & private
+    assert all(f.visibility is Visibility.CLOUD for f in model.schema.fields)
+    assert model.user_bias is None
+    params = [n for n, _ in model.named_parameters()]
+    assert not [n for n in params if any(f".{p}." in f".{n}." for p in private)], params
+    assert result.summary["variant"] == "cloud_only"
+    assert math.isfinite(result.summary["auc"])
+    full = Trainer(_central(small_world)).fit(dataset)
+    assert result.summary["model_bytes"] < full.summary["model_bytes"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_ensure_finite_raises_on_non_finite(value: float) -> None:
+    with pytest.raises(TrainingError, match="step 3"):
+        ensure_finite(torch.tensor(value), where="epoch 1, step 3")
+    ok = torch.tensor(0.5)
+    assert ensure_finite(ok, where="x") is ok
+
+
+def test_diverging_training_raises_training_error(small_world: Path, dataset: Dataset) -> None:
+    cfg = _central(small_world, "train.lr=1e38", "train.sparse_lr=1e38")
+    with pytest.raises(TrainingError, match="train.lr"):
+        fit_centralized(cfg, dataset)

@@ -57,6 +57,8 @@ def data_generate(
 
     try:
         params = WorldParams(num_users=users, num_ads=ads)
+        if out.exists() and not overwrite:
+            _fail(f"--out {out} already exists; pass --overwrite or choose another --out")
         with _progress() as progress:
             task = progress.add_task("generating users", total=users, info="")
             path = generate(out, params, seed=seed, workers=workers, overwrite=overwrite,
@@ -157,6 +159,9 @@ def train(
             "data.path": data, "train.mode": mode, "seed": seed, "fl.rounds": rounds,
             "fl.clients_per_round": clients_per_round, "fl.backend": backend,
         })
+        from adfed.data.store import Dataset
+
+        dataset = Dataset.open(cfg.data.path)  # validate before any progress output
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
         with _progress() as progress:
@@ -167,7 +172,7 @@ def train(
                 info = f"{unit} {row.get(unit, '?')}" + (f"  auc {auc:.4f}" if isinstance(auc, float) else "")
                 progress.update(task, completed=row.get(unit, 0), info=info)
 
-            result = Trainer(cfg).fit(checkpoint_dir=out, resume=resume, on_step=on_step)
+            result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
         rundir.write_run(out, cfg, result)
     except (AdfedError, ValueError) as exc:
         _fail(str(exc))

@@ -34,7 +34,7 @@ LABEL_COLUMNS: dict[str, str] = {
 }
 TRUTH_COLUMNS: dict[str, str] = {"p_click": "float32", "p_cvr": "float32"}
 #: Vocabulary size above which an ID table is ``sparse_shared`` by default.
-SPARSE_VOCAB_THRESHOLD = 5_000
+SPARSE_VOCAB_THRESHOLD = 1_000
 
 
 class FieldKind(str, enum.Enum):

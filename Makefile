@@ -29,6 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_fl.py --data $(DEMO_DATA)
 
 lint: $(STAMP)
 	$(BIN)/ruff check adfed data_gen serving experiments tests benchmarks

@@ -1,0 +1,32 @@
+"""The experiments runner produces results.json, run directories and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import fl_targets
+
+
+def test_first_reaching_picks_the_first_evaluated_row_at_target():
+    rows = [{"round": 1, "sim_time_s": 1.0}, {"round": 2, "auc": 0.6, "sim_time_s": 2.0},
+            {"round": 3, "auc": 0.7, "sim_time_s": 3.0}, {"round": 4, "auc": 0.8, "sim_time_s": 4.0}]
+    assert fl_targets.first_reaching(rows, 0.7) == {"round": 3, "sim_time_s": 3.0, "auc": 0.7}
+    assert fl_targets.first_reaching(rows, 0.9) is None
+
+
+def test_window_experiment_writes_results(small_world, fl_config, tmp_path):
+    cfg = fl_config(small_world, "fl.rounds=2", "fl.clients_per_round=10", "window.min_clients=2")
+    results = fl_targets.run("window", cfg, tmp_path)
+    saved = json.loads((tmp_path / "window" / "results.json").read_text())
+    assert saved["experiment"] == "window"
+    assert results["median_round_sim_s_wait_all"] > 0 and results["speedup"] > 0
+    for run in ("wait_all", "adaptive"):
+        assert (tmp_path / "window" / run / "rounds.csv").exists()
+    assert (tmp_path / "window" / "window.png").exists()
+
+
+def test_unknown_experiment_lists_known_names(small_world, fl_config, tmp_path):
+    with pytest.raises(ValueError, match="known: .*fl_vs_central"):
+        fl_targets.run("nope", fl_config(small_world), tmp_path)

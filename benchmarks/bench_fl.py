@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args.memory_child, args.pop_clients, args.rounds)
         return
-    out: dict[str, object] = {"machine": {"cpus": __import__("os").cpu_count()}}
+    out: dict[str, object] = {"machine": {"cpus": os.cpu_count()}}
     if args.memory:
         out["memory"] = memory(args.pop_users, args.pop_clients, args.rounds)
     else:

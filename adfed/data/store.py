@@ -99,7 +99,7 @@ def _merge(*parts: Examples, labels: dict[str, np.ndarray]) -> Examples:
 class _RowGroupFile:
     """A parquet file addressed by global row number, reading only needed row groups."""
 
-    def __init__(self, path: Path, cache: "collections.OrderedDict[Any, pa.Table] | None" = None) -> None:
+    def __init__(self, path: Path, cache: collections.OrderedDict[Any, pa.Table] | None = None) -> None:
         self.path = path
         self.file = _open_parquet(path)
         self._cache = cache
@@ -215,7 +215,7 @@ class Dataset:
             (self.path / "ads.parquet", {f.name: _expected_type(f) for f in ads}),
             (self.path / "index.parquet", {"user_id": ("int64",), "start": ("int64",)}),
         ]
-        labels = {k: (v if v != "bool" else "bool",) for k, v in LABEL_COLUMNS.items()}
+        labels = {k: (v,) for k, v in LABEL_COLUMNS.items()}
         for shard in range(int(self.manifest["counts"]["shards"])):
             imp = {USER_KEY: ("int32", "int64"), AD_KEY: ("int32", "int64"), **labels}
             imp.update({f.name: _expected_type(f) for f in ctx})

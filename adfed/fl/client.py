@@ -21,7 +21,15 @@ import torch
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, ParamGroup
 from adfed.fl.types import ClientSettings, SparseRows, Update
-from adfed.model.groups import get_dense, get_rows, group_names, set_dense_inplace, set_rows_inplace, sparse_tables
+from adfed.model.groups import (
+    get_dense,
+    get_rows,
+    group_names,
+    set_dense_inplace,
+    set_rows_inplace,
+    sparse_tables,
+    touched_rows,
+)
 from adfed.model.pcvr import PCVRModel, ensure_finite, esmm_loss
 
 
@@ -55,8 +63,6 @@ def local_batches(data: Examples, settings: ClientSettings, rng: np.random.Gener
 
 def needed_rows(scratch: PCVRModel, data: Examples) -> dict[str, torch.Tensor]:
     """Per sparse table, the sorted unique row ids the client's data reads."""
-    from adfed.model.groups import touched_rows
-
     return touched_rows(scratch, data.to_batch())
 
 
@@ -95,14 +101,10 @@ def client_update(
         _load_inplace(scratch, task)
         rng = np.random.default_rng(list(task.seed))
         s = task.settings
-        trainable = [p for p in scratch.parameters()]
-        opt = torch.optim.SGD(trainable, lr=s.lr)
-        sparse_opt = None
-        sparse_params = [p for n, p in scratch.named_parameters() if scratch.has_sparse_grad(n)]
-        if s.sparse_lr != s.lr and sparse_params:
-            dense_params = [p for n, p in scratch.named_parameters() if not scratch.has_sparse_grad(n)]
-            opt = torch.optim.SGD(dense_params, lr=s.lr)
-            sparse_opt = torch.optim.SGD(sparse_params, lr=s.sparse_lr)
+        named = list(scratch.named_parameters())
+        opt = torch.optim.SGD([p for n, p in named if not scratch.has_sparse_grad(n)], lr=s.lr)
+        sparse_params = [p for n, p in named if scratch.has_sparse_grad(n)]
+        sparse_opt = torch.optim.SGD(sparse_params, lr=s.sparse_lr) if sparse_params else None
         scratch.train()
         losses = []
         for step, batch in enumerate(local_batches(data, s, rng)):

@@ -23,12 +23,11 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from adfed.data.examples import Batch, Examples
-from adfed.data.schema import FieldKind, Schema
+from adfed.data.schema import Entity, FieldKind, Schema
 from adfed.model import build_model, esmm_loss, make_optimizers
-from adfed.model.layers import Towers, init_parameters_
+from adfed.model.layers import DotInteraction, Towers, init_parameters_
 from adfed.model.pcvr import PCVRModel
 
 BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
@@ -54,18 +53,12 @@ def random_examples(schema: Schema, n: int, rng: np.random.Generator) -> Example
     return Examples(ids=ids, dense=dense, bags=bags, labels=labels)
 
 
-class _NoInteraction(nn.Module):
-    out_features = 0
-
-    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        return pooled[0].new_zeros(pooled[0].shape[0], 0)
-
-
 def _without_interaction(model: PCVRModel) -> PCVRModel:
     emb = model.embeddings
+    no_pairs = DotInteraction([Entity.USER] * emb.num_fields)  # no ad fields: no pairs
     towers = Towers(emb.num_fields * emb.dim + emb.num_scalars, (128, 64))
     init_parameters_(towers, torch.Generator().manual_seed(0))
-    return PCVRModel(model.schema, emb, _NoInteraction(), towers, model.user_bias)  # type: ignore[arg-type]
+    return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias)
 
 
 def _rate(model: PCVRModel, batches: list[Batch], rounds: int) -> tuple[float, float]:

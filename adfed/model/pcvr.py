@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 Variant = Literal["full", "cloud_only"]
 #: log(pCTCVR) is clamped below this so that log(1 - pCTCVR) stays finite.
 _LOG_P_MAX = -1e-6
+#: Batches of at least this many rows go through the blocks of :meth:`PCVRModel.forward`
+#: (measured, training steps: the blocks save ~10% at 2k-4k rows with 2 threads and
+#: ~18% with 1, break even near 512 and cost 5-15% more below 256, where the extra small
+#: operations they start outweigh what they save).
+BLOCK_MIN_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,6 +71,24 @@ class Output:
     def log_pctcvr(self) -> torch.Tensor:
         """log pCTCVR computed in log space (finite for any logits), [B]."""
         return F.logsigmoid(self.ctr_logit) + F.logsigmoid(self.cvr_logit)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockPlan:
+    """How :meth:`PCVRModel.forward` lays out the tower input (see ``_plan_blocks``).
+
+    sides : the field indices of each embedding block: (others, ads), or (all,) when
+        there is no interaction.
+    columns : for each block, the tower input columns its flattened [B, k·D] view holds.
+    has_pairs, has_scalars : whether there are interaction / scalar inputs.
+    extra : the tower input columns of ``cat([pairs, scalars])``.
+    """
+
+    sides: list[list[int]]
+    columns: list[torch.Tensor]
+    has_pairs: bool
+    has_scalars: bool
+    extra: torch.Tensor
 
 
 class PCVRModel(nn.Module):
@@ -99,6 +122,7 @@ class PCVRModel(nn.Module):
         self.user_bias = user_bias
         self._groups = self._decide_groups()
         self._sparse = frozenset(self._sparse_names())
+        self._blocks = self._plan_blocks()
 
     # ---- the parameter decomposition: decided here and nowhere else ----------------
 
@@ -141,16 +165,63 @@ class PCVRModel(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
 
+    def _plan_blocks(self) -> _BlockPlan:
+        """Which fields go in which block, and which tower input columns each block is.
+
+        The reference input is ``cat([*pooled, *scalars, interaction(pooled)])`` (F·D,
+        then N, then P columns); the blocks hold the same numbers in another order.
+        """
+        emb, inter = self.embeddings, self.interaction
+        d, n_ads = emb.dim, len(inter.ad_fields)
+        if inter.out_features == 0:
+            sides = [emb.block_order(range(emb.num_fields))]
+        else:
+            sides = [emb.block_order(inter.other_fields), emb.block_order(inter.ad_fields)]
+        columns = [[i * d + k for i in side for k in range(d)] for side in sides]
+        first = emb.num_fields * d
+        scalars = list(range(first, first + emb.num_scalars))
+        first += emb.num_scalars
+        pairs = [
+            first + inter.other_fields.index(o) * n_ads + inter.ad_fields.index(a)
+            for o in sides[0]
+            for a in (sides[1] if len(sides) > 1 else [])
+        ]
+        # Explicit device: __init__ may run under build_model's meta device.
+        columns_t = [torch.tensor(c, dtype=torch.int64, device="cpu") for c in columns]
+        extra = torch.tensor(pairs + scalars, dtype=torch.int64, device="cpu")
+        return _BlockPlan(
+            sides=sides, columns=columns_t, has_pairs=bool(pairs), has_scalars=bool(scalars), extra=extra
+        )
+
     def forward(self, batch: Batch) -> Output:
-        """Score a batch; returns both logits, float32 [B] each."""
-        pooled, scalars = self.embeddings(batch)
-        x = torch.cat([*pooled, *scalars, self.interaction(pooled)], dim=1)
-        ctr, cvr = self.towers(x)
+        """Score a batch; returns both logits, float32 [B] each.
+
+        Computes ``towers(cat([*pooled, *scalars, interaction(pooled)]))`` from the
+        modules' ``forward`` methods; from :data:`BLOCK_MIN_ROWS` rows on, in blocks
+        (same values up to float rounding, see :mod:`adfed.model.layers`).
+        """
+        if len(batch) >= BLOCK_MIN_ROWS:
+            ctr, cvr = self._towers_by_blocks(batch)
+        else:
+            pooled, scalars = self.embeddings(batch)
+            ctr, cvr = self.towers(torch.cat([*pooled, *scalars, self.interaction(pooled)], dim=1))
         if self.user_bias is not None:
             bias = self.user_bias(batch.ids[USER_KEY])
             ctr = ctr + bias[:, 0]
             cvr = cvr + bias[:, 1]
         return Output(ctr_logit=ctr, cvr_logit=cvr)
+
+    def _towers_by_blocks(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self._blocks
+        blocks = [self.embeddings.pool_block(batch, side) for side in plan.sides]
+        parts = [(b.flatten(1), cols) for b, cols in zip(blocks, plan.columns, strict=True)]
+        # scalars and pairs as one piece: a GEMM with 3 columns is as slow as with 50
+        extra = [self.interaction.pairs(blocks[0], blocks[1])] if plan.has_pairs else []
+        if plan.has_scalars:
+            extra.append(self.embeddings.scalar_block(batch))
+        if extra:
+            parts.append((torch.cat(extra, dim=1) if len(extra) > 1 else extra[0], plan.extra))
+        return self.towers.forward_parts(parts)
 
 
 def build_model(

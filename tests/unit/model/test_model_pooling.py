@@ -1,4 +1,5 @@
-"""The fast bag pooling equals nn.EmbeddingBag(mode="mean"), values and gradients."""
+"""The fast lookups and bag pooling equal nn.Embedding / nn.EmbeddingBag(mode="mean"),
+values and gradients (dense, and sparse: coalesced over exactly the ids read)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ from collections.abc import Callable
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-from adfed.model.pooling import mean_bag, multi_hot_mean, pool_dense_bag
+from adfed.model.pooling import (
+    SORTED_MIN_READS,
+    _sort_stable,
+    lookup,
+    mean_bag,
+    multi_hot_mean,
+    pool_dense_bag,
+    sum_rows_by_id,
+)
 
 Pool = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 POOLS = [multi_hot_mean, mean_bag, pool_dense_bag]
@@ -72,3 +82,89 @@ def test_out_of_range_ids_raise(pool: Pool, bad: int) -> None:
 
     with pytest.raises(IndexError, match=r"\[0, 100\)"):
         pool(torch.tensor([1, bad]), torch.tensor([0]), weight)
+
+
+# ---- lookups and sparse gradients: sizes on both sides of SORTED_MIN_READS ------------
+
+READS = [10, SORTED_MIN_READS - 1, SORTED_MIN_READS, 20_000, 40_000]
+
+
+@pytest.mark.parametrize("n", READS)
+def test_lookup_matches_embedding_values_and_gradient(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    weight = torch.randn(300, 4, generator=gen, requires_grad=True)
+    reference = weight.detach().clone().requires_grad_(True)
+    ids = torch.randint(0, 300, (n // 2, 2), generator=gen)  # any shape
+    upstream = torch.randn(n // 2, 2, 4, generator=gen)
+
+    got, want = lookup(ids, weight), F.embedding(ids, reference)
+    got.backward(upstream)
+    want.backward(upstream)
+
+    assert torch.equal(got, want)
+    assert weight.grad is not None and reference.grad is not None
+    torch.testing.assert_close(weight.grad, reference.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_lookup_out_of_range_raises() -> None:
+    with pytest.raises(IndexError):
+        lookup(torch.tensor([0, 5]), torch.randn(5, 2))
+
+
+def _bags(n_bags: int, max_len: int, rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(0, max_len + 1, (n_bags,), generator=gen)
+    values = torch.randint(0, rows, (int(lengths.sum()),), generator=gen)
+    return values, torch.cumsum(lengths, 0) - lengths
+
+
+@pytest.mark.parametrize("n_bags", [50, 2_000, 4_000])
+def test_sparse_mean_bag_matches_embedding_bag(n_bags: int) -> None:
+    gen = torch.Generator().manual_seed(n_bags)
+    values, offsets = _bags(n_bags, 20, 700, gen)
+    reference = nn.EmbeddingBag(700, 4, mode="mean", sparse=True)
+    weight = nn.Parameter(reference.weight.detach().clone())
+    upstream = torch.randn(n_bags, 4, generator=gen)
+
+    want = reference(values, offsets)
+    (want_grad,) = torch.autograd.grad(want, reference.weight, upstream)
+    got = mean_bag(values, offsets, weight, sparse_grad=True)
+    (got_grad,) = torch.autograd.grad(got, weight, upstream)
+
+    assert torch.equal(got, want)
+    assert got_grad.is_sparse
+    torch.testing.assert_close(got_grad.to_dense(), want_grad.to_dense(), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_mean_bag_gradient_is_coalesced_over_exactly_the_ids_read() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values, offsets = _bags(2_000, 20, 5_000, gen)
+    assert values.numel() >= SORTED_MIN_READS
+    weight = nn.Parameter(torch.randn(5_000, 3, generator=gen))
+    upstream = torch.randn(2_000, 3, generator=gen)
+    upstream[:100] = 0.0  # ids read only by these bags still count as touched
+
+    (grad,) = torch.autograd.grad(mean_bag(values, offsets, weight, sparse_grad=True), weight, upstream)
+
+    assert grad.is_sparse and grad.is_coalesced()
+    assert torch.equal(grad.indices()[0], torch.unique(values))
+
+
+@pytest.mark.parametrize("n", [100, 8_192, 20_000, 32_767, 32_768, 40_000])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_padded_sort_gives_the_stable_sort(n: int, dtype: torch.dtype) -> None:
+    keys = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)).to(dtype)
+
+    got_keys, got_order = _sort_stable(keys, sentinel=50)
+    want_keys, want_order = torch.sort(keys, stable=True)
+
+    assert torch.equal(got_keys, want_keys) and torch.equal(got_order, want_order)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_row_sums_of_no_reads_are_empty(sparse: bool) -> None:
+    ids, grad = torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)
+
+    out = sum_rows_by_id(ids, None, grad, 7, sparse=sparse)
+
+    assert out.shape == (7, 3) and not out.to_dense().any()
+    assert not sparse or out._nnz() == 0

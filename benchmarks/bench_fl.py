@@ -4,7 +4,9 @@ Prints one JSON object. Three measurements, each against a baseline from the sam
 
 - ``overhead``: wall time of a federated run (evaluation excluded) divided by the time of
   the very same local training steps (same clients, same batches, same model) done in
-  one plain loop with all data preloaded. 1.0 means the engine adds nothing.
+  one plain loop with all data preloaded. 1.0 means the engine adds nothing. The same
+  ratio over this process's CPU time is reported too (``overhead_ratio_cpu``): on a
+  shared machine it is the steadier of the two, as other processes' load drops out.
 - ``bytes``: mean upload / download per client per round (serialized payload lengths),
   against shipping the whole model (``model_bytes``).
 - ``memory`` (``--memory``): peak RSS of a federated round over a large population
@@ -60,8 +62,8 @@ def _trained_clients(cfg: Config, population: Population) -> list[np.ndarray]:
     return out
 
 
-def plain_loop_seconds(cfg: Config, dataset: Dataset) -> tuple[float, int]:
-    """The same local steps, one model, data preloaded, no engine."""
+def plain_loop_seconds(cfg: Config, dataset: Dataset) -> tuple[float, float, int]:
+    """The same local steps, one model, data preloaded, no engine: (wall s, CPU s, steps)."""
     population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
     model = model_from_config(cfg, dataset, user_rows=1)
     settings = client_settings(cfg)
@@ -74,29 +76,31 @@ def plain_loop_seconds(cfg: Config, dataset: Dataset) -> tuple[float, int]:
     torch.set_num_threads(1)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
     steps = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batches in work:
         for batch in batches:
             opt.zero_grad(set_to_none=True)
             esmm_loss(model(batch), batch).backward()
             opt.step()
             steps += 1
-    return time.perf_counter() - t0, steps
+    return time.perf_counter() - t0, time.process_time() - c0, steps
 
 
 def overhead(data: str, rounds: int, clients: int, backend: str) -> dict[str, float]:
     cfg = with_overrides(_config(data, rounds, clients), [f'fl.backend="{backend}"'])
     dataset = Dataset.open(data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = Trainer(cfg).fit(dataset)
-    total = time.perf_counter() - t0
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     eval_s = sum(r.get("eval_s", 0.0) for r in result.rows)
-    plain_s, steps = plain_loop_seconds(cfg, dataset)
+    plain_s, plain_cpu, steps = plain_loop_seconds(cfg, dataset)
     s = result.summary
     return {
         "backend": backend, "rounds": rounds, "clients_per_round": clients, "local_steps": steps,
         "federated_wall_s": total - eval_s, "eval_s": eval_s, "plain_loop_s": plain_s,
         "overhead_ratio": (total - eval_s) / plain_s,
+        "federated_cpu_s": total_cpu, "plain_loop_cpu_s": plain_cpu,
+        "overhead_ratio_cpu": total_cpu / plain_cpu,  # evaluation included (a few %)
         "bytes_up_per_client": s["bytes_up_per_client"],
         "bytes_up_dense_per_client": s["bytes_up_dense_per_client"],
         "bytes_up_sparse_per_client": s["bytes_up_sparse_per_client"],

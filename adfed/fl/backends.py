@@ -23,7 +23,7 @@ from adfed.data.store import Dataset
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
 from adfed.fl.types import ClientSettings, SparseRows, Update
-from adfed.fl.wire import encode_tensors, encode_update
+from adfed.fl.wire import encoded_size, update_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class WorkerContext:
 
     def dense_bytes(self, model: RoundModel) -> int:
         if self._dense_bytes[0] != model.version:
-            self._dense_bytes = (model.version, len(encode_tensors(model.dense)))
+            self._dense_bytes = (model.version, encoded_size(model.dense))
         return self._dense_bytes[1]
 
 
@@ -79,10 +79,10 @@ def run_job(ctx: WorkerContext, model: RoundModel, job: Job) -> ClientResult:
                       dense=model.dense, rows=rows, local=job.local, seed=job.seed)
     update, local = client_update(ctx.scratch, task, data)
     rows_down = {f"{t}.ids": r.ids for t, r in rows.items()} | {f"{t}.rows": r.values for t, r in rows.items()}
-    bytes_down = ctx.dense_bytes(model) + len(encode_tensors(rows_down))
+    bytes_down = ctx.dense_bytes(model) + encoded_size(rows_down)
     sparse_bytes = sum(_nbytes(r.ids) + _nbytes(r.values) for r in update.sparse.values())
     return ClientResult(update=update, local=local, bytes_down=bytes_down,
-                        bytes_up=len(encode_update(update)),
+                        bytes_up=update_size(update),
                         bytes_up_dense=sum(_nbytes(t) for t in update.dense.values()),
                         bytes_up_sparse=sparse_bytes)
 

@@ -25,6 +25,7 @@ from adfed.model.groups import (
     get_dense,
     get_rows,
     group_names,
+    parameters,
     set_dense_inplace,
     set_rows_inplace,
     sparse_tables,
@@ -71,7 +72,7 @@ def _load_inplace(scratch: PCVRModel, task: ClientTask) -> None:
     for table, rows in task.rows.items():
         if len(rows.ids):
             set_rows_inplace(scratch, table, rows.ids, rows.values)
-    params = dict(scratch.named_parameters())
+    params = parameters(scratch)
     with torch.no_grad():
         for name in group_names(scratch, ParamGroup.LOCAL):
             if task.local is not None:
@@ -81,7 +82,7 @@ def _load_inplace(scratch: PCVRModel, task: ClientTask) -> None:
 
 
 def _proximal(scratch: PCVRModel, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
-    params = dict(scratch.named_parameters())
+    params = parameters(scratch)
     total = torch.zeros(())
     for name, ref in anchor.items():
         total = total + (params[name] - ref).pow(2).sum()
@@ -101,7 +102,7 @@ def client_update(
         _load_inplace(scratch, task)
         rng = np.random.default_rng(list(task.seed))
         s = task.settings
-        named = list(scratch.named_parameters())
+        named = parameters(scratch).items()
         opt = torch.optim.SGD([p for n, p in named if not scratch.has_sparse_grad(n)], lr=s.lr)
         sparse_params = [p for n, p in named if scratch.has_sparse_grad(n)]
         sparse_opt = torch.optim.SGD(sparse_params, lr=s.sparse_lr) if sparse_params else None

@@ -1,6 +1,8 @@
 """The wire format of updates and models: safetensors bytes with a metadata dict.
 
-Every byte figure adfed reports is ``len()`` of these payloads, not an estimate.
+Every byte figure adfed reports is the exact ``len()`` of these payloads, not an estimate:
+the simulation gets it from :func:`encoded_size` (the same header, without copying the
+tensor data), which the tests check against real encodings.
 Keys: ``dense/<param>`` for dense deltas, ``sparse/<table>/ids`` and
 ``sparse/<table>/values`` for row deltas; metadata carries client id, example count and
 base version and the client's metrics as JSON (strings, as safetensors requires).
@@ -19,18 +21,55 @@ from adfed.errors import DataError
 from adfed.fl.types import SparseRows, Update
 
 
+#: safetensors' dtype tags, and the order it lays tensors out in (higher rank first, then
+#: by name); only the dtypes adfed puts on the wire.
+_DTYPES = {torch.int64: ("I64", 3), torch.float64: ("F64", 2), torch.float32: ("F32", 1),
+           torch.int32: ("I32", 0)}
+
+
 def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def encode_update(update: Update) -> bytes:
+def encoded_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """``len(encode_tensors(tensors, metadata))``, computed from names, dtypes and shapes.
+
+    The payload is an 8-byte header length, the header (compact JSON, padded with spaces
+    to a multiple of 8) and the raw tensor bytes.
+    """
+    try:
+        order = sorted(tensors, key=lambda k: (-_DTYPES[tensors[k].dtype][1], k))
+    except KeyError as exc:
+        raise ValueError(f"dtype {exc.args[0]} is not a wire dtype; use one of {list(_DTYPES)}") from None
+    header: dict[str, object] = {"__metadata__": metadata} if metadata is not None else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype][0], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + -(-len(text) // 8) * 8 + offset
+
+
+def _update_parts(update: Update) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {f"dense/{k}": v for k, v in update.dense.items()}
     for table, rows in update.sparse.items():
         tensors[f"sparse/{table}/ids"] = rows.ids
         tensors[f"sparse/{table}/values"] = rows.values
     meta = {"client_id": str(update.client_id), "num_examples": str(update.num_examples),
             "base_version": str(update.base_version), "metrics": json.dumps(update.metrics)}
-    return encode_tensors(tensors, meta)
+    return tensors, meta
+
+
+def encode_update(update: Update) -> bytes:
+    return encode_tensors(*_update_parts(update))
+
+
+def update_size(update: Update) -> int:
+    """``len(encode_update(update))`` without encoding."""
+    return encoded_size(*_update_parts(update))
 
 
 def decode_update(payload: bytes) -> Update:

@@ -16,6 +16,7 @@ return copies.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from typing import Literal
 
@@ -32,10 +33,31 @@ SparseOpt = Literal["sparse_adam", "adagrad", "sgd"]
 _FP32_BYTES = 4
 
 
+#: model -> (name -> parameter, group -> names). Walking ``named_parameters`` visits every
+#: submodule, which costs more than a small client's training step; a model's parameter
+#: objects never change after :func:`~adfed.model.pcvr.build_model`, so it is done once.
+_INDEX: "weakref.WeakKeyDictionary[PCVRModel, tuple[dict[str, torch.nn.Parameter], dict[ParamGroup, list[str]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _index(model: PCVRModel) -> tuple[dict[str, torch.nn.Parameter], dict[ParamGroup, list[str]]]:
+    cached = _INDEX.get(model)
+    if cached is None:
+        params = dict(model.named_parameters())
+        groups = model.parameter_groups()
+        names = {g: [n for n in params if groups[n] is g] for g in ParamGroup}
+        cached = _INDEX[model] = (params, names)
+    return cached
+
+
+def parameters(model: PCVRModel) -> dict[str, torch.nn.Parameter]:
+    """Parameter name -> parameter, in ``named_parameters`` order (cached; do not mutate)."""
+    return _index(model)[0]
+
+
 def group_names(model: PCVRModel, group: ParamGroup) -> list[str]:
     """Names of the parameters in ``group``, in ``named_parameters`` order."""
-    groups = model.parameter_groups()
-    return [name for name, _ in model.named_parameters() if groups[name] is group]
+    return list(_index(model)[1][group])
 
 
 def partition(model: PCVRModel) -> dict[ParamGroup, list[str]]:
@@ -44,7 +66,7 @@ def partition(model: PCVRModel) -> dict[ParamGroup, list[str]]:
 
 
 def _param(model: PCVRModel, name: str) -> torch.nn.Parameter:
-    params = dict(model.named_parameters())
+    params = parameters(model)
     if name not in params:
         raise KeyError(f"model has no parameter {name!r}; known: {sorted(params)}")
     return params[name]
@@ -57,8 +79,8 @@ def get_dense(model: PCVRModel, group: ParamGroup) -> dict[str, torch.Tensor]:
     between rounds). For SPARSE_SHARED it returns the full tables, which is what a
     server sends when it ships the whole model; clients exchange rows instead.
     """
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().clone() for name in group_names(model, group)}
+    params = parameters(model)
+    return {name: params[name].detach().clone() for name in _index(model)[1][group]}
 
 
 def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -69,15 +91,16 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> 
     KeyError : a name is not a parameter of ``model``.
     ValueError : a shape differs, or a value is not finite.
     """
-    params = dict(model.named_parameters())
+    params = parameters(model)
     for name, value in tensors.items():
         if name not in params:
             raise KeyError(f"model has no parameter {name!r}; known: {sorted(params)}")
         target = params[name]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"parameter {name}: shape must be {tuple(target.shape)}; got {tuple(value.shape)}")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"parameter {name}: values must be finite")
+    if tensors and not bool(torch.isfinite(torch.cat([v.reshape(-1) for v in tensors.values()])).all()):
+        bad = next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
+        raise ValueError(f"parameter {bad}: values must be finite")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

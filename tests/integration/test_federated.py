@@ -118,6 +118,7 @@ def test_uploads_hold_shared_groups_only(small_world, fl_config):
     assert set(res.local) == local_names
     payload = encode_update(res.update)
     assert all(name.encode() not in payload for name in local_names)
+    assert res.bytes_up == len(payload)
     data = backend.ctx.population.train_data(client)
     for table in sparse_tables(backend.ctx.scratch):
         spec = backend.ctx.scratch.table_field(table)

@@ -8,10 +8,12 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adfed.errors import DataError
 from adfed.fl.types import SparseRows, Update
-from adfed.fl.wire import decode_update, encode_tensors, encode_update
+from adfed.fl.wire import decode_update, encode_tensors, encode_update, encoded_size, update_size
 
 
 @pytest.fixture
@@ -116,3 +118,30 @@ def test_tensors_without_update_metadata_raise_data_error() -> None:
     payload = encode_tensors({"dense/w": torch.zeros(2)})
     with pytest.raises(DataError, match="update payload is malformed.*client_id"):
         decode_update(payload)
+
+
+_WIRE_DTYPES = [torch.float32, torch.int64, torch.int32, torch.float64]
+_tensor_specs = st.dictionaries(
+    st.text(alphabet="abz/._0129é", min_size=1, max_size=12),
+    st.tuples(st.sampled_from(_WIRE_DTYPES), st.lists(st.integers(0, 12), min_size=0, max_size=3)),
+    max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(specs=_tensor_specs,
+       meta=st.one_of(st.none(), st.dictionaries(st.text(max_size=6), st.text(max_size=20), max_size=3)))
+def test_encoded_size_equals_the_length_of_the_real_encoding(specs, meta) -> None:
+    # Prepare: tensors of any wire dtype and shape (empty ones included), any names
+    tensors = {name: torch.zeros(tuple(shape), dtype=dtype) for name, (dtype, shape) in specs.items()}
+    # Execute / Assert
+    assert encoded_size(tensors, meta) == len(encode_tensors(tensors, meta))
+
+
+def test_update_size_equals_the_length_of_the_encoded_update(update: Update) -> None:
+    assert update_size(update) == len(encode_update(update))
+
+
+def test_encoded_size_rejects_a_dtype_the_wire_does_not_carry() -> None:
+    with pytest.raises(ValueError, match="not a wire dtype"):
+        encoded_size({"x": torch.zeros(2, dtype=torch.bfloat16)})

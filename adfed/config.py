@@ -54,6 +54,8 @@ class TrainConfig:
     lr: float = 0.01
     sparse_lr: float = 0.01
     weight_decay: float = 0.0
+    # L2 on the embedding rows each batch reads (centralized and on phones); 0 = off
+    embedding_l2: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
@@ -61,6 +63,7 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "a float > 0", self.lr)
         _check(self.sparse_lr > 0, "train.sparse_lr", "a float > 0", self.sparse_lr)
         _check(self.weight_decay >= 0, "train.weight_decay", "a float >= 0", self.weight_decay)
+        _check(self.embedding_l2 >= 0, "train.embedding_l2", "a float >= 0", self.embedding_l2)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,9 +74,14 @@ class FLConfig:
     local_epochs: int = 2
     local_batch_size: int = 32
     local_lr: float = 1.0  # plain local SGD; chosen by the sweep in README
-    local_sparse_lr: float = 1.0
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
-    server_lr: float = 1.0
+    # per-row mean over touching clients: a row's step per example is about
+    # local_sparse_lr / (client's rows), so it is kept small (README "Federated")
+    local_sparse_lr: float = 0.02
+    local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedadam"
+    server_lr: float = 0.01  # use 1.0 with fedavg / fedprox
+    sparse_aggregation: Literal["touched", "all"] = "touched"  # rows: mean over touchers | all
+    server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
     prox_mu: float = 0.01
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"
@@ -91,7 +99,7 @@ class FLConfig:
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, f"fl.{key}", "an int >= 1", value)
         _check(self.over_selection >= 1.0, "fl.over_selection", "a float >= 1.0", self.over_selection)
-        for key in ("local_lr", "local_sparse_lr", "server_lr", "max_weight"):
+        for key in ("local_lr", "local_sparse_lr", "server_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
         _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",

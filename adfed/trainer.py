@@ -24,7 +24,7 @@ from adfed.config import Config
 from adfed.data.store import Dataset
 from adfed.evaluation import evaluate, split_examples, test_users
 from adfed.model.groups import make_optimizers, model_bytes
-from adfed.model.pcvr import PCVRModel, build_model, ensure_finite, esmm_loss
+from adfed.model.pcvr import PCVRModel, build_model, embedding_penalty, ensure_finite, esmm_loss
 
 logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict[str, Any]], None]
@@ -87,7 +87,8 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     test = split.test if eval_users is None else split_examples(
         dataset.load(eval_users), cfg.data.test_fraction).test
     model = model_from_config(cfg, dataset)
-    optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr)
+    optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
+                                 weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng([cfg.seed, 0xC3])
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -100,10 +101,12 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss = ensure_finite(esmm_loss(model(batch), batch), where=f"epoch {epoch}, step {step}")
+            losses.append(float(loss.detach()))
+            if cfg.train.embedding_l2 > 0:
+                loss = loss + cfg.train.embedding_l2 * embedding_penalty(model, batch)
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            losses.append(float(loss.detach()))
         epoch_s = time.perf_counter() - t0
         train_s += epoch_s
         metrics = evaluate(model, test)

@@ -31,7 +31,7 @@ from adfed.model.groups import (
     sparse_tables,
     touched_rows,
 )
-from adfed.model.pcvr import PCVRModel, ensure_finite, esmm_loss
+from adfed.model.pcvr import PCVRModel, embedding_penalty, ensure_finite, esmm_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,21 @@ def _proximal(scratch: PCVRModel, anchor: dict[str, torch.Tensor], mu: float) ->
     return 0.5 * mu * total
 
 
+def _local_optimizers(
+    scratch: PCVRModel, s: ClientSettings
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """Fresh local optimizers (dense, sparse rows) for one round; see ClientSettings."""
+    named = parameters(scratch).items()
+    dense = [p for n, p in named if not scratch.has_sparse_grad(n)]
+    sparse = [p for n, p in named if scratch.has_sparse_grad(n)]
+    if s.optimizer == "adam":
+        return (torch.optim.Adam(dense, lr=s.lr),
+                torch.optim.SparseAdam(sparse, lr=s.sparse_lr) if sparse else None)
+    if s.optimizer != "sgd":
+        raise ValueError(f"fl.local_optimizer must be 'sgd' or 'adam'; got {s.optimizer!r}")
+    return torch.optim.SGD(dense, lr=s.lr), torch.optim.SGD(sparse, lr=s.sparse_lr) if sparse else None
+
+
 def client_update(
     scratch: PCVRModel, task: ClientTask, data: Examples
 ) -> tuple[Update, dict[str, torch.Tensor]]:
@@ -102,10 +117,7 @@ def client_update(
         _load_inplace(scratch, task)
         rng = np.random.default_rng(list(task.seed))
         s = task.settings
-        named = parameters(scratch).items()
-        opt = torch.optim.SGD([p for n, p in named if not scratch.has_sparse_grad(n)], lr=s.lr)
-        sparse_params = [p for n, p in named if scratch.has_sparse_grad(n)]
-        sparse_opt = torch.optim.SGD(sparse_params, lr=s.sparse_lr) if sparse_params else None
+        opt, sparse_opt = _local_optimizers(scratch, s)
         scratch.train()
         losses = []
         for step, batch in enumerate(local_batches(data, s, rng)):
@@ -117,6 +129,8 @@ def client_update(
             losses.append(float(loss.detach()))
             if s.prox_mu > 0:
                 loss = loss + _proximal(scratch, task.dense, s.prox_mu)
+            if s.embedding_l2 > 0:
+                loss = loss + s.embedding_l2 * embedding_penalty(scratch, batch)
             loss.backward()
             opt.step()
             if sparse_opt is not None:

@@ -125,7 +125,7 @@ def run_async_step(
     stale = np.array([s for _, s in buffered], dtype=np.float64)
     weights = strategies.client_weights(updates, cfg.fl.max_weight) / np.sqrt(1.0 + stale)
     if weights.sum() > 0:
-        state = apply_updates(state, updates, weights, server_opt)
+        state = apply_updates(state, updates, weights, server_opt, cfg.fl.sparse_aggregation)
     else:
         state = dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1))
     row: dict[str, Any] = {"round": state.round + 1}

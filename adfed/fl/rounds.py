@@ -38,7 +38,8 @@ def client_settings(cfg: Config) -> ClientSettings:
     """The local-training settings the server pushes to clients this round."""
     mu = cfg.fl.prox_mu if cfg.fl.strategy in strategies.PROXIMAL else 0.0
     return ClientSettings(epochs=cfg.fl.local_epochs, batch_size=cfg.fl.local_batch_size,
-                          lr=cfg.fl.local_lr, sparse_lr=cfg.fl.local_sparse_lr, prox_mu=mu)
+                          lr=cfg.fl.local_lr, sparse_lr=cfg.fl.local_sparse_lr, prox_mu=mu,
+                          optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2)
 
 
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:
@@ -61,8 +62,12 @@ def apply_updates(
     updates: Sequence[Update],
     weights: np.ndarray,
     server_opt: strategies.ServerOptimizer,
+    sparse_over: str = "touched",
 ) -> ServerState:
-    """New server state after aggregating ``updates`` with ``weights`` (pure)."""
+    """New server state after aggregating ``updates`` with ``weights`` (pure).
+
+    ``sparse_over`` is ``fl.sparse_aggregation`` (see :func:`strategies.aggregate_sparse`).
+    """
     g = state.model
     delta = strategies.weighted_mean([u.dense for u in updates], weights)
     dense, opt_state = server_opt.apply(g.dense, delta, state.opt_state)
@@ -70,7 +75,7 @@ def apply_updates(
     for name, table in g.sparse.items():
         parts = [u.sparse.get(name, SparseRows(torch.zeros(0, dtype=torch.int64),
                                                torch.zeros(0, table.shape[1]))) for u in updates]
-        mean = strategies.aggregate_sparse(parts, weights)
+        mean = strategies.aggregate_sparse(parts, weights, sparse_over)
         if len(mean.ids):
             new = table.clone()
             new.index_add_(0, mean.ids, mean.values.to(table.dtype))
@@ -148,7 +153,7 @@ def run_sync_round(
             updates = [r.update for r in accepted]
             weights = strategies.client_weights(updates, cfg.fl.max_weight)
             if weights.sum() > 0:
-                state = apply_updates(state, updates, weights, server_opt)
+                state = apply_updates(state, updates, weights, server_opt, cfg.fl.sparse_aggregation)
             totals["arrived"] = len(accepted)
             row.update(_byte_stats(accepted))
             row["train_loss"] = float(np.mean([u.metrics["loss"] for u in updates]))

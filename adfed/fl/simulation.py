@@ -108,7 +108,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
     test = split_examples(dataset.load(eval_users), cfg.data.test_fraction).test
     eval_model = model_from_config(cfg, dataset)
-    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
+    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr, cfg.fl.server_tau)
     state = initial_server_state(cfg, eval_model, server_opt)
     store = LocalStore(capacity=cfg.fl.local_cache)
     async_state = AsyncState()

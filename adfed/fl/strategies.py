@@ -56,13 +56,19 @@ def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
 
 
 def aggregate_sparse(
-    parts: Sequence[SparseRows], weights: np.ndarray
+    parts: Sequence[SparseRows], weights: np.ndarray, over: str = "touched"
 ) -> SparseRows:
-    """Per-row weighted mean over the clients that touched each row.
+    """Per-row weighted mean of sparse row deltas.
 
-    A row touched by clients C gets sum_{c in C} w_c * delta_c / sum_{c in C} w_c; rows
-    nobody touched are absent from the result (they stay unchanged on the server).
+    ``over="touched"``: a row touched by clients C gets
+    sum_{c in C} w_c * delta_c / sum_{c in C} w_c (the mean over the clients that touched
+    it). ``over="all"``: the same sum divided by the total weight of every client in the
+    round, i.e. a client that did not touch a row counts as a zero delta for it; this is
+    exactly dense FedAvg on the whole table, shipped sparsely. Rows nobody touched are
+    absent from the result (they stay unchanged on the server).
     """
+    if over not in ("touched", "all"):
+        raise ValueError(f"fl.sparse_aggregation must be 'touched' or 'all'; got {over!r}")
     if len(weights) != len(parts):
         raise ValueError(f"aggregate_sparse: {len(parts)} parts but {len(weights)} weights")
     parts_w = [(p, w) for p, w in zip(parts, weights, strict=True) if w > 0 and len(p.ids) > 0]
@@ -74,6 +80,8 @@ def aggregate_sparse(
     wts = torch.cat([torch.full((len(p.ids),), float(w), dtype=torch.float64) for p, w in parts_w])
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     sums = torch.zeros(len(uniq), vals.shape[1], dtype=torch.float64).index_add_(0, inverse, vals)
+    if over == "all":
+        return SparseRows(uniq, (sums / float(weights[weights > 0].sum())).to(parts_w[0][0].values.dtype))
     wsum = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, wts)
     return SparseRows(uniq, (sums / wsum[:, None]).to(parts_w[0][0].values.dtype))
 
@@ -139,33 +147,36 @@ class ServerAdaptive:
 
 # -- registry --------------------------------------------------------------------------
 
-Factory = Callable[[float], ServerOptimizer]
+#: ``factory(server_lr, tau) -> ServerOptimizer``; ``tau`` is the adaptivity (epsilon)
+#: of the adaptive optimizers, ignored by the others.
+Factory = Callable[[float, float], ServerOptimizer]
 _REGISTRY: dict[str, Factory] = {}
 #: Strategies whose clients add a proximal term (the client half of FedProx).
 PROXIMAL = {"fedprox"}
 
 
 def register(name: str, factory: Factory, *, force: bool = False) -> None:
-    """Register a server optimizer factory ``factory(server_lr)`` under ``name``."""
+    """Register a server optimizer factory ``factory(server_lr, tau)`` under ``name``."""
     if name in _REGISTRY and not force:
         raise ValueError(f"strategy {name!r} is already registered (pass force=True to replace)")
     _REGISTRY[name] = factory
 
 
-def create(name: str, server_lr: float) -> ServerOptimizer:
+def create(name: str, server_lr: float, tau: float = 1e-3) -> ServerOptimizer:
     """Build the named server optimizer; unknown names list the known ones."""
     try:
-        return _REGISTRY[name](server_lr)
+        factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(_REGISTRY)}") from None
+    return factory(server_lr, tau)
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-register("fedavg", lambda lr: ServerSGD(lr=lr))
-register("fedprox", lambda lr: ServerSGD(lr=lr))
-register("fedadam", lambda lr: ServerAdaptive(kind="adam", lr=lr))
-register("fedyogi", lambda lr: ServerAdaptive(kind="yogi", lr=lr))
-register("fedadagrad", lambda lr: ServerAdaptive(kind="adagrad", lr=lr))
+register("fedavg", lambda lr, tau: ServerSGD(lr=lr))
+register("fedprox", lambda lr, tau: ServerSGD(lr=lr))
+register("fedadam", lambda lr, tau: ServerAdaptive(kind="adam", lr=lr, tau=tau))
+register("fedyogi", lambda lr, tau: ServerAdaptive(kind="yogi", lr=lr, tau=tau))
+register("fedadagrad", lambda lr, tau: ServerAdaptive(kind="adagrad", lr=lr, tau=tau))

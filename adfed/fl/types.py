@@ -22,13 +22,20 @@ class SparseRows:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSettings:
-    """Server-pushed settings for one round's local training."""
+    """Server-pushed settings for one round's local training.
+
+    ``optimizer`` is ``"sgd"`` or ``"adam"`` (Adam on the dense parameters, SparseAdam on
+    the sparse rows, both starting from fresh state every round: phones keep no
+    optimizer state between rounds).
+    """
 
     epochs: int
     batch_size: int
     lr: float
     sparse_lr: float
     prox_mu: float = 0.0
+    optimizer: str = "sgd"
+    embedding_l2: float = 0.0  # train.embedding_l2: the same objective as centralized
 
 
 @dataclasses.dataclass(frozen=True)

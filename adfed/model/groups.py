@@ -167,6 +167,7 @@ def make_optimizers(
     sparse_lr: float | None = None,
     dense_opt: DenseOpt = "adam",
     sparse_opt: SparseOpt = "sparse_adam",
+    weight_decay: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
     """One optimizer for the parameters with sparse gradients, one for the rest.
 
@@ -180,6 +181,8 @@ def make_optimizers(
     sparse_lr : learning rate of the sparse optimizer; ``None`` means ``lr``.
     dense_opt : ``"adam"`` or ``"sgd"``.
     sparse_opt : ``"sparse_adam"``, ``"adagrad"`` or ``"sgd"``.
+    weight_decay : L2 weight decay of the dense optimizer (``train.weight_decay``); the
+        sparse tables take ``train.embedding_l2`` instead (see ``embedding_penalty``).
     """
     if not lr > 0:
         raise ValueError(f"train.lr must be a float > 0; got {lr}")
@@ -192,9 +195,9 @@ def make_optimizers(
     if dense:
         # fused: one kernel over all tensors; ~10x faster than the per-tensor loop on CPU
         if dense_opt == "adam":
-            optimizers.append(torch.optim.Adam(dense, lr=lr, fused=True))
+            optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True))
         elif dense_opt == "sgd":
-            optimizers.append(torch.optim.SGD(dense, lr=lr, fused=True))
+            optimizers.append(torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay, fused=True))
         else:
             raise ValueError(f"dense_opt must be 'adam' or 'sgd'; got {dense_opt!r}")
     if sparse:

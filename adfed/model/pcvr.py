@@ -322,6 +322,28 @@ def esmm_loss(out: Output, batch: Batch) -> torch.Tensor:
     return ctr + ctcvr
 
 
+def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:
+    """Sum of squared norms of the embedding rows (and user-bias rows) ``batch`` reads.
+
+    Each row counts once per batch however often the batch reads it, so a row's decay
+    follows how often it is trained (the usual L2 for sparse embedding tables; an
+    optimizer's weight decay would touch every row every step). Gradients stay sparse
+    for the sparse tables. Multiply by ``train.embedding_l2`` and add it to the loss.
+    """
+    total = torch.zeros(())
+    for name, param in model.named_parameters():
+        if name.startswith("embeddings.tables."):
+            spec = model.table_field(name)
+            ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        elif name == "user_bias.weight":
+            ids = batch.ids[USER_KEY]
+        else:
+            continue
+        rows = torch.unique(ids.to(torch.int64))
+        total = total + F.embedding(rows, param, sparse=model.has_sparse_grad(name)).pow(2).sum()
+    return total
+
+
 def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:
     """Return ``loss`` unchanged, or raise TrainingError if it is NaN or infinite.
 

@@ -27,6 +27,17 @@ def test_window_experiment_writes_results(small_world, fl_config, tmp_path):
     assert (tmp_path / "window" / "window.png").exists()
 
 
+def test_fl_vs_central_measures_the_configured_strategy_and_fedavg(small_world, fl_config, tmp_path):
+    cfg = fl_config(small_world, "fl.rounds=2", "fl.clients_per_round=10", "window.min_clients=2",
+                    'fl.strategy="fedadam"', "fl.server_lr=0.01")
+    results = fl_targets.run("fl_vs_central", cfg, tmp_path)
+    assert set(results["federated"]) == {"fedadam", "fedavg"}
+    assert results["federated"]["fedavg"]["server_lr"] == 1.0
+    assert results["target_auc"] == pytest.approx(results["centralized_auc"] - 0.01)
+    for run in ("centralized", "fedadam", "fedavg"):
+        assert (tmp_path / "fl_vs_central" / run / "summary.json").exists()
+
+
 def test_unknown_experiment_lists_known_names(small_world, fl_config, tmp_path):
     with pytest.raises(ValueError, match="known: .*fl_vs_central"):
         fl_targets.run("nope", fl_config(small_world), tmp_path)

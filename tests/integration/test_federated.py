@@ -124,7 +124,26 @@ def test_uploads_hold_shared_groups_only(small_world, fl_config):
         spec = backend.ctx.scratch.table_field(table)
         ids = data.bags[spec.name][0] if spec.is_bag else data.ids[spec.name]
         assert torch.equal(res.update.sparse[table].ids, torch.from_numpy(np.unique(ids)))
-    assert res.bytes_up == len(payload)
+
+
+def test_local_adam_takes_sign_sized_first_steps(small_world, fl_config):
+    # Prepare: one local step (one epoch, one batch) with Adam from fresh state
+    cfg = fl_config(small_world, 'fl.local_optimizer="adam"', "fl.local_lr=0.001",
+                    "fl.local_sparse_lr=0.001", "fl.local_epochs=1", "fl.local_batch_size=100000")
+    ds = Dataset.open(small_world)
+    backend = InProcessBackend(small_world, cfg)
+    state = initial_server_state(cfg, model_from_config(cfg, ds), strategies.create("fedavg", 1.0))
+    client = int(backend.ctx.population.clients[0])
+    # Execute
+    (res,) = backend.map(configure(state, cfg), [Job(client_id=client, local=None, seed=(0,))])
+    # Assert: Adam's first step moves a parameter by lr * g / (|g| + eps), at most lr;
+    # plain SGD at lr 0.001 would move most of them by far less (parameters with a zero
+    # gradient, such as rows of small tables the batch does not read, stay put)
+    moved = torch.cat([d.flatten() for d in res.update.dense.values()]).abs()
+    assert float(moved.max()) <= 0.001 * (1 + 1e-4)
+    assert float((moved[moved > 0] > 0.0009).float().mean()) > 0.9
+    rows = torch.cat([r.values.flatten() for r in res.update.sparse.values()]).abs()
+    assert float(rows.max()) <= 0.001 * (1 + 1e-4) and float(rows.max()) > 0.0009
 
 
 def test_local_state_persists_between_rounds(small_world, fl_config):

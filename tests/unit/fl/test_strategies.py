@@ -237,6 +237,30 @@ def test_aggregate_sparse_means_over_contributing_clients_only() -> None:
     torch.testing.assert_close(out2.values, torch.tensor([[4.0, 3.0], [2.0, 2.0], [-1.0, 1.0]]))
 
 
+def test_aggregate_sparse_over_all_equals_dense_fedavg_of_the_full_table() -> None:
+    # Prepare: the same rows as full [10, 2] tables with zeros where a client touched nothing
+    a = SparseRows(torch.tensor([1, 3]), torch.tensor([[1.0, 0.0], [2.0, 2.0]]))
+    b = SparseRows(torch.tensor([1, 5]), torch.tensor([[4.0, 3.0], [-1.0, 1.0]]))
+    c = SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2))
+    weights = np.array([1.0, 2.0, 1.0])
+    dense = []
+    for part in (a, b, c):
+        full = torch.zeros(10, 2)
+        full[part.ids] = part.values
+        dense.append({"t": full})
+
+    # Execute
+    out = aggregate_sparse([a, b, c], weights, over="all")
+    ref = weighted_mean(dense, weights)["t"]
+
+    # Assert: same values on the touched rows, and untouched rows are absent (zero delta)
+    assert out.ids.tolist() == [1, 3, 5]
+    torch.testing.assert_close(out.values, ref[out.ids])
+    assert float(ref[[0, 2, 4, 6, 7, 8, 9]].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="sparse_aggregation"):
+        aggregate_sparse([a], np.array([1.0]), over="some")
+
+
 def test_aggregate_sparse_empty_inputs() -> None:
     # Prepare
     empty = SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3))
@@ -333,7 +357,7 @@ def test_yogi_shrinks_v_when_v_exceeds_d2() -> None:
 def test_duplicate_register_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(strategies, "_REGISTRY", dict(strategies._REGISTRY))
     with pytest.raises(ValueError, match=r"strategy 'fedavg' is already registered \(pass force=True"):
-        strategies.register("fedavg", lambda lr: ServerSGD(lr=lr))
+        strategies.register("fedavg", lambda lr, tau: ServerSGD(lr=lr))
     assert strategies.create("fedavg", 2.0) == ServerSGD(lr=2.0)
 
 
@@ -342,8 +366,8 @@ def test_register_new_and_force_replace(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(strategies, "_REGISTRY", dict(strategies._REGISTRY))
 
     # Execute
-    strategies.register("halfavg", lambda lr: ServerSGD(lr=lr / 2))
-    strategies.register("fedavg", lambda lr: ServerSGD(lr=3 * lr), force=True)
+    strategies.register("halfavg", lambda lr, tau: ServerSGD(lr=lr / 2))
+    strategies.register("fedavg", lambda lr, tau: ServerSGD(lr=3 * lr), force=True)
 
     # Assert
     assert "halfavg" in strategies.names()
@@ -365,3 +389,9 @@ def test_aggregate_sparse_rejects_mismatched_lengths() -> None:
     part = SparseRows(torch.tensor([1]), torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"1 parts but 2 weights"):
         aggregate_sparse([part], np.ones(2))
+
+
+def test_create_passes_tau_to_the_adaptive_optimizers() -> None:
+    for name in ("fedadam", "fedyogi", "fedadagrad"):
+        opt = strategies.create(name, 0.01, 1e-7)
+        assert isinstance(opt, ServerAdaptive) and opt.tau == 1e-7 and opt.lr == 0.01

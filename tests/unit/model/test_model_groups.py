@@ -244,6 +244,16 @@ def test_sparse_lr_reaches_the_sparse_optimizer(schema: Schema) -> None:
 
     assert isinstance(sparse_opt, torch.optim.SparseAdam) and sparse_opt.param_groups[0]["lr"] == 0.01
     assert isinstance(dense_opt, torch.optim.Adam) and dense_opt.param_groups[0]["lr"] == 0.1
+    assert dense_opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_weight_decay_reaches_the_dense_optimizer_only(schema: Schema) -> None:
+    model = build_model(schema)
+
+    dense_opt, sparse_opt = make_optimizers(model, lr=0.1, weight_decay=1e-4)
+
+    assert dense_opt.param_groups[0]["weight_decay"] == 1e-4
+    assert "weight_decay" not in sparse_opt.param_groups[0]  # SparseAdam has none
 
 
 def test_model_bytes_counts_every_parameter_as_fp32(schema: Schema) -> None:

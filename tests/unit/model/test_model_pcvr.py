@@ -297,3 +297,46 @@ def test_scalar_inputs_are_dense_fields_then_log_bag_sizes(
         values, offsets = batch.bags[name]
         lengths = torch.diff(offsets, append=torch.tensor([values.numel()]))
         torch.testing.assert_close(got.squeeze(1), torch.log1p(lengths.float()))
+
+
+# -- embedding L2 ---------------------------------------------------------------------
+
+def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
+    schema: Schema, make_batch: Callable[..., Batch]
+) -> None:
+    from adfed.data.schema import USER_KEY
+    from adfed.model.pcvr import embedding_penalty
+
+    # Prepare: nonzero user-bias rows, so every table contributes
+    model = build_model(schema, seed=0)
+    with torch.no_grad():
+        model.user_bias.weight.normal_()
+    batch = make_batch(64)
+    params = dict(model.named_parameters())
+    expected = 0.0
+    for name, p in params.items():
+        if name.startswith("embeddings.tables."):
+            spec = model.table_field(name)
+            ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        elif name == "user_bias.weight":
+            ids = batch.ids[USER_KEY]
+        else:
+            continue
+        expected += float(p.detach()[np.unique(ids.numpy())].pow(2).sum())
+
+    # Execute
+    penalty = embedding_penalty(model, batch)
+    penalty.backward()
+
+    # Assert: the value, and the gradient 2·row on read rows only (sparse where the table is)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
+    for name, p in params.items():
+        if not name.startswith("embeddings.tables."):
+            continue
+        assert p.grad is not None and p.grad.is_sparse == model.has_sparse_grad(name), name
+        grad = p.grad.to_dense()
+        read = grad.abs().sum(dim=1) > 0
+        spec = model.table_field(name)
+        ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        assert set(torch.nonzero(read).flatten().tolist()) <= set(np.unique(ids.numpy()).tolist())
+        torch.testing.assert_close(grad[read], 2 * p.detach()[read])

@@ -74,13 +74,12 @@ class FLConfig:
     local_epochs: int = 2
     local_batch_size: int = 32
     local_lr: float = 1.0  # plain local SGD; chosen by the sweep in README
-    # per-row mean over touching clients: a row's step per example is about
-    # local_sparse_lr / (client's rows), so it is kept small (README "Federated")
-    local_sparse_lr: float = 0.02
+    local_sparse_lr: float = 1.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedadam"
     server_lr: float = 0.01  # use 1.0 with fedavg / fedprox
-    sparse_aggregation: Literal["touched", "all"] = "touched"  # rows: mean over touchers | all
+    # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
+    sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
     prox_mu: float = 0.01
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)

@@ -163,6 +163,11 @@ class PCVRModel(nn.Module):
             raise KeyError(f"{name!r} is not an embedding table")
         return self.embeddings.field_of(name[len(prefix) :])
 
+    def table_ids(self, name: str, batch: Batch) -> torch.Tensor:
+        """The row ids ``batch`` reads from embedding table ``name`` (repeats included)."""
+        spec = self.table_field(name)
+        return batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+
     # ---- forward -------------------------------------------------------------------
 
     def _plan_blocks(self) -> _BlockPlan:
@@ -333,8 +338,7 @@ def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:
     total = torch.zeros(())
     for name, param in model.named_parameters():
         if name.startswith("embeddings.tables."):
-            spec = model.table_field(name)
-            ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+            ids = model.table_ids(name, batch)
         elif name == "user_bias.weight":
             ids = batch.ids[USER_KEY]
         else:

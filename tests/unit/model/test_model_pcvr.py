@@ -316,8 +316,7 @@ def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
     expected = 0.0
     for name, p in params.items():
         if name.startswith("embeddings.tables."):
-            spec = model.table_field(name)
-            ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+            ids = model.table_ids(name, batch)
         elif name == "user_bias.weight":
             ids = batch.ids[USER_KEY]
         else:
@@ -336,7 +335,6 @@ def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
         assert p.grad is not None and p.grad.is_sparse == model.has_sparse_grad(name), name
         grad = p.grad.to_dense()
         read = grad.abs().sum(dim=1) > 0
-        spec = model.table_field(name)
-        ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        ids = model.table_ids(name, batch)
         assert set(torch.nonzero(read).flatten().tolist()) <= set(np.unique(ids.numpy()).tolist())
         torch.testing.assert_close(grad[read], 2 * p.detach()[read])

@@ -5,6 +5,13 @@ examples/s of full training steps (forward, ESMM loss, backward, both optimizers
 ``--rounds`` passes of 8 batches, and the same for the model without its dot
 interaction (``ratio`` = with / without, the baseline from the same run).
 
+The sparse tables train with ``RowSparseAdam`` (``sparse_opt="sparse_adam"``); the same
+steps with ``torch.optim.SparseAdam`` run interleaved with them, pass by pass, in the
+same process: ``torch_sparse_adam_median`` and ``sparse_opt_ratio`` (median over passes
+of RowSparseAdam's examples/s / SparseAdam's). ``sparse_step_ms`` times the sparse
+optimizer's step alone on the gradients of the same batches (median ms per step, both
+optimizers interleaved; ``speedup`` = SparseAdam's ms / RowSparseAdam's).
+
 Batches come from ``--data`` (a generated world) when given, otherwise from the
 synthetic world's schema with random ids and bag lengths like the generator's
 (installed apps 0-24, app usage 20, intents 0-4). On a shared machine, run it when the
@@ -29,6 +36,7 @@ from adfed.data.schema import Entity, FieldKind, Schema
 from adfed.model import build_model, esmm_loss, make_optimizers
 from adfed.model.layers import DotInteraction, Towers, init_parameters_
 from adfed.model.pcvr import PCVRModel
+from adfed.model.sparse_adam import RowSparseAdam
 
 BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
 
@@ -61,10 +69,11 @@ def _without_interaction(model: PCVRModel) -> PCVRModel:
     return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias)
 
 
-def _rate(model: PCVRModel, batches: list[Batch], rounds: int) -> tuple[float, float]:
-    opts = make_optimizers(model, lr=1e-3)
+def _rates(runs: list[tuple[PCVRModel, list[torch.optim.Optimizer]]], batches: list[Batch],
+           rounds: int) -> list[list[float]]:
+    """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
 
-    def one_pass() -> float:
+    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer]) -> float:
         start = time.perf_counter()
         for b in batches:
             for opt in opts:
@@ -74,9 +83,47 @@ def _rate(model: PCVRModel, batches: list[Batch], rounds: int) -> tuple[float, f
                 opt.step()
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
-    one_pass()
-    rates = [one_pass() for _ in range(rounds)]
-    return max(rates), float(np.median(rates))
+    for model, opts in runs:
+        one_pass(model, opts)
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for out, (model, opts) in zip(rates, runs, strict=True):
+            out.append(one_pass(model, opts))
+    return rates
+
+
+def _sparse_step_ms(schema: Schema, batches: list[Batch], rounds: int) -> dict[str, float]:
+    """Median ms of one sparse-optimizer step, RowSparseAdam vs torch.optim.SparseAdam.
+
+    Both step on the same gradients (one backward per batch of a fresh default model),
+    from the same parameter values, interleaved over ``rounds`` passes.
+    """
+    model = build_model(schema, seed=0)
+    names = [n for n, _ in model.named_parameters() if model.has_sparse_grad(n)]
+    params = dict(model.named_parameters())
+    grads = []
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        esmm_loss(model(b), b).backward()
+        grads.append([params[n].grad for n in names])
+    start = [params[n].detach().clone() for n in names]
+    runs = []
+    for cls in (RowSparseAdam, torch.optim.SparseAdam):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        runs.append((ps, cls(ps, lr=1e-3)))
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds + 1):
+        for out, (ps, opt) in zip(times, runs, strict=True):
+            t0 = time.perf_counter()
+            for gs in grads:
+                for p, g in zip(ps, gs, strict=True):
+                    p.grad = g
+                opt.step()
+            if r:  # the first pass warms up
+                out.append((time.perf_counter() - t0) / len(grads) * 1e3)
+    ours, theirs = (float(np.median(t)) for t in times)
+    return {"row_sparse_adam": round(ours, 3), "torch_sparse_adam": round(theirs, 3),
+            "speedup": round(float(np.median(np.array(times[1]) / np.array(times[0]))), 3)}
 
 
 def main() -> None:
@@ -103,11 +150,19 @@ def main() -> None:
         for size in args.batch:
             rows = rng.permutation(len(pool))[: 8 * size]
             batches = [pool.take(rows[i : i + size]).to_batch() for i in range(0, len(rows), size)]
-            full = _rate(build_model(schema, seed=0), batches, args.rounds)
-            base = _rate(_without_interaction(build_model(schema, seed=0)), batches, args.rounds)
-            results.append({"threads": threads, "batch": size, "best": round(full[0]),
-                            "median": round(full[1]), "no_interaction_median": round(base[1]),
-                            "ratio": round(full[1] / base[1], 3)})
+            models = [build_model(schema, seed=0), build_model(schema, seed=0),
+                      _without_interaction(build_model(schema, seed=0))]
+            runs = [(models[0], make_optimizers(models[0], lr=1e-3)),
+                    (models[1], make_optimizers(models[1], lr=1e-3, sparse_opt="torch_sparse_adam")),
+                    (models[2], make_optimizers(models[2], lr=1e-3))]
+            full, torch_sparse, base = _rates(runs, batches, args.rounds)
+            median = float(np.median(full))
+            results.append({"threads": threads, "batch": size, "best": round(max(full)),
+                            "median": round(median), "no_interaction_median": round(float(np.median(base))),
+                            "ratio": round(median / float(np.median(base)), 3),
+                            "torch_sparse_adam_median": round(float(np.median(torch_sparse))),
+                            "sparse_opt_ratio": round(float(np.median(np.array(full) / np.array(torch_sparse))), 3),
+                            "sparse_step_ms": _sparse_step_ms(schema, batches, args.rounds)})
     print(json.dumps({"bench": "model_train_step", "results": results}, indent=1))
 
 

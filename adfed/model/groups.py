@@ -25,11 +25,12 @@ import torch
 from adfed.data.examples import Batch
 from adfed.data.schema import ParamGroup
 from adfed.model.pcvr import PCVRModel
+from adfed.model.sparse_adam import RowSparseAdam
 
 logger = logging.getLogger(__name__)
 
 DenseOpt = Literal["adam", "sgd"]
-SparseOpt = Literal["sparse_adam", "adagrad", "sgd"]
+SparseOpt = Literal["sparse_adam", "torch_sparse_adam", "adagrad", "sgd"]
 _FP32_BYTES = 4
 
 
@@ -180,7 +181,9 @@ def make_optimizers(
     lr : learning rate of the dense optimizer (and of the sparse one by default).
     sparse_lr : learning rate of the sparse optimizer; ``None`` means ``lr``.
     dense_opt : ``"adam"`` or ``"sgd"``.
-    sparse_opt : ``"sparse_adam"``, ``"adagrad"`` or ``"sgd"``.
+    sparse_opt : ``"sparse_adam"`` (lazy Adam: :class:`~adfed.model.sparse_adam.RowSparseAdam`,
+        ``torch.optim.SparseAdam``'s update at a lower cost), ``"torch_sparse_adam"``
+        (``torch.optim.SparseAdam`` itself, for comparison), ``"adagrad"`` or ``"sgd"``.
     weight_decay : L2 weight decay of the dense optimizer (``train.weight_decay``); the
         sparse tables take ``train.embedding_l2`` instead (see ``embedding_penalty``).
     """
@@ -202,13 +205,16 @@ def make_optimizers(
             raise ValueError(f"dense_opt must be 'adam' or 'sgd'; got {dense_opt!r}")
     if sparse:
         if sparse_opt == "sparse_adam":
+            optimizers.append(RowSparseAdam(sparse, lr=slr))
+        elif sparse_opt == "torch_sparse_adam":
             optimizers.append(torch.optim.SparseAdam(sparse, lr=slr))
         elif sparse_opt == "adagrad":
             optimizers.append(torch.optim.Adagrad(sparse, lr=slr))
         elif sparse_opt == "sgd":
             optimizers.append(torch.optim.SGD(sparse, lr=slr))
         else:
-            raise ValueError(f"sparse_opt must be 'sparse_adam', 'adagrad' or 'sgd'; got {sparse_opt!r}")
+            raise ValueError(
+                f"sparse_opt must be 'sparse_adam', 'torch_sparse_adam', 'adagrad' or 'sgd'; got {sparse_opt!r}")
     return optimizers
 
 

@@ -35,6 +35,7 @@ from adfed.model import (
     touched_rows,
 )
 from adfed.model.pcvr import PCVRModel
+from adfed.model.sparse_adam import RowSparseAdam
 
 
 def _assert_partition(model: PCVRModel) -> None:
@@ -192,7 +193,7 @@ def test_row_access_rejects_bad_input(schema: Schema) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
-@pytest.mark.parametrize("sparse_opt", ["sparse_adam", "adagrad", "sgd"])
+@pytest.mark.parametrize("sparse_opt", ["sparse_adam", "torch_sparse_adam", "adagrad", "sgd"])
 def test_optimizers_update_only_touched_rows(
     schema: Schema, make_batch: Callable[..., Batch], sparse_opt: str
 ) -> None:
@@ -242,7 +243,7 @@ def test_sparse_lr_reaches_the_sparse_optimizer(schema: Schema) -> None:
 
     dense_opt, sparse_opt = make_optimizers(model, lr=0.1, sparse_lr=0.01)
 
-    assert isinstance(sparse_opt, torch.optim.SparseAdam) and sparse_opt.param_groups[0]["lr"] == 0.01
+    assert isinstance(sparse_opt, RowSparseAdam) and sparse_opt.param_groups[0]["lr"] == 0.01
     assert isinstance(dense_opt, torch.optim.Adam) and dense_opt.param_groups[0]["lr"] == 0.1
     assert dense_opt.param_groups[0]["weight_decay"] == 0.0
 

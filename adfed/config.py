@@ -76,8 +76,8 @@ class FLConfig:
     local_lr: float = 1.0  # plain local SGD; chosen by the sweep in README
     local_sparse_lr: float = 1.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedadam"
-    server_lr: float = 0.01  # use 1.0 with fedavg / fedprox
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad

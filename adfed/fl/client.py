@@ -32,6 +32,7 @@ from adfed.model.groups import (
     touched_rows,
 )
 from adfed.model.pcvr import PCVRModel, embedding_penalty, ensure_finite, esmm_loss
+from adfed.model.sparse_adam import RowSparseAdam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _local_optimizers(
     sparse = [p for n, p in named if scratch.has_sparse_grad(n)]
     if s.optimizer == "adam":
         return (torch.optim.Adam(dense, lr=s.lr),
-                torch.optim.SparseAdam(sparse, lr=s.sparse_lr) if sparse else None)
+                RowSparseAdam(sparse, lr=s.sparse_lr) if sparse else None)
     if s.optimizer != "sgd":
         raise ValueError(f"fl.local_optimizer must be 'sgd' or 'adam'; got {s.optimizer!r}")
     return torch.optim.SGD(dense, lr=s.lr), torch.optim.SGD(sparse, lr=s.sparse_lr) if sparse else None

@@ -27,7 +27,7 @@ import numpy as np
 from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
-from adfed.trainer import TrainResult, Trainer
+from adfed.trainer import Trainer, TrainResult
 
 Progress = Callable[[str], None]
 

@@ -69,8 +69,8 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
     clients = np.array([c for _, _, c in pending], dtype=np.int64)
     rng = np.random.default_rng([cfg.seed, pending[0][1], 0xFA])
     failed = devices.failures(population.profiles, clients, rng)
-    ok = [(p, c) for p, c, f in zip(pending, clients, failed) if not f]
-    for (start, seq, client), f in zip(pending, failed):
+    ok = [(p, c) for p, c, f in zip(pending, clients, failed, strict=True) if not f]
+    for (start, seq, client), f in zip(pending, failed, strict=True):
         if f:  # fails at some point during its work: frees its slot then
             heapq.heappush(st.events, (start + float(rng.random()) * 60.0, seq, client, None))
     if not ok:
@@ -78,7 +78,7 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
     trained = np.array([c for _, c in ok], dtype=np.int64)
     jobs = jobs_for(trained, store, ())
     jobs = [dataclasses.replace(j, seed=(cfg.seed, state.model.version, p[1], int(c)))
-            for j, (p, c) in zip(jobs, ok)]
+            for j, (p, c) in zip(jobs, ok, strict=True)]
     results = backend.map(configure(state, cfg), jobs)
     durations = devices.round_trip_s(
         population.profiles, trained,
@@ -86,7 +86,7 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
         bytes_up=np.array([r.bytes_up for r in results], dtype=np.float64),
         examples=np.array([r.update.num_examples * cfg.fl.local_epochs for r in results], dtype=np.float64),
     )
-    for ((start, seq, client), _), res, dur in zip(ok, results, durations):
+    for ((start, seq, client), _), res, dur in zip(ok, results, durations, strict=True):
         heapq.heappush(st.events, (start + float(dur), seq, client, res))
 
 

@@ -148,7 +148,7 @@ def run_sync_round(
         totals["selected"] += len(att.selected)
         totals["failed"] += att.failed
         totals["late"] += int((~att.accepted).sum())
-        accepted = [r for r, ok in zip(att.results, att.accepted) if ok]
+        accepted = [r for r, ok in zip(att.results, att.accepted, strict=True) if ok]
         if len(accepted) >= cfg.window.min_clients:
             updates = [r.update for r in accepted]
             weights = strategies.client_weights(updates, cfg.fl.max_weight)

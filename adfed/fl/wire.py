@@ -20,7 +20,6 @@ from safetensors.torch import save as st_save
 from adfed.errors import DataError
 from adfed.fl.types import SparseRows, Update
 
-
 #: safetensors' dtype tags, and the order it lays tensors out in (higher rank first, then
 #: by name); only the dtypes adfed puts on the wire.
 _DTYPES = {torch.int64: ("I64", 3), torch.float64: ("F64", 2), torch.float32: ("F32", 1),

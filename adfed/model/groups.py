@@ -37,7 +37,7 @@ _FP32_BYTES = 4
 #: model -> (name -> parameter, group -> names). Walking ``named_parameters`` visits every
 #: submodule, which costs more than a small client's training step; a model's parameter
 #: objects never change after :func:`~adfed.model.pcvr.build_model`, so it is done once.
-_INDEX: "weakref.WeakKeyDictionary[PCVRModel, tuple[dict[str, torch.nn.Parameter], dict[ParamGroup, list[str]]]]" = \
+_INDEX: weakref.WeakKeyDictionary[PCVRModel, tuple[dict[str, torch.nn.Parameter], dict[ParamGroup, list[str]]]] = \
     weakref.WeakKeyDictionary()
 
 

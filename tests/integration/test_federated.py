@@ -8,10 +8,10 @@ import torch
 
 from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
+from adfed.fl import strategies
 from adfed.fl.backends import InProcessBackend, Job
 from adfed.fl.rounds import configure
 from adfed.fl.simulation import CHECKPOINT, initial_server_state
-from adfed.fl import strategies
 from adfed.fl.wire import encode_update
 from adfed.model.groups import group_names, sparse_tables
 from adfed.trainer import Trainer, model_from_config

@@ -121,8 +121,8 @@ def touched_rows(model: PCVRModel, batch: Batch) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     for name in sparse_tables(model):
-        spec = model.table_field(name)
-        ids = batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        ids = model.rows_read(name, batch)
+        assert ids is not None  # every SPARSE_SHARED parameter is an embedding table
         out[name] = torch.unique(ids.to(torch.int64), sorted=True)
     return out
 

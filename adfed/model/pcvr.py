@@ -163,8 +163,13 @@ class PCVRModel(nn.Module):
             raise KeyError(f"{name!r} is not an embedding table")
         return self.embeddings.field_of(name[len(prefix) :])
 
-    def table_ids(self, name: str, batch: Batch) -> torch.Tensor:
-        """The row ids ``batch`` reads from embedding table ``name`` (repeats included)."""
+    def rows_read(self, name: str, batch: Batch) -> torch.Tensor | None:
+        """The row ids ``batch`` reads from table parameter ``name`` (repeats included):
+        an embedding table or the user bias; None for a parameter that is not a table."""
+        if name == "user_bias.weight" and self.user_bias is not None:
+            return batch.ids[USER_KEY]
+        if not name.startswith("embeddings.tables."):
+            return None
         spec = self.table_field(name)
         return batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
 
@@ -337,11 +342,8 @@ def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:
     """
     total = torch.zeros(())
     for name, param in model.named_parameters():
-        if name.startswith("embeddings.tables."):
-            ids = model.table_ids(name, batch)
-        elif name == "user_bias.weight":
-            ids = batch.ids[USER_KEY]
-        else:
+        ids = model.rows_read(name, batch)
+        if ids is None:
             continue
         rows = torch.unique(ids.to(torch.int64))
         total = total + F.embedding(rows, param, sparse=model.has_sparse_grad(name)).pow(2).sum()

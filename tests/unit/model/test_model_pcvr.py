@@ -314,14 +314,12 @@ def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
     batch = make_batch(64)
     params = dict(model.named_parameters())
     expected = 0.0
+    assert model.rows_read("towers.bottom.0.weight", batch) is None
+    assert torch.equal(model.rows_read("user_bias.weight", batch), batch.ids[USER_KEY])
     for name, p in params.items():
-        if name.startswith("embeddings.tables."):
-            ids = model.table_ids(name, batch)
-        elif name == "user_bias.weight":
-            ids = batch.ids[USER_KEY]
-        else:
-            continue
-        expected += float(p.detach()[np.unique(ids.numpy())].pow(2).sum())
+        ids = model.rows_read(name, batch)
+        if ids is not None:
+            expected += float(p.detach()[np.unique(ids.numpy())].pow(2).sum())
 
     # Execute
     penalty = embedding_penalty(model, batch)
@@ -335,6 +333,6 @@ def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
         assert p.grad is not None and p.grad.is_sparse == model.has_sparse_grad(name), name
         grad = p.grad.to_dense()
         read = grad.abs().sum(dim=1) > 0
-        ids = model.table_ids(name, batch)
+        ids = model.rows_read(name, batch)
         assert set(torch.nonzero(read).flatten().tolist()) <= set(np.unique(ids.numpy()).tolist())
         torch.testing.assert_close(grad[read], 2 * p.detach()[read])

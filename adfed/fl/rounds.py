@@ -62,7 +62,7 @@ def apply_updates(
     updates: Sequence[Update],
     weights: np.ndarray,
     server_opt: strategies.ServerOptimizer,
-    sparse_over: str = "touched",
+    sparse_over: str,
 ) -> ServerState:
     """New server state after aggregating ``updates`` with ``weights`` (pure).
 

@@ -24,8 +24,8 @@ class SparseRows:
 class ClientSettings:
     """Server-pushed settings for one round's local training.
 
-    ``optimizer`` is ``"sgd"`` or ``"adam"`` (Adam on the dense parameters, SparseAdam on
-    the sparse rows, both starting from fresh state every round: phones keep no
+    ``optimizer`` is ``"sgd"`` or ``"adam"`` (Adam on the dense parameters, lazy Adam —
+    ``RowSparseAdam`` — on the sparse rows, both starting from fresh state every round: phones keep no
     optimizer state between rounds).
     """
 

@@ -62,7 +62,7 @@ class Examples:
             return len(offsets) - 1
         return 0
 
-    def take(self, rows: np.ndarray) -> "Examples":
+    def take(self, rows: np.ndarray) -> Examples:
         """The examples at ``rows`` (any order, repeats allowed)."""
         rows = np.asarray(rows, dtype=np.int64)
         return Examples(
@@ -72,8 +72,21 @@ class Examples:
             labels={k: v[rows] for k, v in self.labels.items()},
         )
 
+    def slice(self, start: int, stop: int) -> Examples:
+        """Rows ``start:stop`` as views (no copy; bag offsets rebased to 0)."""
+        bags = {}
+        for k, (v, o) in self.bags.items():
+            offsets = o[start : stop + 1]
+            bags[k] = (v[offsets[0] : offsets[-1]], offsets - offsets[0])
+        return Examples(
+            ids={k: v[start:stop] for k, v in self.ids.items()},
+            dense={k: v[start:stop] for k, v in self.dense.items()},
+            bags=bags,
+            labels={k: v[start:stop] for k, v in self.labels.items()},
+        )
+
     @staticmethod
-    def concat(parts: Sequence["Examples"]) -> "Examples":
+    def concat(parts: Sequence[Examples]) -> Examples:
         """Stack several Examples (same fields) row-wise."""
         if not parts:
             raise ValueError("Examples.concat needs at least one part")
@@ -92,7 +105,7 @@ class Examples:
             labels={k: np.concatenate([p.labels[k] for p in parts]) for k in first.labels},
         )
 
-    def to_batch(self) -> "Batch":
+    def to_batch(self) -> Batch:
         """Convert to torch tensors (zero-copy where numpy allows)."""
         return Batch(
             ids={k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in self.ids.items()},
@@ -109,7 +122,7 @@ class Examples:
             label_observed=torch.from_numpy(self.labels["label_observed"].astype(bool)),
         )
 
-    def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator["Batch"]:
+    def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator[Batch]:
         """Yield batches; shuffled with ``rng`` when given, in order otherwise."""
         n = len(self)
         order = rng.permutation(n) if rng is not None else np.arange(n)

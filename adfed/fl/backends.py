@@ -16,9 +16,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from adfed.config import Config
+from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
@@ -70,9 +72,14 @@ class WorkerContext:
         return self._dense_bytes[1]
 
 
-def run_job(ctx: WorkerContext, model: RoundModel, job: Job) -> ClientResult:
-    """Download (dense + needed rows), train, and encode one client's update."""
-    data = ctx.population.train_data(job.client_id)
+def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | None = None) -> ClientResult:
+    """Download (dense + needed rows), train, and encode one client's update.
+
+    ``data`` is the client's training data when the caller has already read it
+    (:meth:`Population.train_data_many`); otherwise it is read here.
+    """
+    if data is None:
+        data = ctx.population.train_data(job.client_id)
     ids = needed_rows(ctx.scratch, data)
     rows = {t: SparseRows(i, model.tables[t][i]) for t, i in ids.items()}
     task = ClientTask(client_id=job.client_id, version=model.version, settings=model.settings,
@@ -104,7 +111,13 @@ class InProcessBackend:
         self.ctx = WorkerContext(data_path, cfg)
 
     def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
-        return [run_job(self.ctx, model, job) for job in jobs]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # once per round, not once per client (see client_update)
+        try:
+            datas = self.ctx.population.train_data_many(np.array([j.client_id for j in jobs], dtype=np.int64))
+            return [run_job(self.ctx, model, job, data) for job, data in zip(jobs, datas, strict=True)]
+        finally:
+            torch.set_num_threads(threads)
 
     def close(self) -> None:
         pass

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from adfed.data.examples import Examples
-from adfed.data.schema import USER_KEY
-from adfed.data.store import Dataset, split_by_time
+from adfed.data.store import Dataset
 from adfed.fl.devices import DeviceProfiles
 
 
@@ -48,9 +47,17 @@ class Population:
 
     def train_data(self, user_id: int) -> Examples:
         """One client's training rows (all but its last ``test_fraction``)."""
-        data = self.dataset.client(int(user_id), with_truth=False)
-        train_rows, _ = split_by_time(data.ids[USER_KEY], self.test_fraction)
-        return data.take(train_rows)
+        return self.train_data_many(np.array([user_id]))[0]
+
+    def train_data_many(self, user_ids: np.ndarray) -> list[Examples]:
+        """:meth:`train_data` of several clients, read and joined in one pass.
+
+        A user's rows are sorted by time, so its training rows are its first
+        ``num_train`` rows (the split of :func:`adfed.data.store.split_by_time`).
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        datas = self.dataset.clients(user_ids, with_truth=False)
+        return [d.slice(0, int(n)) for d, n in zip(datas, self._num_train[user_ids], strict=True)]
 
     def sample(self, k: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:
         """Uniformly sample up to ``k`` distinct clients that are online now.
@@ -73,7 +80,7 @@ class LocalStore:
     """
 
     capacity: int
-    entries: "collections.OrderedDict[int, dict[str, torch.Tensor]]" = dataclasses.field(
+    entries: collections.OrderedDict[int, dict[str, torch.Tensor]] = dataclasses.field(
         default_factory=collections.OrderedDict)
     evicted: int = 0
 

@@ -45,14 +45,12 @@ def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
         raise ValueError(f"weighted_mean: {len(tensors)} updates but {len(weights)} weights")
     if total <= 0:
         raise ValueError("weighted_mean: total weight is zero (no client had examples)")
-    out: Tensors = {}
-    for name in tensors[0]:
-        acc = torch.zeros_like(tensors[0][name], dtype=torch.float64)
-        for t, w in zip(tensors, weights, strict=True):
-            if w > 0:
-                acc += t[name].to(torch.float64) * (w / total)
-        out[name] = acc.to(tensors[0][name].dtype)
-    return out
+    names = list(tensors[0])
+    acc = [torch.zeros_like(tensors[0][n], dtype=torch.float64) for n in names]  # float64 sums
+    for t, w in zip(tensors, weights, strict=True):
+        if w > 0:
+            torch._foreach_add_(acc, [t[n] for n in names], alpha=float(w / total))
+    return {n: a.to(tensors[0][n].dtype) for n, a in zip(names, acc, strict=True)}
 
 
 def aggregate_sparse(

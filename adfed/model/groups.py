@@ -99,12 +99,20 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> 
         target = params[name]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"parameter {name}: shape must be {tuple(target.shape)}; got {tuple(value.shape)}")
-    if tensors and not bool(torch.isfinite(torch.cat([v.reshape(-1) for v in tensors.values()])).all()):
+    values = list(tensors.values())
+    if values and not all_finite(values):
         bad = next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
         raise ValueError(f"parameter {bad}: values must be finite")
     with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
+        torch._foreach_copy_([params[name] for name in tensors], values)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (one max-abs per tensor: cheap)."""
+    nonempty = [t for t in tensors if t.numel()]
+    if not nonempty:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, ord=float("inf")))).all())
 
 
 def sparse_tables(model: PCVRModel) -> list[str]:

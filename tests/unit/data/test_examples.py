@@ -223,3 +223,15 @@ def test_batches_shuffle_depends_on_the_seed() -> None:
 def test_batches_of_empty_examples_yield_nothing(rng: np.random.Generator) -> None:
     ex = _examples(5, rng).take(np.array([], dtype=np.int64))
     assert list(ex.batches(4, rng)) == []
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 7), (2, 5), (3, 3), (6, 7), (0, 0)])
+def test_slice_equals_take_of_the_range(rng: np.random.Generator, start: int, stop: int) -> None:
+    ex = _examples(7, rng)
+    got, want = ex.slice(start, stop), ex.take(np.arange(start, stop))
+    assert len(got) == stop - start
+    for group in ("ids", "dense", "labels"):
+        for k, v in getattr(want, group).items():
+            assert np.array_equal(getattr(got, group)[k], v), k
+    for k, (v, o) in want.bags.items():
+        assert np.array_equal(got.bags[k][0], v) and np.array_equal(got.bags[k][1], o), k

@@ -535,3 +535,31 @@ def test_writer_output_is_deterministic(tmp_path: Path, small_layout: None) -> N
 
     # Execute / Assert
     assert build("a") == build("b")
+
+
+def test_clients_equals_client_by_client_in_the_given_order(world: World) -> None:
+    ds = Dataset.open(world.path)
+    users = np.array([4, 0, 5, 1, 3])
+    for with_truth in (True, False):
+        got = ds.clients(users, with_truth=with_truth)
+        assert len(got) == len(users)
+        for u, ex in zip(users, got, strict=True):
+            _assert_examples_equal(ex, ds.client(int(u), with_truth=with_truth))
+    assert ds.clients(np.array([], dtype=np.int64)) == []
+
+
+def test_clients_with_an_unknown_user_raises(world: World) -> None:
+    ds = Dataset.open(world.path)
+    with pytest.raises(DataError, match="user_id 2 has no impressions"):
+        ds.clients(np.array([0, 2]))
+
+
+def test_row_group_cache_is_bounded_in_bytes() -> None:
+    from adfed.data import store
+
+    cache = store._TableCache(max_bytes=1)  # noqa: SLF001 - the bound itself is under test
+    small = pa.table({"x": [1, 2, 3]})
+    cache.put("a", small)
+    cache.put("b", small)
+    assert cache.get("a") is None and cache.get("b") is small  # the older one went
+    assert cache.nbytes == small.nbytes

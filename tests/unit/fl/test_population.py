@@ -71,3 +71,25 @@ def test_stores_are_independent() -> None:
     a, b = LocalStore(capacity=2), LocalStore(capacity=2)
     a.put_inplace(1, _state(1.0))
     assert b.get(1) is None
+
+
+def test_train_data_many_is_each_clients_time_split_train_rows(small_world) -> None:
+    import numpy as np
+
+    from adfed.data.schema import USER_KEY
+    from adfed.data.store import Dataset, split_by_time
+    from adfed.fl.population import Population
+
+    ds = Dataset.open(small_world)
+    pop = Population(ds, test_fraction=0.25, seed=0)
+    users = pop.clients[[5, 0, 3]]
+    for u, got in zip(users, pop.train_data_many(users), strict=True):
+        full = ds.client(int(u), with_truth=False)
+        train_rows, _ = split_by_time(full.ids[USER_KEY], 0.25)
+        want = full.take(train_rows)
+        assert len(got) == len(want) == pop.num_train(np.array([u]))[0]
+        for k, v in want.ids.items():
+            assert np.array_equal(got.ids[k], v), k
+        for k, (v, o) in want.bags.items():
+            assert np.array_equal(got.bags[k][0], v) and np.array_equal(got.bags[k][1], o), k
+        assert np.array_equal(got.labels["click"], want.labels["click"])

@@ -265,3 +265,13 @@ def test_model_bytes_counts_every_parameter_as_fp32(schema: Schema) -> None:
     assert model_bytes(model) == total
     assert sum(group_bytes(model, g) for g in ParamGroup) == total
     assert group_bytes(model, ParamGroup.LOCAL) == (50 * 8 + 50 * 2) * 4
+
+
+def test_all_finite_flags_nan_and_inf_but_not_huge_values() -> None:
+    from adfed.model.groups import all_finite
+
+    big = torch.tensor([3e38, -3e38])  # a norm would overflow these; max-abs does not
+    assert all_finite([big, torch.zeros(2, 3), torch.zeros(0)])
+    assert all_finite([])
+    assert not all_finite([torch.zeros(4), torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([[float("-inf")]])])

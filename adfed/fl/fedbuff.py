@@ -3,7 +3,8 @@
 An event-driven simulated clock keeps ``async_concurrency`` clients training at once.
 A client trains on the model version current when it starts; when it finishes, its
 update joins a buffer with staleness ``s = version_now - version_started`` (updates with
-``s > async_max_staleness`` are dropped); every ``async_buffer`` arrivals the server
+``s > async_max_staleness`` are dropped; a client that drops out frees its slot at a
+uniform point of its work, when its connection ends); every ``async_buffer`` arrivals the server
 applies the buffer, weighting each update by its capped example count times
 ``1 / sqrt(1 + s)``, and the freed slot is refilled with a new uniformly sampled client.
 
@@ -71,8 +72,9 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
     failed = devices.failures(population.profiles, clients, rng)
     ok = [(p, c) for p, c, f in zip(pending, clients, failed, strict=True) if not f]
     for (start, seq, client), f in zip(pending, failed, strict=True):
-        if f:  # fails at some point during its work: frees its slot then
-            heapq.heappush(st.events, (start + float(rng.random()) * 60.0, seq, client, None))
+        if f:  # drops out at a uniform point of its work (no payload yet: latency + compute)
+            work = _lower_bound(population, cfg, start, client) - start
+            heapq.heappush(st.events, (start + float(rng.random()) * work, seq, client, None))
     if not ok:
         return
     trained = np.array([c for _, c in ok], dtype=np.int64)

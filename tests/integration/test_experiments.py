@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -14,6 +15,14 @@ def test_first_reaching_picks_the_first_evaluated_row_at_target():
             {"round": 3, "auc": 0.7, "sim_time_s": 3.0}, {"round": 4, "auc": 0.8, "sim_time_s": 4.0}]
     assert fl_targets.first_reaching(rows, 0.7) == {"round": 3, "sim_time_s": 3.0, "auc": 0.7}
     assert fl_targets.first_reaching(rows, 0.9) is None
+
+
+def test_smoothed_averages_the_last_evaluations_only():
+    rows = [{"round": 1, "auc": 0.5}, {"round": 2}, {"round": 3, "auc": 0.7},
+            {"round": 4, "auc": 0.9}, {"round": 5, "auc": 0.2}]
+    curve = fl_targets.smoothed(rows)
+    assert [r["round"] for r in curve] == [1, 3, 4, 5]
+    assert [r["auc"] for r in curve] == pytest.approx([0.5, 0.6, 0.7, 0.6])
 
 
 def test_window_experiment_writes_results(small_world, fl_config, tmp_path):
@@ -41,3 +50,16 @@ def test_fl_vs_central_measures_the_configured_strategy_and_fedavg(small_world, 
 def test_unknown_experiment_lists_known_names(small_world, fl_config, tmp_path):
     with pytest.raises(ValueError, match="known: .*fl_vs_central"):
         fl_targets.run("nope", fl_config(small_world), tmp_path)
+
+
+def test_async_experiment_compares_against_the_smoothed_sync_target(small_world, fl_config, tmp_path):
+    cfg = fl_config(small_world, "fl.rounds=3", "fl.clients_per_round=10", "window.min_clients=2",
+                    "fl.eval_every=1")
+    results = fl_targets.run("async", cfg, tmp_path)
+    with open(tmp_path / "async" / "sync" / "rounds.csv") as fh:
+        sync_rows = [{"round": int(r["round"]), "auc": float(r["auc"]), "sim_time_s": float(r["sim_time_s"])}
+                     for r in csv.DictReader(fh) if r.get("auc")]
+    assert results["target_auc"] == pytest.approx(max(r["auc"] for r in fl_targets.smoothed(sync_rows)))
+    assert results["sync"] is not None and results["sync"]["sim_time_s"] <= results["sync_sim_time_s"]
+    assert results["async_steps"] == 3 * 10 // 2 and results["async_buffer"] == 2
+    assert (tmp_path / "async" / "async" / "rounds.csv").exists()

@@ -40,6 +40,7 @@ class ModelConfig:
     variant: Literal["full", "cloud_only"] = "full"
     embedding_dim: int = 16
     tower: tuple[int, ...] = (128, 64)
+    bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim >= 1, "model.embedding_dim", "an int >= 1", self.embedding_dim)

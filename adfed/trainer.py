@@ -52,6 +52,7 @@ def model_from_config(cfg: Config, dataset: Dataset, *, user_rows: int | None = 
         tower=cfg.model.tower,
         user_rows=user_rows,
         seed=cfg.seed,
+        bag_pooling=cfg.model.bag_pooling,
     )
 
 

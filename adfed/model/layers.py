@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ EMBEDDING_INIT_STD = 0.05
 #: Dense-gradient CATEGORICAL tables up to this many rows are read together by
 #: :meth:`FieldEmbeddings.pool_block` (their concatenation is copied once per batch).
 JOINT_MAX_ROWS = 4096
+BagPooling = Literal["sum", "mean", "sqrtn"]
+#: How a MULTI_HOT / SEQUENCE field's embeddings are combined: their sum (the default),
+#: their mean, or their sum over sqrt(length) (TensorFlow's "sqrtn" combiner).
+BAG_POOLINGS: tuple[str, ...] = ("sum", "mean", "sqrtn")
 
 
 def is_sparse_group(group: ParamGroup) -> bool:
@@ -75,11 +79,17 @@ class FieldEmbeddings(nn.Module):
     dim : embedding dimension D, shared by every table (dot products need it).
     rows_override : table sizes that replace a field's ``vocab_size`` (e.g. ``user_id``
         with a single row on a phone).
+    bag_pooling : how a bag's embeddings combine (:data:`BAG_POOLINGS`). ``"sum"`` keeps
+        membership and count: ``<sum of intent embeddings, e_category>`` is a sum of one
+        term per intent, where a mean divides it by the number of intents. Measured on
+        worlds other than the demo's (seeds 1 and 2): +0.055 and +0.013 CVR AUC over
+        ``"mean"`` (README). Sum and sqrtn are the mean times the length (or its root).
 
     Notes
     -----
     CATEGORICAL fields use ``nn.Embedding``; MULTI_HOT / SEQUENCE fields use
-    ``nn.EmbeddingBag(mode="mean")`` (an empty bag pools to zeros). Tables of LOCAL and
+    ``nn.EmbeddingBag(mode="mean")`` (an empty bag pools to zeros), rescaled for
+    ``bag_pooling``. Tables of LOCAL and
     SPARSE_SHARED fields have sparse gradients; DENSE_SHARED tables have dense ones.
     The modules hold the tables; lookups go through :mod:`adfed.model.pooling` (same
     values, faster backward, coalesced sparse gradients).
@@ -91,10 +101,14 @@ class FieldEmbeddings(nn.Module):
         dim: int,
         *,
         rows_override: dict[str, int] | None = None,
+        bag_pooling: BagPooling = "sum",
     ) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"model.embedding_dim must be an int >= 1; got {dim}")
+        if bag_pooling not in BAG_POOLINGS:
+            raise ValueError(f"model.bag_pooling must be one of {BAG_POOLINGS}; got {bag_pooling!r}")
+        self.bag_pooling = bag_pooling
         rows_override = rows_override or {}
         self.dim = dim
         self.embedded: tuple[FieldSpec, ...] = tuple(f for f in fields if f.kind is not FieldKind.DENSE)
@@ -157,8 +171,13 @@ class FieldEmbeddings(nn.Module):
             return lookup(batch.ids[f.name], weight)
         values, offsets = batch.bags[f.name]
         if sparse:
-            return mean_bag(values, offsets, weight, sparse_grad=True)
-        return pool_dense_bag(values, offsets, weight)
+            mean = mean_bag(values, offsets, weight, sparse_grad=True)
+        else:
+            mean = pool_dense_bag(values, offsets, weight)
+        if self.bag_pooling == "mean":
+            return mean
+        n = bag_lengths(values, offsets).to(mean.dtype).unsqueeze(1)  # [B, 1]; empty bags pool to 0
+        return mean * (n if self.bag_pooling == "sum" else n.sqrt())
 
     def forward(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pool every field.

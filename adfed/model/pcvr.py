@@ -26,6 +26,7 @@ from adfed.data.examples import Batch
 from adfed.data.schema import USER_KEY, FieldSpec, ParamGroup, Schema
 from adfed.errors import TrainingError
 from adfed.model.layers import (
+    BagPooling,
     DotInteraction,
     FieldEmbeddings,
     Towers,
@@ -242,6 +243,7 @@ def build_model(
     tower: tuple[int, ...] = (128, 64),
     user_rows: int | None = None,
     seed: int = 0,
+    bag_pooling: BagPooling = "sum",
 ) -> PCVRModel:
     """Build a freshly initialised :class:`PCVRModel` for ``schema``.
 
@@ -256,6 +258,7 @@ def build_model(
     user_rows : size of the ``user_id`` table and the user bias; ``None`` keeps the
         field's vocabulary size. A phone uses ``1`` together with :func:`remap_user`.
     seed : initialisation seed (a local ``torch.Generator``; the global RNG is untouched).
+    bag_pooling : how bag fields' embeddings combine (see :class:`FieldEmbeddings`).
 
     Raises
     ------
@@ -271,7 +274,8 @@ def build_model(
     rows = {USER_KEY: user_rows} if (has_user and user_rows is not None) else {}
     # Built on the meta device: the default initialisers would draw from the global RNG.
     with torch.device("meta"):
-        embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows)
+        embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows,
+                                     bag_pooling=bag_pooling)
         interaction = DotInteraction([f.entity for f in embeddings.embedded])
         in_features = embeddings.num_fields * embedding_dim + embeddings.num_scalars
         in_features += interaction.out_features

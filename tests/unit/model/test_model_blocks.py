@@ -32,7 +32,12 @@ def _reference_logits(model: PCVRModel, batch: Batch) -> tuple[torch.Tensor, tor
         weight = dict(emb.named_parameters())[emb.param_name(f.name)]
         if f.is_bag:
             values, offsets = batch.bags[f.name]
-            pooled.append(F.embedding_bag(values, weight, offsets, mode="mean"))
+            if emb.bag_pooling == "mean":
+                pooled.append(F.embedding_bag(values, weight, offsets, mode="mean"))
+            else:
+                total = F.embedding_bag(values, weight, offsets, mode="sum")
+                n = torch.diff(offsets, append=torch.tensor([values.numel()])).float().unsqueeze(1)
+                pooled.append(total if emb.bag_pooling == "sum" else total / n.clamp(min=1).sqrt())
         else:
             pooled.append(F.embedding(batch.ids[f.name], weight))
     scalars = [batch.dense[name] for name in emb.dense_names]
@@ -82,6 +87,20 @@ def test_forward_matches_the_reference(
     assert rows < BLOCK_MIN_ROWS or joint_reads >= SORTED_MIN_READS  # the sorted backward runs
 
     _assert_matches_reference(model, batch)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "sqrtn"])
+def test_every_bag_pooling_matches_the_reference(
+    schema: Schema, make_examples: Callable[..., Examples], pooling: str
+) -> None:
+    model = build_model(schema, embedding_dim=8, tower=(16, 8), bag_pooling=pooling)  # type: ignore[arg-type]
+    assert model.embeddings.bag_pooling == pooling
+    _assert_matches_reference(model, make_examples(schema, 64).to_batch())
+
+
+def test_unknown_bag_pooling_is_refused(schema: Schema) -> None:
+    with pytest.raises(ValueError, match="model.bag_pooling must be one of"):
+        build_model(schema, bag_pooling="max")  # type: ignore[arg-type]
 
 
 def test_forward_without_interaction_matches_the_reference(

@@ -244,7 +244,7 @@ def test_loss_decreases_on_a_learnable_toy_problem(
 ) -> None:
     schema = toy(num_users=8, num_ads=12)
     model = build_model(schema, embedding_dim=8, tower=(32, 16), seed=1)
-    lr = 0.02 if dense_opt == "adam" else 0.5
+    lr = 0.02 if dense_opt == "adam" else 0.2  # sum-pooled bags: larger inputs than mean
     optimizers = make_optimizers(model, lr=lr, dense_opt=dense_opt)  # type: ignore[arg-type]
     batches = [_learnable_batch(make_examples(schema, 512), rng) for _ in range(4)]
 

@@ -41,6 +41,13 @@ class ModelConfig:
     embedding_dim: int = 16
     tower: tuple[int, ...] = (128, 64)
     bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
+    # heads start at the training click / conversion rates ("base_rates") or at 0.5
+    # ("zero"); "auto": base_rates when federated, zero when centralized (README)
+    output_bias: Literal["auto", "base_rates", "zero"] = "auto"
+
+    def starts_at_base_rates(self, mode: str) -> bool:
+        """Whether a run in ``mode`` ("centralized" | "federated") sets the output priors."""
+        return self.output_bias == "base_rates" or (self.output_bias == "auto" and mode == "federated")
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim >= 1, "model.embedding_dim", "an int >= 1", self.embedding_dim)

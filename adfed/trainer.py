@@ -24,7 +24,15 @@ from adfed.config import Config
 from adfed.data.store import Dataset
 from adfed.evaluation import evaluate, split_examples, test_users
 from adfed.model.groups import make_optimizers, model_bytes
-from adfed.model.pcvr import PCVRModel, build_model, embedding_penalty, ensure_finite, esmm_loss
+from adfed.model.pcvr import (
+    LabelCounts,
+    PCVRModel,
+    build_model,
+    embedding_penalty,
+    ensure_finite,
+    esmm_loss,
+    set_output_priors_,
+)
 
 logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict[str, Any]], None]
@@ -88,6 +96,9 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     test = split.test if eval_users is None else split_examples(
         dataset.load(eval_users), cfg.data.test_fraction).test
     model = model_from_config(cfg, dataset)
+    if cfg.model.starts_at_base_rates("centralized"):
+        labels = split.train.labels
+        set_output_priors_(model, LabelCounts.of(labels["click"], labels["conversion"], labels["label_observed"]))
     optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
                                  weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng([cfg.seed, 0xC3])

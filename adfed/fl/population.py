@@ -16,6 +16,7 @@ import torch
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.fl.devices import DeviceProfiles
+from adfed.model.pcvr import LabelCounts
 
 
 class Population:
@@ -58,6 +59,15 @@ class Population:
         user_ids = np.asarray(user_ids, dtype=np.int64)
         datas = self.dataset.clients(user_ids, with_truth=False)
         return [d.slice(0, int(n)) for d, n in zip(datas, self._num_train[user_ids], strict=True)]
+
+    def label_counts(self, user_ids: np.ndarray, chunk: int = 256) -> LabelCounts:
+        """Summed label counts of these clients' training rows (read ``chunk`` at a time)."""
+        total = LabelCounts()
+        for i in range(0, len(user_ids), chunk):
+            for d in self.train_data_many(user_ids[i : i + chunk]):
+                total = total + LabelCounts.of(d.labels["click"], d.labels["conversion"],
+                                               d.labels["label_observed"])
+        return total
 
     def sample(self, k: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:
         """Uniformly sample up to ``k`` distinct clients that are online now.

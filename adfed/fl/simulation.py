@@ -31,10 +31,27 @@ from adfed.fl.rounds import ServerState, run_sync_round
 from adfed.fl.types import GlobalState
 from adfed.fl.window import initial_state
 from adfed.model.groups import get_dense, group_names, model_bytes, set_dense_inplace
-from adfed.model.pcvr import PCVRModel
+from adfed.model.pcvr import PCVRModel, set_output_priors_
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+
+
+#: Phones asked for their label counts before round 1 (see :func:`prior_sample`).
+PRIOR_CLIENTS = 1000
+
+
+def prior_sample(population: Population, seed: int) -> np.ndarray:
+    """The phones whose label counts set the model's starting base rates (sorted ids).
+
+    Before round 1 the server asks up to :data:`PRIOR_CLIENTS` uniformly sampled phones
+    for four counts over their training rows (impressions, clicks, clicks with a known
+    label, conversions) and sums them: the only label information that leaves a phone
+    outside its updates. Simulated directly, not as a round (no time, no failures).
+    """
+    rng = np.random.default_rng([seed, 0xB1A5])
+    k = min(PRIOR_CLIENTS, len(population))
+    return np.sort(rng.choice(population.clients, size=k, replace=False))
 
 
 def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.ServerOptimizer) -> ServerState:
@@ -108,6 +125,8 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
     test = split_examples(dataset.load(eval_users), cfg.data.test_fraction).test
     eval_model = model_from_config(cfg, dataset)
+    if cfg.model.starts_at_base_rates("federated"):
+        set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr, cfg.fl.server_tau)
     state = initial_server_state(cfg, eval_model, server_opt)
     store = LocalStore(capacity=cfg.fl.local_cache)

@@ -383,6 +383,12 @@ class Towers(nn.Module):
         self.ctr = _mlp(hidden[0], hidden[1:], 1)
         self.cvr = _mlp(hidden[0], hidden[1:], 1)
 
+    def set_output_bias_(self, ctr_logit: float, cvr_logit: float) -> None:
+        """Set the last bias of each tower (the logit the head outputs for a zero input)."""
+        with torch.no_grad():
+            cast(nn.Linear, self.ctr[-1]).bias.fill_(ctr_logit)
+            cast(nn.Linear, self.cvr[-1]).bias.fill_(cvr_logit)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 [B, in] -> (ctr_logit [B], cvr_logit [B])."""
         h = self.bottom(x)

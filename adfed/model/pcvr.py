@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -352,6 +354,52 @@ def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:
         rows = torch.unique(ids.to(torch.int64))
         total = total + F.embedding(rows, param, sparse=model.has_sparse_grad(name)).pow(2).sum()
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelCounts:
+    """Label counts of a training set; sums of per-client counts merge with ``+``."""
+
+    impressions: int = 0
+    clicks: int = 0
+    clicks_observed: int = 0  # clicks whose conversion label is known
+    conversions: int = 0  # among those
+
+    @staticmethod
+    def of(click: np.ndarray, conversion: np.ndarray, observed: np.ndarray) -> LabelCounts:
+        """Counts of label columns (int8 / bool arrays of one length)."""
+        click, conversion, observed = (np.asarray(a).astype(bool) for a in (click, conversion, observed))
+        seen = click & observed
+        return LabelCounts(impressions=len(click), clicks=int(click.sum()), clicks_observed=int(seen.sum()),
+                           conversions=int((conversion & seen).sum()))
+
+    def __add__(self, other: LabelCounts) -> LabelCounts:
+        return LabelCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                                    strict=True)))
+
+    @property
+    def click_rate(self) -> float:
+        return self.clicks / self.impressions if self.impressions else 0.5
+
+    @property
+    def conversion_rate(self) -> float:
+        """P(conversion | click), over clicks with an observed label."""
+        return self.conversions / self.clicks_observed if self.clicks_observed else 0.5
+
+
+def set_output_priors_(model: PCVRModel, counts: LabelCounts) -> None:
+    """Start both heads at the base rates: each tower's last bias = logit(rate).
+
+    With zero biases the model starts at pCTR = pCVR = 0.5 against rates of ~0.03 and
+    ~0.1; its first updates then mostly push pCVR down, hardest where pCTR is high, which
+    teaches the CVR tower the click signal with the wrong sign (CVR AUC < 0.5 for the
+    first rounds of federated training). Rates are clipped to [1e-4, 1 - 1e-4].
+    """
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-4), 1 - 1e-4)
+        return math.log(p / (1 - p))
+
+    model.towers.set_output_bias_(logit(counts.click_rate), logit(counts.conversion_rate))
 
 
 def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:

@@ -153,3 +153,25 @@ def test_local_state_persists_between_rounds(small_world, fl_config):
     user_rows = dict(result.model.named_parameters())[
         group_names(result.model, ParamGroup.LOCAL)[0]]
     assert int((user_rows.abs().sum(dim=1) > 0).sum()) > 0
+
+
+@pytest.mark.parametrize("setting", ["auto", "zero"])
+def test_federated_heads_start_at_the_sampled_phones_base_rates(small_world, fl_config, setting):
+    import math
+
+    from adfed.fl.population import Population
+    from adfed.fl.simulation import prior_sample
+
+    # a server lr of 1e-12 keeps the global model at its initial state, which then shows
+    cfg = fl_config(small_world, "fl.rounds=1", "fl.server_lr=1e-12", f'model.output_bias="{setting}"')
+    model = Trainer(cfg).fit().model
+    ctr_bias = float(model.towers.ctr[-1].bias.detach())
+    cvr_bias = float(model.towers.cvr[-1].bias.detach())
+    if setting == "zero":
+        assert ctr_bias == pytest.approx(0.0, abs=1e-6) and cvr_bias == pytest.approx(0.0, abs=1e-6)
+        return
+    pop = Population(Dataset.open(small_world), test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    counts = pop.label_counts(prior_sample(pop, cfg.seed))
+    assert ctr_bias == pytest.approx(math.log(counts.click_rate / (1 - counts.click_rate)), abs=1e-6)
+    assert cvr_bias == pytest.approx(math.log(counts.conversion_rate / (1 - counts.conversion_rate)), abs=1e-6)
+    assert ctr_bias < -1.0  # a click rate of a few percent

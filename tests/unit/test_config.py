@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adfed import config as C
-from adfed.config import Config, ConfigError
+from adfed.config import Config, ConfigError, with_overrides
 from adfed.fl import strategies
 
 
@@ -235,3 +235,11 @@ def test_parse_override_splits_key_path() -> None:
     assert C.parse_override(" window.kind = fixed") == (["window", "kind"], "fixed")
     assert C.parse_override("model.tower=[1, 2]") == (["model", "tower"], [1, 2])
     assert C.parse_override("data.path=a=b") == (["data", "path"], "a=b")
+
+
+@pytest.mark.parametrize(("setting", "central", "federated"),
+                         [("auto", False, True), ("base_rates", True, True), ("zero", False, False)])
+def test_output_bias_setting_per_mode(setting: str, central: bool, federated: bool) -> None:
+    model = with_overrides(Config(), [f'model.output_bias="{setting}"']).model
+    assert model.starts_at_base_rates("centralized") is central
+    assert model.starts_at_base_rates("federated") is federated

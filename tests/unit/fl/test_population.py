@@ -93,3 +93,23 @@ def test_train_data_many_is_each_clients_time_split_train_rows(small_world) -> N
         for k, (v, o) in want.bags.items():
             assert np.array_equal(got.bags[k][0], v) and np.array_equal(got.bags[k][1], o), k
         assert np.array_equal(got.labels["click"], want.labels["click"])
+
+
+def test_label_counts_sum_the_clients_training_rows_and_the_prior_sample_is_seeded(small_world) -> None:
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from adfed.fl.population import Population
+    from adfed.fl.simulation import PRIOR_CLIENTS, prior_sample
+    from adfed.model.pcvr import LabelCounts
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    users = pop.clients[:7]
+    want = LabelCounts()
+    for u in users:
+        d = pop.train_data(int(u))
+        want = want + LabelCounts.of(d.labels["click"], d.labels["conversion"], d.labels["label_observed"])
+    assert pop.label_counts(users, chunk=3) == want
+    a, b = prior_sample(pop, 0), prior_sample(pop, 0)
+    assert np.array_equal(a, b) and len(a) == min(PRIOR_CLIENTS, len(pop))
+    assert np.all(np.diff(a) > 0) and np.isin(a, pop.clients).all()

@@ -336,3 +336,28 @@ def test_embedding_penalty_counts_each_read_row_once_and_keeps_gradients_sparse(
         ids = model.rows_read(name, batch)
         assert set(torch.nonzero(read).flatten().tolist()) <= set(np.unique(ids.numpy()).tolist())
         torch.testing.assert_close(grad[read], 2 * p.detach()[read])
+
+
+def test_label_counts_count_observed_clicks_and_add_up() -> None:
+    from adfed.model.pcvr import LabelCounts
+
+    click = np.array([1, 1, 0, 1, 0, 1], dtype=np.int8)
+    conv = np.array([1, 0, 0, 1, 0, 0], dtype=np.int8)
+    observed = np.array([True, True, True, False, True, True])
+    c = LabelCounts.of(click, conv, observed)
+    assert (c.impressions, c.clicks, c.clicks_observed, c.conversions) == (6, 4, 3, 1)
+    assert c.click_rate == pytest.approx(4 / 6) and c.conversion_rate == pytest.approx(1 / 3)
+    both = c + LabelCounts.of(click[:2], conv[:2], observed[:2])
+    assert (both.impressions, both.clicks, both.clicks_observed, both.conversions) == (8, 6, 5, 2)
+    assert LabelCounts().click_rate == 0.5 and LabelCounts().conversion_rate == 0.5
+
+
+def test_output_priors_set_each_heads_last_bias_to_the_logit_of_its_rate(schema: Schema) -> None:
+    from adfed.model.pcvr import LabelCounts, set_output_priors_
+
+    model = build_model(schema, tower=(16, 8))
+    set_output_priors_(model, LabelCounts(impressions=100, clicks=4, clicks_observed=4, conversions=1))
+    assert float(model.towers.ctr[-1].bias.detach()) == pytest.approx(np.log(0.04 / 0.96))
+    assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(np.log(0.25 / 0.75))
+    set_output_priors_(model, LabelCounts(impressions=10, clicks=0))  # no clicks: rate 0.5
+    assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(0.0)

@@ -42,7 +42,8 @@ class ModelConfig:
     tower: tuple[int, ...] = (128, 64)
     bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
-    # ("zero"); "auto": base_rates when federated, zero when centralized (README)
+    # ("zero"); "auto": base_rates when federated (much better there), zero when
+    # centralized (mixed there: README, Results)
     output_bias: Literal["auto", "base_rates", "zero"] = "auto"
 
     def starts_at_base_rates(self, mode: str) -> bool:

@@ -11,6 +11,8 @@ same process: ``torch_sparse_adam_median`` and ``sparse_opt_ratio`` (median over
 of RowSparseAdam's examples/s / SparseAdam's). ``sparse_step_ms`` times the sparse
 optimizer's step alone on the gradients of the same batches (median ms per step, both
 optimizers interleaved; ``speedup`` = SparseAdam's ms / RowSparseAdam's).
+``mean_pooling_median``: the default model with ``bag_pooling="mean"`` instead of sum,
+interleaved the same way.
 
 Batches come from ``--data`` (a generated world) when given, otherwise from the
 synthetic world's schema with random ids and bag lengths like the generator's
@@ -151,16 +153,19 @@ def main() -> None:
             rows = rng.permutation(len(pool))[: 8 * size]
             batches = [pool.take(rows[i : i + size]).to_batch() for i in range(0, len(rows), size)]
             models = [build_model(schema, seed=0), build_model(schema, seed=0),
-                      _without_interaction(build_model(schema, seed=0))]
+                      _without_interaction(build_model(schema, seed=0)),
+                      build_model(schema, seed=0, bag_pooling="mean")]
             runs = [(models[0], make_optimizers(models[0], lr=1e-3)),
                     (models[1], make_optimizers(models[1], lr=1e-3, sparse_opt="torch_sparse_adam")),
-                    (models[2], make_optimizers(models[2], lr=1e-3))]
-            full, torch_sparse, base = _rates(runs, batches, args.rounds)
+                    (models[2], make_optimizers(models[2], lr=1e-3)),
+                    (models[3], make_optimizers(models[3], lr=1e-3))]
+            full, torch_sparse, base, mean_pool = _rates(runs, batches, args.rounds)
             median = float(np.median(full))
             results.append({"threads": threads, "batch": size, "best": round(max(full)),
                             "median": round(median), "no_interaction_median": round(float(np.median(base))),
                             "ratio": round(median / float(np.median(base)), 3),
                             "torch_sparse_adam_median": round(float(np.median(torch_sparse))),
+                            "mean_pooling_median": round(float(np.median(mean_pool))),
                             "sparse_opt_ratio": round(float(np.median(np.array(full) / np.array(torch_sparse))), 3),
                             "sparse_step_ms": _sparse_step_ms(schema, batches, args.rounds)})
     print(json.dumps({"bench": "model_train_step", "results": results}, indent=1))

@@ -175,3 +175,24 @@ def test_federated_heads_start_at_the_sampled_phones_base_rates(small_world, fl_
     assert ctr_bias == pytest.approx(math.log(counts.click_rate / (1 - counts.click_rate)), abs=1e-6)
     assert cvr_bias == pytest.approx(math.log(counts.conversion_rate / (1 - counts.conversion_rate)), abs=1e-6)
     assert ctr_bias < -1.0  # a click rate of a few percent
+
+
+def test_a_failing_async_client_frees_its_slot_within_its_own_work(small_world, fl_config):
+    from adfed.fl.fedbuff import AsyncState, _dispatch, _flush, _lower_bound
+    from adfed.fl.population import LocalStore, Population
+
+    cfg = fl_config(small_world, 'fl.schedule="async"', "fl.async_concurrency=15")
+    dataset = Dataset.open(small_world)
+    population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    population.profiles.dropout_prob[:] = 1.0  # every client fails
+    st = AsyncState(clock_s=100.0)
+    _dispatch(st, cfg, population, cfg.fl.async_concurrency)
+    starts = {client: start for start, _, client in st.pending}
+    backend = InProcessBackend(dataset.path, cfg)
+    state = initial_server_state(cfg, model_from_config(cfg, dataset),
+                                 strategies.create(cfg.fl.strategy, cfg.fl.server_lr))
+    _flush(st, state, cfg, population, backend, LocalStore(capacity=10))
+    assert len(st.events) == cfg.fl.async_concurrency
+    for t, _, client, result in st.events:
+        assert result is None  # a failure event
+        assert starts[client] <= t <= _lower_bound(population, cfg, starts[client], client)

@@ -97,8 +97,7 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
         dataset.load(eval_users), cfg.data.test_fraction).test
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("centralized"):
-        labels = split.train.labels
-        set_output_priors_(model, LabelCounts.of(labels["click"], labels["conversion"], labels["label_observed"]))
+        set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
     optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
                                  weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng([cfg.seed, 0xC3])

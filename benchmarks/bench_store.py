@@ -9,8 +9,10 @@ JSON object::
     python benchmarks/bench_store.py --users 200000
     python benchmarks/bench_store.py --data runs/world_1m  # reuse a dataset
 
-``client_ms.cold`` is each user's first read (its row groups not yet in the dataset's
-row-group cache); ``client_ms.warm`` re-reads the same user right after (cache hit).
+``client_ms.cold`` is each user's first read; its row group may already be in the
+dataset's row-group cache (256 MiB) when an earlier user shared it, so the median mixes
+misses and hits and the upper percentiles are the misses. ``client_ms.warm`` re-reads
+the same user right after (cache hit).
 ``baseline_ms`` is the naive way, ``pq.read_table(shard).slice(start, count)`` (decode
 the user's whole shard), for ``--baseline-clients`` users; ``speedup_median`` compares
 its median with the cold median.

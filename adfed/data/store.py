@@ -266,21 +266,14 @@ class Dataset:
         are cached, bounded). ``with_truth=False`` skips the truth columns (training
         never reads them).
         """
-        if not 0 <= user_id < len(self._count) or self._count[user_id] == 0:
-            raise DataError(f"user_id {user_id} has no impressions in {self.path}")
-        shard, start, count = int(self._shard[user_id]), int(self._start[user_id]), int(self._count[user_id])
-        imp = self._imp[shard].read_rows(start, count, self._imp_columns)
-        truth = self._truth[shard].read_rows(start, count) if self.has_truth and with_truth else None
-        user = self._users.read_rows(user_id, 1, [f.name for f in self._user_fields if f.name != USER_KEY])
-        user_rows = np.zeros(count, dtype=np.int64)
-        return self._join(imp, truth, user, user_rows)
+        return self.clients(np.array([user_id]), with_truth=with_truth)[0]
 
     def clients(self, user_ids: np.ndarray, *, with_truth: bool = True) -> list[Examples]:
         """:meth:`client` of each of ``user_ids`` (in that order), joined in one pass.
 
-        Same result as ``[self.client(u) for u in user_ids]``; one join for all users is
-        several times cheaper than one per user (the simulation loads a round's clients
-        this way).
+        One join for all users is several times cheaper than one per user (the
+        simulation loads a round's clients this way). Each result is a view into the
+        joined arrays (:meth:`Examples.slice`).
         """
         user_ids = np.asarray(user_ids, dtype=np.int64)
         if not len(user_ids):

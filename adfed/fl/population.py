@@ -65,8 +65,7 @@ class Population:
         total = LabelCounts()
         for i in range(0, len(user_ids), chunk):
             for d in self.train_data_many(user_ids[i : i + chunk]):
-                total = total + LabelCounts.of(d.labels["click"], d.labels["conversion"],
-                                               d.labels["label_observed"])
+                total = total + LabelCounts.of_labels(d.labels)
         return total
 
     def sample(self, k: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:

@@ -125,7 +125,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
     test = split_examples(dataset.load(eval_users), cfg.data.test_fraction).test
     eval_model = model_from_config(cfg, dataset)
-    if cfg.model.starts_at_base_rates("federated"):
+    if cfg.model.starts_at_base_rates("federated") and not resume:  # a resume restores the state
         set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr, cfg.fl.server_tau)
     state = initial_server_state(cfg, eval_model, server_opt)

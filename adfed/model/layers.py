@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ JOINT_MAX_ROWS = 4096
 BagPooling = Literal["sum", "mean", "sqrtn"]
 #: How a MULTI_HOT / SEQUENCE field's embeddings are combined: their sum (the default),
 #: their mean, or their sum over sqrt(length) (TensorFlow's "sqrtn" combiner).
-BAG_POOLINGS: tuple[str, ...] = ("sum", "mean", "sqrtn")
+BAG_POOLINGS: tuple[str, ...] = get_args(BagPooling)
 
 
 def is_sparse_group(group: ParamGroup) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -372,6 +373,11 @@ class LabelCounts:
         seen = click & observed
         return LabelCounts(impressions=len(click), clicks=int(click.sum()), clicks_observed=int(seen.sum()),
                            conversions=int((conversion & seen).sum()))
+
+    @staticmethod
+    def of_labels(labels: Mapping[str, np.ndarray]) -> LabelCounts:
+        """Counts of an :class:`~adfed.data.examples.Examples`' ``labels``."""
+        return LabelCounts.of(labels["click"], labels["conversion"], labels["label_observed"])
 
     def __add__(self, other: LabelCounts) -> LabelCounts:
         return LabelCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),

@@ -119,6 +119,41 @@ def impression_logits(world: World, uf: UserTruthFeatures, d: Draws) -> Logits:
     return logits(world, uf, d.rows, d.ads, d.context.flat(world.params.num_slots))
 
 
+def file_order(d: Draws) -> np.ndarray:
+    """The permutation that puts drawn impressions in file order: by (user row,
+    timestamp); stable, so equal timestamps keep counter order."""
+    return np.argsort((d.rows << 32) | d.timestamp, kind="stable")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImpressionParts:
+    """Per-impression truth in file order (see :func:`impression_parts`).
+
+    ``cvr_logit`` is the whole conversion logit; ``cvr_residual`` the user's latent
+    residual in it and ``cvr_ad`` the ad's own term (``TruthTables.ad``: per-ad noise plus
+    its advertiser's and creative type's effects), so ``cvr_logit - cvr_ad -
+    cvr_residual`` is what the fields (cloud and private) and the context explain.
+    """
+
+    user_id: np.ndarray  # int64 [n]
+    ad_id: np.ndarray  # int64 [n]
+    cvr_logit: np.ndarray  # float64 [n]
+    cvr_residual: np.ndarray  # float64 [n]
+    cvr_ad: np.ndarray  # float64 [n]
+
+
+def impression_parts(world: World, user_ids: np.ndarray) -> ImpressionParts:
+    """Regenerate the truth of users ``user_ids`` (ascending) term by term, in the row
+    order :func:`impressions_tables` writes them (analysis only, never a model input)."""
+    ids = check_user_ids(user_ids, world.params.num_users)
+    st = user_state(world, ids)
+    d = draw_impressions(world, st)
+    lg = impression_logits(world, user_truth_features(world, st), d)
+    o = file_order(d)
+    return ImpressionParts(user_id=st.user_id[d.rows][o], ad_id=d.ads[o], cvr_logit=lg.cvr[o],
+                           cvr_residual=lg.cvr_residual[o], cvr_ad=world.truth.ad[d.ads, 1][o])
+
+
 def impressions_from_state(world: World, st: UserState,
                            uf: UserTruthFeatures) -> tuple[pa.Table, pa.Table]:
     """Impressions and truth tables of the users of ``st`` (see :func:`impressions_tables`)."""
@@ -129,8 +164,7 @@ def impressions_from_state(world: World, st: UserState,
     click = d.u_click < p_click
     observed = st.label_observed[d.rows]
     conversion = click & (d.u_conv < p_cvr) & observed
-    # Sort by (user row, timestamp); stable, so equal timestamps keep counter order.
-    order = np.argsort((d.rows << 32) | d.timestamp, kind="stable")
+    order = file_order(d)
     ctx = d.context
     imp = arrow.table({
         "user_id": arrow.column(st.user_id[d.rows[order]], pa.int64()),

@@ -63,3 +63,32 @@ def test_async_experiment_compares_against_the_smoothed_sync_target(small_world,
     assert results["sync"] is not None and results["sync"]["sim_time_s"] <= results["sync_sim_time_s"]
     assert results["async_steps"] == 3 * 10 // 2 and results["async_buffer"] == 2
     assert (tmp_path / "async" / "async" / "rounds.csv").exists()
+
+
+def test_ceiling_experiment_scores_oracle_bounds_and_the_model_on_the_same_rows(small_world, fl_config, tmp_path):
+    cfg = fl_config(small_world)
+    results = fl_targets.run("ceiling", cfg, tmp_path)
+    table = results["auc"]
+    assert set(table) == {"oracle", "oracle_without_residual", "fields_known_ads_learned", "centralized"}
+    # the trainer scored the same rows: its own summary AUC is the table's
+    assert table["centralized"]["auc"] == pytest.approx(results["centralized_summary_auc"], abs=1e-6)
+    assert table["oracle"]["gap"] == 0.0
+    for row in table.values():
+        assert row["low"] <= row["auc"] <= row["high"]
+    assert results["test_conversions"] > 0 and results["train_conversions"] > 0
+    assert (tmp_path / "ceiling" / "ceiling.png").exists()
+    assert (tmp_path / "ceiling" / "centralized" / "summary.json").exists()
+
+
+def test_ceiling_experiment_refuses_a_dataset_without_a_generator_world(small_world, fl_config, tmp_path):
+    import shutil
+
+    from adfed.errors import DataError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_world, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["generator"] = "import:talkingdata"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="needs a synthetic dataset"):
+        fl_targets.run("ceiling", fl_config(copy), tmp_path / "out")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from adfed.metrics import ece, evaluate_predictions, safe_auc, safe_logloss
+from adfed.metrics import ece, evaluate_predictions, paired_bootstrap_auc, safe_auc, safe_logloss
 
 
 @pytest.fixture
@@ -175,3 +175,36 @@ def test_bad_inputs_are_named() -> None:
         evaluate_predictions(np.zeros((2, 2)), ok, obs, ok, ok)
     with pytest.raises(ValueError, match="truth_p_cvr"):
         evaluate_predictions(ok, ok, obs, ok, ok, truth_p_click=ok)
+
+
+def test_paired_bootstrap_intervals_hold_the_estimate_and_gap():
+    rng = np.random.default_rng(3)
+    n = 600
+    truth = rng.normal(size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(truth - 1.5)))).astype(int)
+    noisy = truth + rng.normal(scale=1.0, size=n)
+    out = paired_bootstrap_auc(y, {"truth": truth, "noisy": noisy, "same": truth.copy()}, "truth",
+                               resamples=300, seed=1)
+    for row in out.values():
+        assert row["low"] <= row["auc"] <= row["high"]
+    assert out["truth"]["gap"] == 0.0 and out["truth"]["gap_low"] == 0.0 == out["truth"]["gap_high"]
+    assert out["same"]["gap_high"] == 0.0  # a tie on every resample: no spread at all
+    gap = out["noisy"]
+    assert gap["gap"] == pytest.approx(out["truth"]["auc"] - out["noisy"]["auc"])
+    assert gap["gap_low"] <= gap["gap"] <= gap["gap_high"]
+    # paired: the gap's interval is narrower than either AUC's own interval
+    assert gap["gap_high"] - gap["gap_low"] < out["noisy"]["high"] - out["noisy"]["low"]
+    again = paired_bootstrap_auc(y, {"truth": truth, "noisy": noisy, "same": truth}, "truth",
+                                 resamples=300, seed=1)
+    assert again == out
+
+
+def test_paired_bootstrap_rejects_bad_input():
+    y = np.array([0, 1, 0, 1])
+    s = np.array([0.1, 0.9, 0.2, 0.8])
+    with pytest.raises(ValueError, match="reference 'x'"):
+        paired_bootstrap_auc(y, {"a": s}, "x")
+    with pytest.raises(ValueError, match="both classes"):
+        paired_bootstrap_auc(np.zeros(4), {"a": s}, "a")
+    with pytest.raises(ValueError, match="length 4"):
+        paired_bootstrap_auc(y, {"a": s[:3]}, "a")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_gen.devices import devices_table
-from data_gen.impressions import impressions_tables
+from data_gen.impressions import impression_parts, impressions_tables
 from data_gen.params import WorldParams
 from data_gen.requests import requests_table
 from data_gen.users import users_table
@@ -91,3 +91,17 @@ def test_user_ids_are_validated(small: World) -> None:
 def test_world_tables_do_not_depend_on_num_users(small: World, huge: World) -> None:
     for f in ("persona_means", "app_loadings", "membership_weights"):
         np.testing.assert_array_equal(getattr(small, f), getattr(huge, f))
+
+
+def test_impression_parts_regenerate_the_written_rows_term_by_term(small: World) -> None:
+    ids = np.arange(40, 90)
+    imp, truth = impressions_tables(small, ids)
+    parts = impression_parts(small, ids)
+    assert np.array_equal(parts.user_id, imp.column("user_id").to_numpy())
+    assert np.array_equal(parts.ad_id, imp.column("ad_id").to_numpy())
+    p_cvr = 1.0 / (1.0 + np.exp(-parts.cvr_logit))
+    np.testing.assert_allclose(p_cvr, truth.column("p_cvr").to_numpy(), atol=1e-6)
+    np.testing.assert_array_equal(parts.cvr_ad, small.truth.ad[parts.ad_id, 1])
+    # the residual is a per-user constant
+    for u in np.unique(parts.user_id):
+        assert np.unique(parts.cvr_residual[parts.user_id == u]).size == 1

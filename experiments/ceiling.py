@@ -1,0 +1,170 @@
+"""How close can anything trained on these rows get to the oracle? (issue 3's target)
+
+The oracle scores the test rows with the truth ``p_cvr``: it knows every coefficient of
+the world, including each ad's own conversion effect (``TruthTables.ad``) and each
+user's latent residual. On a synthetic dataset this experiment regenerates every
+impression's conversion logit term by term (:func:`data_gen.impressions.impression_parts`)
+and scores the test rows of ``adfed train`` (each user's last impressions; clicked, label
+observed) with:
+
+- ``oracle``: the whole truth logit;
+- ``oracle_without_residual``: the truth minus the user residual, which no field
+  explains (only on-device personalization can recover it);
+- ``fields_known_ads_learned``: a logistic regression that is *given* the exact field
+  part of the logit (cloud and private fields, context: everything but the ad's own
+  term and the residual) as one input and learns one effect per ad and per advertiser
+  from the training rows' conversions (L2 strength chosen by 5-fold cross-validation on
+  training rows only). Every real model must learn the field part as well, so this
+  is an optimistic bound for any model trained on the same rows;
+- ``centralized``: the centralized model of the base config (``adfed train --mode
+  centralized``), trained here.
+
+All four are scored on the same rows, with paired bootstrap intervals of each AUC and
+of its gap to the oracle (:func:`adfed.metrics.paired_bootstrap_auc`): the test set of a
+small world holds few conversions, so the noise of a single AUC is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegressionCV
+from threadpoolctl import threadpool_limits
+
+from adfed.config import Config
+from adfed.data.schema import USER_KEY
+from adfed.data.store import TRUTH_PREFIX, Dataset, split_by_time
+from adfed.errors import DataError
+from adfed.metrics import paired_bootstrap_auc
+from adfed.model.pcvr import PCVRModel
+from adfed.model.predict import predict
+from data_gen.impressions import ImpressionParts, impression_parts
+
+#: Users regenerated per chunk (memory grows with it, not with the population).
+CHUNK_USERS = 4096
+#: Inverse L2 strengths the cross-validation chooses from.
+GLM_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def world_of(dataset: Dataset) -> Any:
+    """The data_gen world that wrote ``dataset``; DataError for any other dataset."""
+    from data_gen.generate import GENERATOR
+    from data_gen.params import WorldParams
+    from data_gen.world import build_world
+
+    manifest = json.loads((dataset.path / "manifest.json").read_text())
+    if manifest.get("generator") != GENERATOR:
+        raise DataError(
+            f"experiment ceiling needs a synthetic dataset written by `adfed data generate`; "
+            f"{dataset.path} was written by {manifest.get('generator')!r}"
+        )
+    return build_world(WorldParams.from_dict(manifest["params"]), int(manifest["params"]["seed"]))
+
+
+def regenerate(world: Any, num_users: int) -> ImpressionParts:
+    """:func:`impression_parts` of every user, chunk by chunk, in file order."""
+    chunks = [impression_parts(world, np.arange(s, min(s + CHUNK_USERS, num_users)))
+              for s in range(0, num_users, CHUNK_USERS)]
+    return ImpressionParts(**{k: np.concatenate([getattr(c, k) for c in chunks])
+                              for k in ("user_id", "ad_id", "cvr_logit", "cvr_residual", "cvr_ad")})
+
+
+def _check_aligned(parts: ImpressionParts, user_id: np.ndarray, p_cvr: np.ndarray, path: Path) -> None:
+    ok = len(parts.user_id) == len(user_id) and np.array_equal(parts.user_id, user_id)
+    if ok:
+        regenerated = 1.0 / (1.0 + np.exp(-parts.cvr_logit))
+        ok = bool(np.allclose(regenerated, p_cvr, rtol=0.0, atol=1e-6))
+    if not ok:
+        raise DataError(f"{path}: regenerating the truth from its manifest does not reproduce "
+                        f"truth/ (written by another generator version?); regenerate the dataset")
+
+
+def _ad_design(known: np.ndarray, ads: np.ndarray, advertisers: np.ndarray,
+               num_ads: int, num_advertisers: int) -> sp.csr_matrix:
+    """[n, 1 + ads + advertisers]: the known field logit, then one-hots of ad and advertiser."""
+    n = len(known)
+    rows = np.arange(n)
+    one_hot = lambda cols, width: sp.csr_matrix((np.ones(n), (rows, cols)), shape=(n, width))  # noqa: E731
+    return sp.hstack([sp.csr_matrix(known[:, None]), one_hot(ads, num_ads),
+                      one_hot(advertisers, num_advertisers)]).tocsr()
+
+
+def fields_known_ads_learned(known: np.ndarray, ads: np.ndarray, advertisers: np.ndarray,
+                             y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                             num_ads: int, num_advertisers: int, seed: int) -> tuple[np.ndarray, float]:
+    """Scores of ``test`` rows by the GLM of the module docstring, and its chosen C."""
+    def design(r: np.ndarray) -> sp.csr_matrix:
+        return _ad_design(known[r], ads[r], advertisers[r], num_ads, num_advertisers)
+
+    glm = LogisticRegressionCV(Cs=list(GLM_CS), cv=5, scoring="neg_log_loss", max_iter=2000,
+                               random_state=seed, l1_ratios=(0.0,), use_legacy_attributes=False)
+    with threadpool_limits(1):
+        glm.fit(design(train), y[train])
+    return glm.decision_function(design(test)), float(glm.C_)
+
+
+def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> dict[str, Any]:
+    """The experiment's results for a trained centralized ``model`` (module docstring)."""
+    world = world_of(dataset)
+    progress(f"regenerating the truth of {len(dataset.user_ids):,} users")
+    parts = regenerate(world, world.params.num_users)
+    examples = dataset.load()
+    labels = examples.labels
+    _check_aligned(parts, examples.ids[USER_KEY], labels[TRUTH_PREFIX + "p_cvr"], dataset.path)
+    train_rows, test_rows = split_by_time(parts.user_id, base.data.test_fraction)
+    labelled = (labels["click"] == 1) & labels["label_observed"].astype(bool)
+    train, test = train_rows[labelled[train_rows]], test_rows[labelled[test_rows]]
+    y = labels["conversion"].astype(np.int64)
+
+    progress("fitting the fields-known, ads-learned regression")
+    known = parts.cvr_logit - parts.cvr_ad - parts.cvr_residual
+    glm_scores, glm_c = fields_known_ads_learned(
+        known, parts.ad_id, world.ad_advertiser[parts.ad_id].astype(np.int64), y, train, test,
+        world.params.num_ads, world.params.num_advertisers, base.seed)
+    _, pcvr = predict(model, examples.take(test))
+    scores = {
+        "oracle": parts.cvr_logit[test],
+        "oracle_without_residual": (parts.cvr_logit - parts.cvr_residual)[test],
+        "fields_known_ads_learned": glm_scores,
+        "centralized": pcvr.astype(np.float64),
+    }
+    progress("bootstrapping the AUCs")
+    return {
+        "test_rows": int(len(test)),
+        "test_conversions": int(y[test].sum()),
+        "train_rows": int(len(train)),
+        "train_conversions": int(y[train].sum()),
+        "glm_c": glm_c,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "level": 0.95, "paired": True},
+        "auc": paired_bootstrap_auc(y[test], scores, "oracle", resamples=BOOTSTRAP_RESAMPLES,
+                                    seed=base.seed),
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Each score's AUC with its bootstrap interval, one bar per score, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["auc"]
+    names = list(table)
+    auc = np.array([table[k]["auc"] for k in names])
+    err = np.array([[table[k]["auc"] - table[k]["low"] for k in names],
+                    [table[k]["high"] - table[k]["auc"] for k in names]])
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
+    ax.barh(names, auc, xerr=err, color="tab:blue", alpha=0.8, capsize=4)
+    ax.set_xlim(0.5, 1.0)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test CVR AUC ({results['test_conversions']} conversions; 95% bootstrap interval)")
+    ax.set_title("experiment ceiling")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -22,6 +22,9 @@ observed) with:
 All four are scored on the same rows, with paired bootstrap intervals of each AUC and
 of its gap to the oracle (:func:`adfed.metrics.paired_bootstrap_auc`): the test set of a
 small world holds few conversions, so the noise of a single AUC is reported beside it.
+``auc_expected`` gives each one's AUC in expectation over the truth's labels on every
+test impression of a label-observed user (:func:`adfed.metrics.expected_auc`), the
+low-noise version of the same comparison.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from adfed.config import Config
 from adfed.data.schema import USER_KEY
 from adfed.data.store import TRUTH_PREFIX, Dataset, split_by_time
 from adfed.errors import DataError
-from adfed.metrics import paired_bootstrap_auc
+from adfed.metrics import expected_auc, paired_bootstrap_auc
 from adfed.model.pcvr import PCVRModel
 from adfed.model.predict import predict
 from data_gen.impressions import ImpressionParts, impression_parts
@@ -121,20 +124,29 @@ def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> 
     train, test = train_rows[labelled[train_rows]], test_rows[labelled[test_rows]]
     y = labels["conversion"].astype(np.int64)
 
+    # every test impression of a label-observed user, for the expected AUCs
+    observed = test_rows[labels["label_observed"].astype(bool)[test_rows]]
+    in_test = np.isin(observed, test)
+
     progress("fitting the fields-known, ads-learned regression")
     known = parts.cvr_logit - parts.cvr_ad - parts.cvr_residual
     glm_scores, glm_c = fields_known_ads_learned(
-        known, parts.ad_id, world.ad_advertiser[parts.ad_id].astype(np.int64), y, train, test,
+        known, parts.ad_id, world.ad_advertiser[parts.ad_id].astype(np.int64), y, train, observed,
         world.params.num_ads, world.params.num_advertisers, base.seed)
-    _, pcvr = predict(model, examples.take(test))
-    scores = {
-        "oracle": parts.cvr_logit[test],
-        "oracle_without_residual": (parts.cvr_logit - parts.cvr_residual)[test],
+    _, pcvr = predict(model, examples.take(observed))
+    every = {
+        "oracle": parts.cvr_logit[observed],
+        "oracle_without_residual": (parts.cvr_logit - parts.cvr_residual)[observed],
         "fields_known_ads_learned": glm_scores,
         "centralized": pcvr.astype(np.float64),
     }
+    p_click = labels[TRUTH_PREFIX + "p_click"][observed].astype(np.float64)
+    p_cvr = labels[TRUTH_PREFIX + "p_cvr"][observed].astype(np.float64)
+    expected = {k: expected_auc(v, p_click * p_cvr, p_click * (1.0 - p_cvr)) for k, v in every.items()}
+    scores = {k: v[in_test] for k, v in every.items()}
     progress("bootstrapping the AUCs")
     return {
+        "auc_expected": expected,
         "test_rows": int(len(test)),
         "test_conversions": int(y[test].sum()),
         "train_rows": int(len(train)),

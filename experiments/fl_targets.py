@@ -18,6 +18,8 @@ comparison plot. Numbers are what these runs measured; nothing is tuned per targ
 - ``ceiling`` (the model issue's target): the centralized model beside the oracle, the
   oracle without the user residual and an optimistic well-specified regression, on the
   same test rows with paired bootstrap intervals (:mod:`experiments.ceiling`).
+- ``replay``: FedAvg's and FedAdam's arithmetic replayed centrally (one pass in batches
+  of whole users, SGD vs Adam), no federation (:mod:`experiments.replay`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.trainer import Trainer, TrainResult
-from experiments import ceiling
+from experiments import ceiling, replay
 
 Progress = Callable[[str], None]
 
@@ -151,6 +153,7 @@ EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any
     "window": window,
     "async": asynchronous,
     "ceiling": model_ceiling,
+    "replay": lambda base, dataset, out, progress: replay.analyse(base, dataset, progress),
 }
 
 
@@ -165,6 +168,8 @@ def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None)
     rundir.atomic_write(target / "results.json", json.dumps(results, indent=2, default=_json) + "\n")
     if name == "ceiling":
         ceiling.plot(results, target / f"{name}.png")
+    elif name == "replay":
+        replay.plot(results, target / f"{name}.png")
     else:
         _plot(name, target)
     return results

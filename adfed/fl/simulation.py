@@ -155,7 +155,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
                 t_eval = time.perf_counter()
                 load_global_inplace(eval_model, state, store)
                 final = evaluate(eval_model, test)
-                row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss") if k in final})
+                row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss", "auc_expected") if k in final})
                 row["eval_s"] = time.perf_counter() - t_eval
             row["wall_time_s"] = wall_before + time.perf_counter() - start
             rows.append(row)

@@ -76,6 +76,10 @@ def test_ceiling_experiment_scores_oracle_bounds_and_the_model_on_the_same_rows(
     for row in table.values():
         assert row["low"] <= row["auc"] <= row["high"]
     assert results["test_conversions"] > 0 and results["train_conversions"] > 0
+    expected = results["auc_expected"]
+    assert set(expected) == set(table)
+    # nothing scores the truth's own labels better than the truth
+    assert expected["oracle"] == max(expected.values())
     assert (tmp_path / "ceiling" / "ceiling.png").exists()
     assert (tmp_path / "ceiling" / "centralized" / "summary.json").exists()
 
@@ -92,3 +96,30 @@ def test_ceiling_experiment_refuses_a_dataset_without_a_generator_world(small_wo
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="needs a synthetic dataset"):
         fl_targets.run("ceiling", fl_config(copy), tmp_path / "out")
+
+
+def test_user_batches_hold_each_user_whole_and_once():
+    import numpy as np
+
+    from experiments.replay import user_batches
+
+    uid = np.array([3, 3, 5, 7, 7, 7, 9, 11, 11])
+    batches = user_batches(uid, 2, np.random.default_rng(0))
+    assert [len(set(uid[b])) for b in batches] == [2, 2, 1]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(uid)))
+    for b in batches:
+        for u in set(uid[b]):
+            assert set(np.flatnonzero(uid == u)) <= set(b.tolist())
+
+
+def test_replay_experiment_runs_one_pass_with_sgd_and_adam(small_world, fl_config, tmp_path):
+    cfg = fl_config(small_world, "fl.clients_per_round=500", "fl.eval_every=3", "fl.local_lr=0.5")
+    results = fl_targets.run("replay", cfg, tmp_path)
+    assert results["steps"] == 6  # 3,000 users, all with training rows, 500 per step
+    assert results["sgd"]["lr"] == 0.5 * cfg.fl.local_epochs * cfg.fl.server_lr
+    assert results["adam"]["lr"] == cfg.train.lr
+    for name in ("sgd", "adam"):
+        assert [r["step"] for r in results[name]["curve"]] == [3, 6]
+        assert results[name]["best"]["auc_expected"] >= results[name]["final"]["auc_expected"]
+    assert results["sgd"]["curve"] != results["adam"]["curve"]
+    assert (tmp_path / "replay" / "replay.png").exists()

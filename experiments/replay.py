@@ -1,0 +1,110 @@
+"""Is federated training's gap the federation or the optimizer? (federated engine issue)
+
+With clients of a dozen rows, a federated round is to first order one step on a large
+batch made of whole users: FedAvg (local SGD, server lr 1) moves the model by
+``local_lr x local_epochs`` times the mean gradient of the round's rows, i.e. SGD;
+FedAdam with one full-batch local step is Adam on the same rows. This experiment replays
+that arithmetic centrally, with no federation at all: one pass over the training rows
+in batches of ``fl.clients_per_round`` whole users (a fresh permutation of the users,
+so every user is in one batch), from the same start as a federated run (heads at the
+base rates when ``model.output_bias`` says so for federated runs), once with SGD at
+FedAvg's effective step and once with Adam at ``train.lr``, evaluating both every
+``fl.eval_every`` steps. Each curve is what the matching federated strategy could reach
+on this data in one pass, were its rounds exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adfed.config import Config
+from adfed.data.schema import USER_KEY
+from adfed.data.store import Dataset
+from adfed.evaluation import evaluate, split_examples, test_users
+from adfed.model.groups import make_optimizers
+from adfed.model.pcvr import LabelCounts, ensure_finite, esmm_loss, set_output_priors_
+from adfed.trainer import model_from_config
+
+
+def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of batches of whole users: users in a random order, ``users_per_batch``
+    at a time. ``user_ids`` [n] must be grouped (all rows of a user adjacent)."""
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]]) if len(user_ids) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(user_ids)]
+    order = rng.permutation(len(starts))
+    return [np.concatenate([np.arange(starts[u], ends[u]) for u in order[k:k + users_per_batch]])
+            for k in range(0, len(order), users_per_batch)]
+
+
+def one_pass(cfg: Config, dataset: Dataset, optimizer: str, lr: float) -> list[dict[str, Any]]:
+    """Train one pass in user batches with ``optimizer`` ("sgd" | "adam") at ``lr``;
+    returns one row per evaluation: ``step``, ``users``, ``auc``, ``auc_expected``."""
+    split = split_examples(dataset.load(), cfg.data.test_fraction)
+    eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
+    test = split.test if eval_users is None else split_examples(
+        dataset.load(eval_users), cfg.data.test_fraction).test
+    model = model_from_config(cfg, dataset)
+    if cfg.model.starts_at_base_rates("federated"):
+        set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
+    sparse = "sgd" if optimizer == "sgd" else "sparse_adam"
+    optimizers = make_optimizers(model, lr=lr, dense_opt=optimizer, sparse_opt=sparse)  # type: ignore[arg-type]
+    per = cfg.fl.clients_per_round
+    batches = user_batches(split.train.ids[USER_KEY], per, np.random.default_rng([cfg.seed, 0x5E9]))
+    rows: list[dict[str, Any]] = []
+    model.train()
+    for step, rows_of_batch in enumerate(batches, start=1):
+        batch = split.train.take(rows_of_batch).to_batch()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        ensure_finite(esmm_loss(model(batch), batch), where=f"replay step {step}").backward()
+        for opt in optimizers:
+            opt.step()
+        if step % cfg.fl.eval_every == 0 or step == len(batches):
+            m = evaluate(model, test)
+            rows.append({"step": step, "users": min(step * per, len(batches) * per),
+                         "auc": m["auc"], "auc_expected": m.get("auc_expected")})
+            model.train()
+    return rows
+
+
+def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
+    """Both curves (module docstring) and each one's best and last evaluation."""
+    sgd_lr = base.fl.local_lr * base.fl.local_epochs * base.fl.server_lr
+    curves = {}
+    for name, lr in (("sgd", sgd_lr), ("adam", base.train.lr)):
+        progress(f"replay: one pass with {name} (lr {lr:g}), {base.fl.clients_per_round} users per step")
+        curves[name] = {"lr": lr, "rows": one_pass(base, dataset, name, lr)}
+    key = "auc_expected" if curves["sgd"]["rows"][-1]["auc_expected"] is not None else "auc"
+    return {
+        "users_per_step": base.fl.clients_per_round,
+        "steps": curves["sgd"]["rows"][-1]["step"],
+        "compare_by": key,
+        **{name: {"lr": c["lr"], "final": c["rows"][-1], "best": max(c["rows"], key=lambda r: r[key]),
+                  "curve": c["rows"]} for name, c in curves.items()},
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """AUC (expected when the dataset has truth) vs step for both optimizers, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = results["compare_by"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for name in ("sgd", "adam"):
+        rows = results[name]["curve"]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3,
+                label=f"{name} (lr {results[name]['lr']:g})")
+    ax.set_xlabel(f"step ({results['users_per_step']} whole users per batch)")
+    ax.set_ylabel(f"test CVR {key.replace('_', ' ')}")
+    ax.set_title("experiment replay: one pass, no federation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -159,7 +159,8 @@ def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> 
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Each score's AUC with its bootstrap interval, one bar per score, as a PNG."""
+    """Each score's AUC with its bootstrap interval (bars) and its expected AUC (diamonds),
+    as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,8 +171,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     auc = np.array([table[k]["auc"] for k in names])
     err = np.array([[table[k]["auc"] - table[k]["low"] for k in names],
                     [table[k]["high"] - table[k]["auc"] for k in names]])
-    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
-    ax.barh(names, auc, xerr=err, color="tab:blue", alpha=0.8, capsize=4)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    ax.barh(names, auc, xerr=err, color="tab:blue", alpha=0.8, capsize=4, label="AUC on sampled labels")
+    ax.plot([results["auc_expected"][k] for k in names], names, "kD", ms=5,
+            label="expected AUC (all impressions, truth-weighted)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     ax.set_xlim(0.5, 1.0)
     ax.invert_yaxis()
     ax.set_xlabel(f"test CVR AUC ({results['test_conversions']} conversions; 95% bootstrap interval)")

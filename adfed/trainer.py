@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from adfed.config import Config
+from adfed.data.examples import Examples
 from adfed.data.store import Dataset
-from adfed.evaluation import evaluate, split_examples, test_users
+from adfed.evaluation import Split, evaluate, split_examples, test_users
 from adfed.model.groups import make_optimizers, model_bytes
 from adfed.model.pcvr import (
     LabelCounts,
@@ -88,13 +89,20 @@ class Trainer:
                              on_step=on_step)
 
 
-def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | None = None) -> TrainResult:
-    """Stand-alone training on all users' pooled training rows (the upper baseline)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def pooled_split(cfg: Config, dataset: Dataset) -> tuple[Split, Examples]:
+    """All users' rows split by time, and the test rows that are scored (every user's, or
+    those of ``data.max_test_users`` sampled users)."""
     split = split_examples(dataset.load(), cfg.data.test_fraction)
     eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
     test = split.test if eval_users is None else split_examples(
         dataset.load(eval_users), cfg.data.test_fraction).test
+    return split, test
+
+
+def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | None = None) -> TrainResult:
+    """Stand-alone training on all users' pooled training rows (the upper baseline)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    split, test = pooled_split(cfg, dataset)
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("centralized"):
         set_output_priors_(model, LabelCounts.of_labels(split.train.labels))

@@ -23,10 +23,10 @@ import numpy as np
 from adfed.config import Config
 from adfed.data.schema import USER_KEY
 from adfed.data.store import Dataset
-from adfed.evaluation import evaluate, split_examples, test_users
+from adfed.evaluation import evaluate
 from adfed.model.groups import make_optimizers
 from adfed.model.pcvr import LabelCounts, ensure_finite, esmm_loss, set_output_priors_
-from adfed.trainer import model_from_config
+from adfed.trainer import model_from_config, pooled_split
 
 
 def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -42,10 +42,7 @@ def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Gene
 def one_pass(cfg: Config, dataset: Dataset, optimizer: str, lr: float) -> list[dict[str, Any]]:
     """Train one pass in user batches with ``optimizer`` ("sgd" | "adam") at ``lr``;
     returns one row per evaluation: ``step``, ``users``, ``auc``, ``auc_expected``."""
-    split = split_examples(dataset.load(), cfg.data.test_fraction)
-    eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
-    test = split.test if eval_users is None else split_examples(
-        dataset.load(eval_users), cfg.data.test_fraction).test
+    split, test = pooled_split(cfg, dataset)
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("federated"):
         set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
@@ -73,7 +70,7 @@ def one_pass(cfg: Config, dataset: Dataset, optimizer: str, lr: float) -> list[d
 def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
     """Both curves (module docstring) and each one's best and last evaluation."""
     sgd_lr = base.fl.local_lr * base.fl.local_epochs * base.fl.server_lr
-    curves = {}
+    curves: dict[str, dict[str, Any]] = {}
     for name, lr in (("sgd", sgd_lr), ("adam", base.train.lr)):
         progress(f"replay: one pass with {name} (lr {lr:g}), {base.fl.clients_per_round} users per step")
         curves[name] = {"lr": lr, "rows": one_pass(base, dataset, name, lr)}

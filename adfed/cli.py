@@ -177,7 +177,7 @@ def train(
     except (AdfedError, ValueError) as exc:
         _fail(str(exc))
     summary = result.summary
-    keys = ("mode", "auc", "oracle_auc", "ctcvr_auc", "logloss", "rounds", "sim_time_s", "wall_time_s")
+    keys = ("mode", "auc", "auc_expected", "oracle_auc", "ctcvr_auc", "logloss", "rounds", "sim_time_s", "wall_time_s")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
 

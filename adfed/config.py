@@ -59,7 +59,7 @@ class ModelConfig:
 class TrainConfig:
     mode: Literal["centralized", "federated"] = "centralized"
     epochs: int = 1  # the user-embedding row overfits in a second epoch (README)
-    batch_size: int = 2048
+    batch_size: int = 1024  # 1024 beat 2048 on worlds of seeds 1 and 2, 3 seeds each (README)
     lr: float = 0.01
     sparse_lr: float = 0.01
     weight_decay: float = 0.0

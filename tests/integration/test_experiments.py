@@ -15,6 +15,8 @@ def test_first_reaching_picks_the_first_evaluated_row_at_target():
             {"round": 3, "auc": 0.7, "sim_time_s": 3.0}, {"round": 4, "auc": 0.8, "sim_time_s": 4.0}]
     assert fl_targets.first_reaching(rows, 0.7) == {"round": 3, "sim_time_s": 3.0, "auc": 0.7}
     assert fl_targets.first_reaching(rows, 0.9) is None
+    rows[2]["auc_expected"] = 0.65
+    assert fl_targets.first_reaching(rows, 0.6, "auc_expected") == {"round": 3, "sim_time_s": 3.0, "auc_expected": 0.65}
 
 
 def test_smoothed_averages_the_last_evaluations_only():
@@ -43,6 +45,9 @@ def test_fl_vs_central_measures_the_configured_strategy_and_fedavg(small_world, 
     assert set(results["federated"]) == {"fedadam", "fedavg"}
     assert results["federated"]["fedavg"]["server_lr"] == 1.0
     assert results["target_auc"] == pytest.approx(results["centralized_auc"] - 0.01)
+    assert results["target_auc_expected"] == pytest.approx(results["centralized_auc_expected"] - 0.01)
+    reached = results["federated"]["fedavg"]["reached_expected"]
+    assert reached is None or reached["auc_expected"] >= results["target_auc_expected"]
     for run in ("centralized", "fedadam", "fedavg"):
         assert (tmp_path / "fl_vs_central" / run / "summary.json").exists()
 

@@ -227,15 +227,15 @@ def paired_bootstrap_auc(
             draws[k][done] = roc_auc_score(y[idx], v[idx])
         done += 1
     tail = 100.0 * (1.0 - level) / 2.0
+    aucs = {k: float(roc_auc_score(y, v)) for k, v in s.items()}
     out: dict[str, dict[str, float]] = {}
-    for k, v in s.items():
+    for k, auc in aucs.items():
         gaps = draws[reference] - draws[k]
-        auc = float(roc_auc_score(y, v))
         out[k] = {
             "auc": auc,
             "low": float(np.percentile(draws[k], tail)),
             "high": float(np.percentile(draws[k], 100.0 - tail)),
-            "gap": float(roc_auc_score(y, s[reference])) - auc,
+            "gap": aucs[reference] - auc,
             "gap_low": float(np.percentile(gaps, tail)),
             "gap_high": float(np.percentile(gaps, 100.0 - tail)),
         }

@@ -68,16 +68,12 @@ def _row_groups(path: Path, shard: str,
 
 def _persona_of(manifest: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:
     """``(user_ids -> persona, number of personas)`` for a data_gen world, else None."""
-    from data_gen.generate import GENERATOR
-
-    if manifest.get("generator") != GENERATOR:
-        return None
-    from data_gen.params import WorldParams
+    from data_gen.generate import world_from_manifest
     from data_gen.users import personas
-    from data_gen.world import build_world
 
-    world = build_world(WorldParams.from_dict(manifest["params"]),
-                        int(manifest["params"]["seed"]))
+    world = world_from_manifest(manifest)
+    if world is None:
+        return None
     return (lambda ids: personas(world, ids)), world.params.num_personas
 
 

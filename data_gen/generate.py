@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 GENERATOR = "adfed.data_gen"
 DEFAULT_CHUNK_USERS = 4096
+
+
+def world_from_manifest(manifest: dict[str, Any]) -> World | None:
+    """The world that wrote a dataset with this ``manifest.json``; None when another
+    program (an importer) wrote it."""
+    if manifest.get("generator") != GENERATOR:
+        return None
+    return build_world(WorldParams.from_dict(manifest["params"]), int(manifest["params"]["seed"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ low-noise version of the same comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ from adfed.errors import DataError
 from adfed.metrics import expected_auc, paired_bootstrap_auc
 from adfed.model.pcvr import PCVRModel
 from adfed.model.predict import predict
+from data_gen.generate import world_from_manifest
 from data_gen.impressions import ImpressionParts, impression_parts
+from data_gen.truth import sigmoid
+from data_gen.world import World
 
 #: Users regenerated per chunk (memory grows with it, not with the population).
 CHUNK_USERS = 4096
@@ -54,34 +58,30 @@ GLM_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def world_of(dataset: Dataset) -> Any:
+def world_of(dataset: Dataset) -> World:
     """The data_gen world that wrote ``dataset``; DataError for any other dataset."""
-    from data_gen.generate import GENERATOR
-    from data_gen.params import WorldParams
-    from data_gen.world import build_world
-
     manifest = json.loads((dataset.path / "manifest.json").read_text())
-    if manifest.get("generator") != GENERATOR:
+    world = world_from_manifest(manifest)
+    if world is None:
         raise DataError(
             f"experiment ceiling needs a synthetic dataset written by `adfed data generate`; "
             f"{dataset.path} was written by {manifest.get('generator')!r}"
         )
-    return build_world(WorldParams.from_dict(manifest["params"]), int(manifest["params"]["seed"]))
+    return world
 
 
-def regenerate(world: Any, num_users: int) -> ImpressionParts:
+def regenerate(world: World, num_users: int) -> ImpressionParts:
     """:func:`impression_parts` of every user, chunk by chunk, in file order."""
     chunks = [impression_parts(world, np.arange(s, min(s + CHUNK_USERS, num_users)))
               for s in range(0, num_users, CHUNK_USERS)]
-    return ImpressionParts(**{k: np.concatenate([getattr(c, k) for c in chunks])
-                              for k in ("user_id", "ad_id", "cvr_logit", "cvr_residual", "cvr_ad")})
+    return ImpressionParts(**{f.name: np.concatenate([getattr(c, f.name) for c in chunks])
+                              for f in dataclasses.fields(ImpressionParts)})
 
 
 def _check_aligned(parts: ImpressionParts, user_id: np.ndarray, p_cvr: np.ndarray, path: Path) -> None:
     ok = len(parts.user_id) == len(user_id) and np.array_equal(parts.user_id, user_id)
     if ok:
-        regenerated = 1.0 / (1.0 + np.exp(-parts.cvr_logit))
-        ok = bool(np.allclose(regenerated, p_cvr, rtol=0.0, atol=1e-6))
+        ok = bool(np.allclose(sigmoid(parts.cvr_logit), p_cvr, rtol=0.0, atol=1e-6))
     if not ok:
         raise DataError(f"{path}: regenerating the truth from its manifest does not reproduce "
                         f"truth/ (written by another generator version?); regenerate the dataset")

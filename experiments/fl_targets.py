@@ -164,6 +164,8 @@ EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any
     "ceiling": model_ceiling,
     "replay": lambda base, dataset, out, progress: replay.analyse(base, dataset, progress),
 }
+#: Experiments whose plot is not the default AUC-vs-simulated-time one of their runs.
+PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {"ceiling": ceiling.plot, "replay": replay.plot}
 
 
 def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:
@@ -175,10 +177,8 @@ def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None)
     results = EXPERIMENTS[name](base, dataset, target, progress)
     results = {"experiment": name, "data": str(base.data.path), "seed": base.seed, **results}
     rundir.atomic_write(target / "results.json", json.dumps(results, indent=2, default=_json) + "\n")
-    if name == "ceiling":
-        ceiling.plot(results, target / f"{name}.png")
-    elif name == "replay":
-        replay.plot(results, target / f"{name}.png")
+    if name in PLOTS:
+        PLOTS[name](results, target / f"{name}.png")
     else:
         _plot(name, target)
     return results

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from adfed.config import Config
+from adfed.data.examples import Examples
 from adfed.data.schema import USER_KEY
 from adfed.data.store import Dataset
-from adfed.evaluation import evaluate
+from adfed.evaluation import Split, evaluate
 from adfed.model.groups import make_optimizers
 from adfed.model.pcvr import LabelCounts, ensure_finite, esmm_loss, set_output_priors_
 from adfed.trainer import model_from_config, pooled_split
@@ -39,10 +40,11 @@ def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Gene
             for k in range(0, len(order), users_per_batch)]
 
 
-def one_pass(cfg: Config, dataset: Dataset, optimizer: str, lr: float) -> list[dict[str, Any]]:
-    """Train one pass in user batches with ``optimizer`` ("sgd" | "adam") at ``lr``;
-    returns one row per evaluation: ``step``, ``users``, ``auc``, ``auc_expected``."""
-    split, test = pooled_split(cfg, dataset)
+def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimizer: str,
+             lr: float) -> list[dict[str, Any]]:
+    """Train one pass over ``split.train`` in user batches with ``optimizer`` ("sgd" |
+    "adam") at ``lr``, scoring ``test``; returns one row per evaluation: ``step``,
+    ``users``, ``auc``, ``auc_expected``."""
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("federated"):
         set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
@@ -70,10 +72,11 @@ def one_pass(cfg: Config, dataset: Dataset, optimizer: str, lr: float) -> list[d
 def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
     """Both curves (module docstring) and each one's best and last evaluation."""
     sgd_lr = base.fl.local_lr * base.fl.local_epochs * base.fl.server_lr
+    split, test = pooled_split(base, dataset)
     curves: dict[str, dict[str, Any]] = {}
     for name, lr in (("sgd", sgd_lr), ("adam", base.train.lr)):
         progress(f"replay: one pass with {name} (lr {lr:g}), {base.fl.clients_per_round} users per step")
-        curves[name] = {"lr": lr, "rows": one_pass(base, dataset, name, lr)}
+        curves[name] = {"lr": lr, "rows": one_pass(base, dataset, split, test, name, lr)}
     key = "auc_expected" if curves["sgd"]["rows"][-1]["auc_expected"] is not None else "auc"
     return {
         "users_per_step": base.fl.clients_per_round,

@@ -84,6 +84,9 @@ class FLConfig:
     local_batch_size: int = 32
     local_lr: float = 1.0  # plain local SGD; chosen by the sweep in README
     local_sparse_lr: float = 1.0
+    # local SGD lr of the small dense_shared embedding tables (see README, "FedAvg and the
+    # small tables"); SGD's one lr otherwise leaves them ~100x under-trained
+    local_table_lr: float = 1.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
@@ -107,7 +110,7 @@ class FLConfig:
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, f"fl.{key}", "an int >= 1", value)
         _check(self.over_selection >= 1.0, "fl.over_selection", "a float >= 1.0", self.over_selection)
-        for key in ("local_lr", "local_sparse_lr", "server_lr", "server_tau", "max_weight"):
+        for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
         _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",

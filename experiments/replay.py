@@ -2,14 +2,16 @@
 
 With clients of a dozen rows, a federated round is to first order one step on a large
 batch made of whole users: FedAvg (local SGD, server lr 1) moves the model by
-``local_lr x local_epochs`` times the mean gradient of the round's rows, i.e. SGD;
-FedAdam with one full-batch local step is Adam on the same rows. This experiment replays
+``local_lr x local_epochs`` times the mean gradient of the round's rows (the small dense
+tables by ``local_table_lr x local_epochs``), i.e. SGD; FedAdam with one full-batch local
+step is Adam on the same rows. This experiment replays
 that arithmetic centrally, with no federation at all: one pass over the training rows
 in batches of ``fl.clients_per_round`` whole users (a fresh permutation of the users,
 so every user is in one batch), from the same start as a federated run (heads at the
-base rates when ``model.output_bias`` says so for federated runs), once with SGD at
-FedAvg's effective step and once with Adam at ``train.lr``, evaluating both every
-``fl.eval_every`` steps. Each curve is what the matching federated strategy could reach
+base rates when ``model.output_bias`` says so for federated runs), three times: SGD at
+FedAvg's effective steps (``sgd``), SGD with the tables at the towers' step as well
+(``sgd_one_lr``, FedAvg before ``fl.local_table_lr``), and Adam at ``train.lr``
+(``adam``), evaluating each every ``fl.eval_every`` steps. Each curve is what the matching federated strategy could reach
 on this data in one pass, were its rounds exact.
 """
 
@@ -41,15 +43,17 @@ def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Gene
 
 
 def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimizer: str,
-             lr: float) -> list[dict[str, Any]]:
+             lr: float, table_lr: float | None = None) -> list[dict[str, Any]]:
     """Train one pass over ``split.train`` in user batches with ``optimizer`` ("sgd" |
-    "adam") at ``lr``, scoring ``test``; returns one row per evaluation: ``step``,
-    ``users``, ``auc``, ``auc_expected``."""
+    "adam") at ``lr`` (the small dense tables at ``table_lr`` when given), scoring
+    ``test``; returns one row per evaluation: ``step``, ``users``, ``auc``,
+    ``auc_expected``."""
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("federated"):
         set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
     sparse = "sgd" if optimizer == "sgd" else "sparse_adam"
-    optimizers = make_optimizers(model, lr=lr, dense_opt=optimizer, sparse_opt=sparse)  # type: ignore[arg-type]
+    optimizers = make_optimizers(model, lr=lr, dense_opt=optimizer, sparse_opt=sparse,  # type: ignore[arg-type]
+                                 table_lr=table_lr)
     per = cfg.fl.clients_per_round
     batches = user_batches(split.train.ids[USER_KEY], per, np.random.default_rng([cfg.seed, 0x5E9]))
     rows: list[dict[str, Any]] = []
@@ -70,19 +74,22 @@ def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimi
 
 
 def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
-    """Both curves (module docstring) and each one's best and last evaluation."""
-    sgd_lr = base.fl.local_lr * base.fl.local_epochs * base.fl.server_lr
+    """The three curves (module docstring) and each one's best and last evaluation."""
+    step = base.fl.local_epochs * base.fl.server_lr
+    sgd_lr, table_lr = base.fl.local_lr * step, base.fl.local_table_lr * step
     split, test = pooled_split(base, dataset)
     curves: dict[str, dict[str, Any]] = {}
-    for name, lr in (("sgd", sgd_lr), ("adam", base.train.lr)):
+    for name, opt, lr, tlr in (("sgd", "sgd", sgd_lr, table_lr), ("sgd_one_lr", "sgd", sgd_lr, None),
+                               ("adam", "adam", base.train.lr, None)):
         progress(f"replay: one pass with {name} (lr {lr:g}), {base.fl.clients_per_round} users per step")
-        curves[name] = {"lr": lr, "rows": one_pass(base, dataset, split, test, name, lr)}
+        curves[name] = {"lr": lr, "table_lr": lr if tlr is None else tlr,
+                        "rows": one_pass(base, dataset, split, test, opt, lr, tlr)}
     key = "auc_expected" if curves["sgd"]["rows"][-1]["auc_expected"] is not None else "auc"
     return {
         "users_per_step": base.fl.clients_per_round,
         "steps": curves["sgd"]["rows"][-1]["step"],
         "compare_by": key,
-        **{name: {"lr": c["lr"], "final": c["rows"][-1], "best": max(c["rows"], key=lambda r: r[key]),
+        **{name: {"lr": c["lr"], "table_lr": c["table_lr"], "final": c["rows"][-1], "best": max(c["rows"], key=lambda r: r[key]),
                   "curve": c["rows"]} for name, c in curves.items()},
     }
 
@@ -96,10 +103,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     key = results["compare_by"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for name in ("sgd", "adam"):
-        rows = results[name]["curve"]
+    for name in ("sgd", "sgd_one_lr", "adam"):
+        rows, c = results[name]["curve"], results[name]
+        tables = "" if c["table_lr"] == c["lr"] else f", tables {c['table_lr']:g}"
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3,
-                label=f"{name} (lr {results[name]['lr']:g})")
+                label=f"{name} (lr {c['lr']:g}{tables})")
     ax.set_xlabel(f"step ({results['users_per_step']} whole users per batch)")
     ax.set_ylabel(f"test CVR {key.replace('_', ' ')}")
     ax.set_title("experiment replay: one pass, no federation")

@@ -23,6 +23,7 @@ from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, ParamGroup
 from adfed.fl.types import ClientSettings, SparseRows, Update
 from adfed.model.groups import (
+    dense_param_groups,
     get_dense,
     get_rows,
     group_names,
@@ -94,17 +95,19 @@ def _proximal(scratch: PCVRModel, anchor: dict[str, torch.Tensor], mu: float) ->
 def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim.Optimizer]:
     """Fresh local optimizers for one round; see ClientSettings.
 
-    SGD is one optimizer with two parameter groups (dense lr, sparse-row lr): one
-    ``zero_grad`` and one ``step`` per batch, the same work as a plain training loop.
+    SGD is one optimizer with up to three parameter groups (the towers and other dense
+    parameters at ``lr``, the small dense embedding tables at ``table_lr``, the sparse
+    rows at ``sparse_lr``): one ``zero_grad`` and one ``step`` per batch, the same work
+    as a plain training loop.
     """
     named = parameters(scratch).items()
-    dense = [p for n, p in named if not scratch.has_sparse_grad(n)]
     sparse = [p for n, p in named if scratch.has_sparse_grad(n)]
     if s.optimizer == "adam":
+        dense = [p for n, p in named if not scratch.has_sparse_grad(n)]
         return [torch.optim.Adam(dense, lr=s.lr), *([RowSparseAdam(sparse, lr=s.sparse_lr)] if sparse else [])]
     if s.optimizer != "sgd":
         raise ValueError(f"fl.local_optimizer must be 'sgd' or 'adam'; got {s.optimizer!r}")
-    groups = [{"params": dense, "lr": s.lr}, *([{"params": sparse, "lr": s.sparse_lr}] if sparse else [])]
+    groups = [*dense_param_groups(scratch, s.lr, s.table_lr), *([{"params": sparse, "lr": s.sparse_lr}] if sparse else [])]
     return [torch.optim.SGD(groups, lr=s.lr)]
 
 

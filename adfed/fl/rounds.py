@@ -39,7 +39,8 @@ def client_settings(cfg: Config) -> ClientSettings:
     mu = cfg.fl.prox_mu if cfg.fl.strategy in strategies.PROXIMAL else 0.0
     return ClientSettings(epochs=cfg.fl.local_epochs, batch_size=cfg.fl.local_batch_size,
                           lr=cfg.fl.local_lr, sparse_lr=cfg.fl.local_sparse_lr, prox_mu=mu,
-                          optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2)
+                          optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2,
+                          table_lr=cfg.fl.local_table_lr)
 
 
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:

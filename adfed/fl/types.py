@@ -36,6 +36,7 @@ class ClientSettings:
     prox_mu: float = 0.0
     optimizer: str = "sgd"
     embedding_l2: float = 0.0  # train.embedding_l2: the same objective as centralized
+    table_lr: float | None = None  # SGD lr of the dense_shared embedding tables; None: lr
 
 
 @dataclasses.dataclass(frozen=True)

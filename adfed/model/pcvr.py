@@ -156,6 +156,11 @@ class PCVRModel(nn.Module):
         """True when parameter ``name`` gets sparse gradients (touched rows only)."""
         return name in self._sparse
 
+    def is_dense_table(self, name: str) -> bool:
+        """True when parameter ``name`` is an embedding table with dense gradients (a
+        small ``dense_shared`` table such as ``hour`` or ``advertiser_id``)."""
+        return name.startswith("embeddings.") and name not in self._sparse
+
     def table_name(self, field: str) -> str:
         """The parameter name of ``field``'s embedding table."""
         return "embeddings." + self.embeddings.param_name(field)

@@ -118,12 +118,16 @@ def test_user_batches_hold_each_user_whole_and_once():
 
 
 def test_replay_experiment_runs_one_pass_with_sgd_and_adam(small_world, fl_config, tmp_path):
-    cfg = fl_config(small_world, "fl.clients_per_round=500", "fl.eval_every=3", "fl.local_lr=0.5")
+    cfg = fl_config(small_world, "fl.clients_per_round=500", "fl.eval_every=3", "fl.local_lr=0.5",
+                    "fl.local_table_lr=5.0")
     results = fl_targets.run("replay", cfg, tmp_path)
     assert results["steps"] == 6  # 3,000 users, all with training rows, 500 per step
     assert results["sgd"]["lr"] == 0.5 * cfg.fl.local_epochs * cfg.fl.server_lr
+    assert results["sgd"]["table_lr"] == 5.0 * cfg.fl.local_epochs * cfg.fl.server_lr
+    assert results["sgd_one_lr"]["table_lr"] == results["sgd_one_lr"]["lr"] == results["sgd"]["lr"]
     assert results["adam"]["lr"] == cfg.train.lr
-    for name in ("sgd", "adam"):
+    assert results["sgd"]["curve"] != results["sgd_one_lr"]["curve"]  # the tables' lr matters
+    for name in ("sgd", "sgd_one_lr", "adam"):
         assert [r["step"] for r in results[name]["curve"]] == [3, 6]
         assert results[name]["best"]["auc_expected"] >= results[name]["final"]["auc_expected"]
     assert results["sgd"]["curve"] != results["adam"]["curve"]

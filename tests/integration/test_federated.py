@@ -146,6 +146,33 @@ def test_local_adam_takes_sign_sized_first_steps(small_world, fl_config):
     assert float(rows.max()) <= 0.001 * (1 + 1e-4) and float(rows.max()) > 0.0009
 
 
+def test_local_table_lr_scales_only_the_small_dense_tables(small_world, fl_config):
+    # Prepare: the same client's single full-batch SGD step at table lr 1 and 10
+    def one_update(table_lr: float):
+        cfg = fl_config(small_world, "fl.local_lr=0.1", "fl.local_sparse_lr=0.1",
+                        f"fl.local_table_lr={table_lr}", "fl.local_epochs=1",
+                        "fl.local_batch_size=100000")
+        ds = Dataset.open(small_world)
+        backend = InProcessBackend(small_world, cfg)
+        state = initial_server_state(cfg, model_from_config(cfg, ds), strategies.create("fedavg", 1.0))
+        client = int(backend.ctx.population.clients[0])
+        (res,) = backend.map(configure(state, cfg), [Job(client_id=client, local=None, seed=(0,))])
+        return res.update, backend.ctx.scratch
+
+    # Execute
+    (slow, scratch), (fast, _) = one_update(0.1), one_update(1.0)
+    # Assert: a first SGD step is lr x gradient, so the dense tables move exactly 10x
+    # as far and every other dense parameter and every sparse row the same
+    tables = [n for n in slow.dense if scratch.is_dense_table(n)]
+    assert tables and len(tables) < len(slow.dense)
+    for name, delta in slow.dense.items():
+        expected = delta * 10 if name in tables else delta
+        assert torch.allclose(fast.dense[name], expected, rtol=1e-4, atol=1e-7), name
+    assert any(float(slow.dense[n].abs().max()) > 0 for n in tables)
+    for table, rows in slow.sparse.items():
+        assert torch.equal(fast.sparse[table].values, rows.values), table
+
+
 def test_local_state_persists_between_rounds(small_world, fl_config):
     cfg = fl_config(small_world, "fl.rounds=3", "fl.clients_per_round=200")
     result = Trainer(cfg).fit()

@@ -132,6 +132,7 @@ def test_config_is_frozen() -> None:
         ("[fl]\nrounds = 0\n", r"fl\.rounds must be an int >= 1; got 0"),
         ("[fl]\nover_selection = 0.5\n", r"fl\.over_selection must be a float >= 1\.0; got 0\.5"),
         ("[fl]\nmax_weight = 0\n", r"fl\.max_weight must be a float > 0; got 0\.0"),
+        ("[fl]\nlocal_table_lr = 0\n", r"fl\.local_table_lr must be a float > 0; got 0\.0"),
         ("[fl]\nlocal_cache = -1\n", r"fl\.local_cache must be an int >= 0; got -1"),
         ("[data]\ntest_fraction = 1.0\n", r"data\.test_fraction must be in \(0, 1\); got 1\.0"),
         ("[train]\nlr = -1\n", r"train\.lr must be a float > 0; got -1\.0"),

@@ -248,6 +248,27 @@ def test_sparse_lr_reaches_the_sparse_optimizer(schema: Schema) -> None:
     assert dense_opt.param_groups[0]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("dense_opt", ["sgd", "adam"])
+def test_table_lr_puts_the_small_dense_tables_in_their_own_group(schema: Schema, dense_opt: str) -> None:
+    model = build_model(schema)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    dense, _ = make_optimizers(model, lr=0.1, table_lr=5.0, dense_opt=dense_opt)  # type: ignore[arg-type]
+
+    rest, tables = dense.param_groups
+    assert (rest["lr"], tables["lr"]) == (0.1, 5.0)
+    in_tables = {names[id(p)] for p in tables["params"]}
+    assert in_tables == {n for n in names.values() if model.is_dense_table(n)} and in_tables
+    assert all(n.startswith("embeddings.") and not model.has_sparse_grad(n) for n in in_tables)
+    dense_names = {n for n in names.values() if not model.has_sparse_grad(n)}
+    assert sorted(in_tables | {names[id(p)] for p in rest["params"]}) == sorted(dense_names)
+    assert not in_tables & {names[id(p)] for p in rest["params"]}
+    (single, _) = make_optimizers(model, lr=0.1)
+    assert len(single.param_groups) == 1
+    with pytest.raises(ValueError, match="table_lr"):
+        make_optimizers(model, lr=0.1, table_lr=0.0)
+
+
 def test_weight_decay_reaches_the_dense_optimizer_only(schema: Schema) -> None:
     model = build_model(schema)
 

@@ -80,13 +80,14 @@ class FLConfig:
     rounds: int = 100
     clients_per_round: int = 100
     over_selection: float = 1.3
-    local_epochs: int = 2
-    local_batch_size: int = 32
-    local_lr: float = 1.0  # plain local SGD; chosen by the sweep in README
-    local_sparse_lr: float = 1.0
-    # local SGD lr of the small dense_shared embedding tables (see README, "FedAvg and the
-    # small tables"); SGD's one lr otherwise leaves them ~100x under-trained
-    local_table_lr: float = 1.0
+    # one full-batch step of plain SGD per phone (FedAvg with E=1, B=all: every phone
+    # with <= 4096 training rows), lr per kind of parameter; README, "FedAvg and the
+    # small tables": the small dense tables need ~50x the towers' lr under SGD
+    local_epochs: int = 1
+    local_batch_size: int = 4096
+    local_lr: float = 2.0
+    local_sparse_lr: float = 2.0
+    local_table_lr: float = 100.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad

@@ -123,8 +123,17 @@ class Examples:
         )
 
     def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator[Batch]:
-        """Yield batches; shuffled with ``rng`` when given, in order otherwise."""
+        """Yield batches; shuffled with ``rng`` when given, in order otherwise.
+
+        Rows that fit in one batch come as they are, unshuffled and uncopied (with
+        ``rng`` untouched): one batch holds the same rows in any order, and its loss is a
+        mean over them.
+        """
         n = len(self)
+        if n <= batch_size:
+            if n:
+                yield self.to_batch()
+            return
         order = rng.permutation(n) if rng is not None else np.arange(n)
         for i in range(0, n, batch_size):
             yield self.take(order[i : i + batch_size]).to_batch()

@@ -26,6 +26,7 @@ from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
 from adfed.fl.types import ClientSettings, SparseRows, Update
 from adfed.fl.wire import encoded_size, update_size
+from adfed.model.groups import check_round_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,15 @@ class WorkerContext:
         self.population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
         self.scratch = model_from_config(cfg, dataset, user_rows=1)
         self._dense_bytes: tuple[int, int] = (-1, 0)
+        self._checked: tuple[int, int] = (-1, 0)
+
+    def check(self, model: RoundModel) -> None:
+        """Check the round's dense part and tables once per version (not per client)."""
+        key = (model.version, id(model.dense))
+        if self._checked != key:
+            check_round_tensors(model.dense, f"round model {model.version}")
+            check_round_tensors(model.tables, f"round model {model.version}")
+            self._checked = key
 
     def dense_bytes(self, model: RoundModel) -> int:
         if self._dense_bytes[0] != model.version:
@@ -80,10 +90,11 @@ def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | No
     """
     if data is None:
         data = ctx.population.train_data(job.client_id)
+    ctx.check(model)
     ids = needed_rows(ctx.scratch, data)
     rows = {t: SparseRows(i, model.tables[t][i]) for t, i in ids.items()}
     task = ClientTask(client_id=job.client_id, version=model.version, settings=model.settings,
-                      dense=model.dense, rows=rows, local=job.local, seed=job.seed)
+                      dense=model.dense, rows=rows, local=job.local, seed=job.seed, checked=True)
     update, local = client_update(ctx.scratch, task, data)
     rows_down = {f"{t}.ids": r.ids for t, r in rows.items()} | {f"{t}.rows": r.values for t, r in rows.items()}
     bytes_down = ctx.dense_bytes(model) + encoded_size(rows_down)

@@ -20,9 +20,10 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from adfed.data.examples import Batch
+from adfed.data.examples import Batch, Examples
 from adfed.data.schema import ParamGroup
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
@@ -84,8 +85,12 @@ def get_dense(model: PCVRModel, group: ParamGroup) -> dict[str, torch.Tensor]:
     return {name: params[name].detach().clone() for name in _index(model)[1][group]}
 
 
-def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> None:
+def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor], *, check: bool = True) -> None:
     """Copy ``tensors`` (name -> tensor of the parameter's shape) into ``model``.
+
+    ``check=False`` skips the name, shape and finiteness checks, for tensors the caller
+    has already checked (a client loading its round's model, checked once per version:
+    :func:`check_round_tensors`); a wrong name still raises ``KeyError``.
 
     Raises
     ------
@@ -93,6 +98,10 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> 
     ValueError : a shape differs, or a value is not finite.
     """
     params = parameters(model)
+    if not check:
+        with torch.no_grad():
+            torch._foreach_copy_([params[name] for name in tensors], list(tensors.values()))
+        return
     for name, value in tensors.items():
         if name not in params:
             raise KeyError(f"model has no parameter {name!r}; known: {sorted(params)}")
@@ -105,6 +114,14 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor]) -> 
         raise ValueError(f"parameter {bad}: values must be finite")
     with torch.no_grad():
         torch._foreach_copy_([params[name] for name in tensors], values)
+
+
+def check_round_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``tensors`` with a NaN or an
+    infinity (one max-abs per tensor); ``what`` says whose tensors they are."""
+    if not all_finite(list(tensors.values())):
+        bad = next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
+        raise ValueError(f"{what}: parameter {bad} is not finite")
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -120,8 +137,9 @@ def sparse_tables(model: PCVRModel) -> list[str]:
     return group_names(model, ParamGroup.SPARSE_SHARED)
 
 
-def touched_rows(model: PCVRModel, batch: Batch) -> dict[str, torch.Tensor]:
-    """Row ids each SPARSE_SHARED table reads for ``batch``.
+def touched_rows(model: PCVRModel, batch: Batch | Examples) -> dict[str, torch.Tensor]:
+    """Row ids each SPARSE_SHARED table reads for ``batch`` (a Batch, or Examples: the
+    same ids read straight from its numpy columns).
 
     Returns
     -------
@@ -131,7 +149,10 @@ def touched_rows(model: PCVRModel, batch: Batch) -> dict[str, torch.Tensor]:
     for name in sparse_tables(model):
         ids = model.rows_read(name, batch)
         assert ids is not None  # every SPARSE_SHARED parameter is an embedding table
-        out[name] = torch.unique(ids.to(torch.int64), sorted=True)
+        if isinstance(ids, np.ndarray):  # Examples: numpy columns, no tensors built
+            out[name] = torch.from_numpy(np.unique(ids).astype(np.int64, copy=False))
+        else:
+            out[name] = torch.unique(ids.to(torch.int64), sorted=True)
     return out
 
 
@@ -149,14 +170,22 @@ def get_rows(model: PCVRModel, table: str, ids: torch.Tensor) -> torch.Tensor:
     return weight.detach()[ids.long()].clone()
 
 
-def set_rows_inplace(model: PCVRModel, table: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+def set_rows_inplace(model: PCVRModel, table: str, ids: torch.Tensor, values: torch.Tensor, *,
+                     check: bool = True) -> None:
     """Write ``values`` (float [k, D]) into rows ``ids`` (int64 [k], unique) of ``table``.
+
+    ``check=False`` skips the checks, for rows the caller sliced from checked tables with
+    ids it computed itself (a client loading the rows its own data reads).
 
     Raises
     ------
     ValueError : ids out of range or repeated, a shape mismatch, or non-finite values.
     """
     weight = _param(model, table)
+    if not check:
+        with torch.no_grad():
+            weight[ids] = values
+        return
     _check_ids(table, ids, weight.shape[0])
     expected = (ids.numel(), weight.shape[1])
     if tuple(values.shape) != expected:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adfed.data.examples import Batch
+from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, FieldSpec, ParamGroup, Schema
 from adfed.errors import TrainingError
 from adfed.model.layers import (
@@ -172,9 +172,10 @@ class PCVRModel(nn.Module):
             raise KeyError(f"{name!r} is not an embedding table")
         return self.embeddings.field_of(name[len(prefix) :])
 
-    def rows_read(self, name: str, batch: Batch) -> torch.Tensor | None:
+    def rows_read(self, name: str, batch: Batch | Examples) -> torch.Tensor | np.ndarray | None:
         """The row ids ``batch`` reads from table parameter ``name`` (repeats included):
-        an embedding table or the user bias; None for a parameter that is not a table."""
+        an embedding table or the user bias; None for a parameter that is not a table.
+        A Batch gives a tensor, Examples the numpy column itself."""
         if name == "user_bias.weight" and self.user_bias is not None:
             return batch.ids[USER_KEY]
         if not name.startswith("embeddings.tables."):
@@ -357,6 +358,7 @@ def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:
         ids = model.rows_read(name, batch)
         if ids is None:
             continue
+        assert isinstance(ids, torch.Tensor)  # a Batch gives tensors
         rows = torch.unique(ids.to(torch.int64))
         total = total + F.embedding(rows, param, sparse=model.has_sparse_grad(name)).pow(2).sum()
     return total

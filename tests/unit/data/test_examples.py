@@ -220,6 +220,21 @@ def test_batches_shuffle_depends_on_the_seed() -> None:
     assert order(1) != sorted(order(1))
 
 
+def test_rows_that_fit_one_batch_come_as_they_are() -> None:
+    # Prepare: 23 rows, a batch of 23 or more, a shuffling rng
+    ex = _examples(23, np.random.default_rng(0))
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+
+    # Execute
+    (batch,) = list(ex.batches(23, rng))
+
+    # Assert: the rows in their own order, and the rng not drawn from
+    assert (batch.ids["ad_id"].numpy() // 10).tolist() == list(range(23))
+    assert rng.bit_generator.state == state
+    assert len(list(ex.batches(24, rng))) == 1
+
+
 def test_batches_of_empty_examples_yield_nothing(rng: np.random.Generator) -> None:
     ex = _examples(5, rng).take(np.array([], dtype=np.int64))
     assert list(ex.batches(4, rng)) == []

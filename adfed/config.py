@@ -98,7 +98,7 @@ class FLConfig:
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"
     async_concurrency: int = 100
-    async_buffer: int = 20
+    async_buffer: int = 50  # 20 diverged (NaN) at the local lrs of the FedAvg defaults; README, Async
     async_max_staleness: int = 20
     backend: Literal["inprocess", "process", "ray"] = "inprocess"
     workers: int = 2

@@ -130,7 +130,7 @@ def asynchronous(base: Config, dataset: Dataset, out: Path, progress: Progress) 
     sync = _run(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "sync", progress)
     k = fed.fl.clients_per_round
     # same number of client updates as the sync run: rounds * k = steps * buffer
-    buffer = max(1, k // 5)
+    buffer = min(fed.fl.async_buffer, k)
     steps = fed.fl.rounds * k // buffer
     asy = _run(with_overrides(fed, ['fl.schedule="async"', f"fl.async_concurrency={k}",
                                     f"fl.async_buffer={buffer}", f"fl.rounds={steps}",

@@ -59,7 +59,7 @@ def test_unknown_experiment_lists_known_names(small_world, fl_config, tmp_path):
 
 def test_async_experiment_compares_against_the_smoothed_sync_target(small_world, fl_config, tmp_path):
     cfg = fl_config(small_world, "fl.rounds=3", "fl.clients_per_round=10", "window.min_clients=2",
-                    "fl.eval_every=1")
+                    "fl.eval_every=1", "fl.async_buffer=2")
     results = fl_targets.run("async", cfg, tmp_path)
     with open(tmp_path / "async" / "sync" / "rounds.csv") as fh:
         sync_rows = [{"round": int(r["round"]), "auc": float(r["auc"]), "sim_time_s": float(r["sim_time_s"])}
@@ -68,6 +68,10 @@ def test_async_experiment_compares_against_the_smoothed_sync_target(small_world,
     assert results["sync"] is not None and results["sync"]["sim_time_s"] <= results["sync_sim_time_s"]
     assert results["async_steps"] == 3 * 10 // 2 and results["async_buffer"] == 2
     assert (tmp_path / "async" / "async" / "rounds.csv").exists()
+    # the buffer comes from fl.async_buffer (capped at clients_per_round)
+    capped = fl_targets.run("async", fl_config(small_world, "fl.rounds=2", "fl.clients_per_round=10",
+                                               "window.min_clients=2", "fl.async_buffer=50"), tmp_path / "b")
+    assert capped["async_buffer"] == 10 and capped["async_steps"] == 2
 
 
 def test_ceiling_experiment_scores_oracle_bounds_and_the_model_on_the_same_rows(small_world, fl_config, tmp_path):

@@ -113,6 +113,10 @@ def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim
     as a plain training loop. It is stateless (no momentum), so it is built once per
     scratch model and learning rates. Adam starts from a fresh state every round.
     """
+    key = (s.lr, s.sparse_lr, -1.0 if s.table_lr is None else s.table_lr)
+    cached = _SGD_CACHE.get(scratch) if s.optimizer == "sgd" else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     named = parameters(scratch).items()
     sparse = [p for n, p in named if scratch.has_sparse_grad(n)]
     if s.optimizer == "adam":
@@ -120,10 +124,6 @@ def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim
         return [torch.optim.Adam(dense, lr=s.lr), *([RowSparseAdam(sparse, lr=s.sparse_lr)] if sparse else [])]
     if s.optimizer != "sgd":
         raise ValueError(f"fl.local_optimizer must be 'sgd' or 'adam'; got {s.optimizer!r}")
-    key = (s.lr, s.sparse_lr, -1.0 if s.table_lr is None else s.table_lr)
-    cached = _SGD_CACHE.get(scratch)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     groups = [*dense_param_groups(scratch, s.lr, s.table_lr), *([{"params": sparse, "lr": s.sparse_lr}] if sparse else [])]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(groups, lr=s.lr)]
     _SGD_CACHE[scratch] = (key, optimizers)

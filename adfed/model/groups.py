@@ -108,19 +108,26 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor], *, 
         target = params[name]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"parameter {name}: shape must be {tuple(target.shape)}; got {tuple(value.shape)}")
-    values = list(tensors.values())
-    if values and not all_finite(values):
-        bad = next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
+    bad = first_non_finite(tensors)
+    if bad is not None:
         raise ValueError(f"parameter {bad}: values must be finite")
     with torch.no_grad():
-        torch._foreach_copy_([params[name] for name in tensors], values)
+        torch._foreach_copy_([params[name] for name in tensors], list(tensors.values()))
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, None when all are
+    finite (one max-abs per tensor when they are, the common case)."""
+    if all_finite(list(tensors.values())):
+        return None
+    return next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
 
 
 def check_round_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise ``ValueError`` naming the first tensor of ``tensors`` with a NaN or an
-    infinity (one max-abs per tensor); ``what`` says whose tensors they are."""
-    if not all_finite(list(tensors.values())):
-        bad = next(name for name, v in tensors.items() if not bool(torch.isfinite(v).all()))
+    infinity; ``what`` says whose tensors they are."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
         raise ValueError(f"{what}: parameter {bad} is not finite")
 
 
@@ -229,7 +236,8 @@ def make_optimizers(
 
     Sparse optimizers touch only the rows present in a step's gradient, so untouched
     rows of the big tables keep their values (and their optimizer state) exactly.
-    Empty parameter sets (and empty groups) get no optimizer; call ``step``/``zero_grad`` on every one.
+    Empty parameter sets (and empty groups) get no optimizer; call ``step``/``zero_grad``
+    on every one.
 
     Parameters
     ----------

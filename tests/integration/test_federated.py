@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,22 @@ def test_local_table_lr_scales_only_the_small_dense_tables(small_world, fl_confi
     assert any(float(slow.dense[n].abs().max()) > 0 for n in tables)
     for table, rows in slow.sparse.items():
         assert torch.equal(fast.sparse[table].values, rows.values), table
+
+
+def test_a_non_finite_round_model_is_refused_before_any_client_trains(small_world, fl_config):
+    # Prepare: a round model whose dense part holds a NaN (checked once per version now,
+    # not per client)
+    cfg = fl_config(small_world)
+    backend = InProcessBackend(small_world, cfg)
+    state = initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                 strategies.create("fedavg", 1.0))
+    model = configure(state, cfg)
+    name = next(iter(model.dense))
+    bad = dataclasses.replace(model, dense={**model.dense, name: torch.full_like(model.dense[name], float("nan"))})
+    client = int(backend.ctx.population.clients[0])
+    # Execute / Assert
+    with pytest.raises(ValueError, match=f"round model .*parameter {name} is not finite"):
+        backend.map(bad, [Job(client_id=client, local=None, seed=(0,))])
 
 
 def test_local_state_persists_between_rounds(small_world, fl_config):

@@ -96,7 +96,7 @@ class Examples:
             vals = [p.bags[name][0] for p in parts]
             offs = [p.bags[name][1] for p in parts]
             shift = np.cumsum([0] + [int(o[-1]) for o in offs[:-1]])
-            offsets = np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift)])
+            offsets = np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift, strict=True)])
             bags[name] = (np.concatenate(vals), offsets)
         return Examples(
             ids={k: np.concatenate([p.ids[k] for p in parts]) for k in first.ids},
@@ -150,5 +150,27 @@ class Batch:
     conversion: torch.Tensor  # float32 [B]; 0 where not clicked
     label_observed: torch.Tensor  # bool [B]; False: the conversion label is unknown
 
+    #: bag field -> its bags' lengths, filled by :meth:`bag_lengths` (a batch's model
+    #: reads each bag field's lengths up to three times per step).
+    _lengths: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                                          compare=False)
+
     def __len__(self) -> int:
         return int(self.click.shape[0])
+
+    def bag_lengths(self, name: str) -> torch.Tensor:
+        """Number of ids in each bag of field ``name``, int64 [B], computed once per batch.
+
+        Raises
+        ------
+        KeyError : the batch has no bag field ``name``.
+        """
+        lengths = self._lengths.get(name)
+        if lengths is None:
+            lengths = self._lengths[name] = bag_lengths(*self.bags[name])
+        return lengths
+
+
+def bag_lengths(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Number of ids in each bag, int64 [B], from ``offsets`` (no trailing total)."""
+    return torch.diff(offsets, append=offsets.new_tensor([values.shape[0]]))

@@ -35,7 +35,7 @@ from torch import nn
 from adfed.data.examples import Batch
 from adfed.data.schema import Entity, FieldKind, FieldSpec, ParamGroup
 from adfed.errors import DataError
-from adfed.model.pooling import bag_lengths, lookup, mean_bag, pool_dense_bag
+from adfed.model.pooling import lookup, mean_bag, pool_dense_bag
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +170,14 @@ class FieldEmbeddings(nn.Module):
                 return self.tables[self._key[f.name]](batch.ids[f.name])
             return lookup(batch.ids[f.name], weight)
         values, offsets = batch.bags[f.name]
+        lengths = batch.bag_lengths(f.name)
         if sparse:
-            mean = mean_bag(values, offsets, weight, sparse_grad=True)
+            mean = mean_bag(values, offsets, weight, sparse_grad=True, lengths=lengths)
         else:
-            mean = pool_dense_bag(values, offsets, weight)
+            mean = pool_dense_bag(values, offsets, weight, lengths=lengths)
         if self.bag_pooling == "mean":
             return mean
-        n = bag_lengths(values, offsets).to(mean.dtype).unsqueeze(1)  # [B, 1]; empty bags pool to 0
+        n = lengths.to(mean.dtype).unsqueeze(1)  # [B, 1]; empty bags pool to 0
         return mean * (n if self.bag_pooling == "sum" else n.sqrt())
 
     def forward(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -197,7 +198,7 @@ class FieldEmbeddings(nn.Module):
             dense = [batch.dense[name].unsqueeze(1) for name in self.dense_names]
         except KeyError as exc:
             raise DataError(f"batch lacks model input field {exc.args[0]!r}") from exc
-        dense += [bag_size(*batch.bags[f.name]) for f in self.embedded if f.is_bag]
+        dense += [bag_size(batch.bag_lengths(f.name)).unsqueeze(1) for f in self.embedded if f.is_bag]
         return pooled, dense
 
     def _joinable(self, f: FieldSpec) -> bool:
@@ -275,10 +276,9 @@ class FieldEmbeddings(nn.Module):
         """
         try:
             cols = [batch.dense[name] for name in self.dense_names]
-            bags = [batch.bags[f.name] for f in self.embedded if f.is_bag]
+            cols += [bag_size(batch.bag_lengths(f.name)) for f in self.embedded if f.is_bag]
         except KeyError as exc:
             raise DataError(f"batch lacks model input field {exc.args[0]!r}") from exc
-        cols += [torch.log1p(bag_lengths(*bag).to(torch.float32)) for bag in bags]
         return torch.stack(cols, dim=1)
 
     @property
@@ -287,13 +287,13 @@ class FieldEmbeddings(nn.Module):
         return len(self.dense_names) + sum(f.is_bag for f in self.embedded)
 
 
-def bag_size(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """log1p of each bag's length, float32 [B, 1].
+def bag_size(lengths: torch.Tensor) -> torch.Tensor:
+    """log1p of each bag's length (int [B], :meth:`Batch.bag_lengths`), float32 [B].
 
     Mean pooling forgets how many ids a bag holds (how many apps are installed, how many
     purchase intents are active), which is itself a signal; this gives it back.
     """
-    return torch.log1p(bag_lengths(values, offsets).to(torch.float32)).unsqueeze(1)
+    return torch.log1p(lengths.to(torch.float32))
 
 
 class DotInteraction(nn.Module):

@@ -31,6 +31,10 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from adfed.data.examples import bag_lengths
+
+__all__ = ["bag_lengths", "lookup", "mean_bag", "multi_hot_mean", "pool_dense_bag", "sum_rows_by_id"]
+
 logger = logging.getLogger(__name__)
 
 #: Largest table read with :func:`multi_hot_mean`; bigger ones use :func:`mean_bag`.
@@ -52,11 +56,6 @@ def _check_range(ids: torch.Tensor, rows: int) -> None:
         low, high = torch.aminmax(ids)
         if int(low) < 0 or int(high) >= rows:
             raise IndexError(f"embedding ids must lie in [0, {rows}); got [{int(low)}, {int(high)}]")
-
-
-def bag_lengths(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Number of ids in each bag, int64 [B], from ``offsets`` (no trailing total)."""
-    return torch.diff(offsets, append=offsets.new_tensor([values.shape[0]]))
 
 
 def _sort_stable(keys: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +154,9 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, _Lookup.apply(weight, ids))
 
 
-def multi_hot_mean(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def multi_hot_mean(
+    values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, *, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of ``weight`` rows per bag as a matrix product.
 
     Parameters
@@ -163,6 +164,9 @@ def multi_hot_mean(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Te
     values : int64 [nnz], the ids of all bags back to back.
     offsets : int64 [B], where each bag starts in ``values`` (no trailing total).
     weight : float [V, D].
+    lengths : int64 [B], each bag's length when the caller has it
+        (:meth:`~adfed.data.examples.Batch.bag_lengths`); computed from ``offsets`` if
+        None.
 
     Returns
     -------
@@ -174,7 +178,8 @@ def multi_hot_mean(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Te
     """
     _check_range(values, weight.shape[0])
     n = offsets.shape[0]
-    lengths = bag_lengths(values, offsets)
+    if lengths is None:
+        lengths = bag_lengths(values, offsets)
     rows = torch.repeat_interleave(torch.arange(n), lengths, output_size=values.shape[0])
     counts = weight.new_zeros(n, weight.shape[0])
     counts.index_put_((rows, values), weight.new_ones(()).expand(values.shape[0]), accumulate=True)
@@ -183,25 +188,31 @@ def multi_hot_mean(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Te
 
 class _MeanBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, sparse: bool) -> torch.Tensor:
-        ctx.save_for_backward(values, offsets)
+    def forward(
+        ctx: Any, weight: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, sparse: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(values, offsets, lengths)
         ctx.num_rows, ctx.sparse = weight.shape[0], sparse
         return F.embedding_bag(values, weight, offsets, mode="mean")
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        values, offsets = ctx.saved_tensors
-        lengths = bag_lengths(values, offsets)
+            return None, None, None, None, None
+        values, offsets, lengths = ctx.saved_tensors
         scaled = grad_out / lengths.clamp(min=1).unsqueeze(1).to(grad_out.dtype)
         bag_of = torch.repeat_interleave(torch.arange(offsets.shape[0]), lengths, output_size=values.shape[0])
         grad = sum_rows_by_id(values, bag_of, scaled, ctx.num_rows, sparse=ctx.sparse)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def mean_bag(
-    values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, *, sparse_grad: bool = False
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    sparse_grad: bool = False,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.embedding_bag(values, weight, offsets, mode="mean")`` with a faster backward.
 
@@ -216,11 +227,15 @@ def mean_bag(
     _check_range(values, weight.shape[0])
     if sparse_grad and values.shape[0] < SORTED_MIN_READS:
         return F.embedding_bag(values, weight, offsets, mode="mean", sparse=True)
-    return cast(torch.Tensor, _MeanBag.apply(weight, values, offsets, sparse_grad))
+    if lengths is None:
+        lengths = bag_lengths(values, offsets)
+    return cast(torch.Tensor, _MeanBag.apply(weight, values, offsets, lengths, sparse_grad))
 
 
-def pool_dense_bag(values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def pool_dense_bag(
+    values: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, *, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean-pool bags over a dense-gradient table with the faster of the two methods."""
     if weight.shape[0] <= MULTI_HOT_MAX_ROWS:
-        return multi_hot_mean(values, offsets, weight)
-    return mean_bag(values, offsets, weight)
+        return multi_hot_mean(values, offsets, weight, lengths=lengths)
+    return mean_bag(values, offsets, weight, lengths=lengths)

@@ -250,3 +250,15 @@ def test_slice_equals_take_of_the_range(rng: np.random.Generator, start: int, st
             assert np.array_equal(getattr(got, group)[k], v), k
     for k, (v, o) in want.bags.items():
         assert np.array_equal(got.bags[k][0], v) and np.array_equal(got.bags[k][1], o), k
+
+
+def test_batch_bag_lengths_are_the_bag_sizes_and_computed_once() -> None:
+    ex = _examples(9, np.random.default_rng(3))
+    batch = ex.to_batch()
+    _, offsets = ex.bags["apps"]
+    lengths = batch.bag_lengths("apps")
+    assert lengths.dtype == torch.int64
+    assert lengths.tolist() == np.diff(offsets).tolist()
+    assert batch.bag_lengths("apps") is lengths  # cached: the model reads it up to 3 times a step
+    with pytest.raises(KeyError):
+        batch.bag_lengths("battery")

@@ -45,6 +45,8 @@ class ModelConfig:
     # ("zero"); "auto": base_rates when federated (much better there), zero when
     # centralized (mixed there: README, Results)
     output_bias: Literal["auto", "base_rates", "zero"] = "auto"
+    # fields of one vocabulary (schema vocab_of: intent -> ad_category) read one table
+    share_vocab_tables: bool = True
 
     def starts_at_base_rates(self, mode: str) -> bool:
         """Whether a run in ``mode`` ("centralized" | "federated") sets the output priors."""
@@ -65,6 +67,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     # L2 on the embedding rows each batch reads (centralized and on phones); 0 = off
     embedding_l2: float = 0.0
+    # lr of the per-user (LOCAL) rows, user embedding and bias, in centralized training;
+    # 0 = sparse_lr. Each row sees only its user's few dozen rows (README, Results).
+    user_lr: float = 0.003
+    # centralized: evaluate and save an exponential moving average of the weights
+    # (decay per step; 0 = off, the last step's weights)
+    ema: float = 0.99
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
@@ -73,6 +81,8 @@ class TrainConfig:
         _check(self.sparse_lr > 0, "train.sparse_lr", "a float > 0", self.sparse_lr)
         _check(self.weight_decay >= 0, "train.weight_decay", "a float >= 0", self.weight_decay)
         _check(self.embedding_l2 >= 0, "train.embedding_l2", "a float >= 0", self.embedding_l2)
+        _check(self.user_lr >= 0, "train.user_lr", "a float >= 0 (0 = train.sparse_lr)", self.user_lr)
+        _check(0 <= self.ema < 1, "train.ema", "a float in [0, 1) (0 = off)", self.ema)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

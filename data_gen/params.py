@@ -159,7 +159,7 @@ def build_schema(p: WorldParams) -> Schema:
                   description=f"the {p.seq_len} most recently opened apps, oldest first"),
         FieldSpec(name="intent", kind=FieldKind.MULTI_HOT, vocab_size=p.num_ad_categories,
                   visibility=private, entity=user, group=default_group(p.num_ad_categories),
-                  max_len=p.num_ad_categories,
+                  max_len=p.num_ad_categories, vocab_of="ad_category",
                   description="ad categories of the user's active purchase intents "
                               "(on-device signals: searches, carts, wish lists)"),
         _cat(AD_KEY, p.num_ads, cloud, ad, "the ad (creative) id"),

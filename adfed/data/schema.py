@@ -83,6 +83,9 @@ class FieldSpec:
     group : the ParamGroup of this field's embedding table.
     max_len : maximum list length for MULTI_HOT / SEQUENCE, 1 otherwise.
     description : one line for the README and ``adfed data describe``.
+    vocab_of : the name of another field whose ids this field's ids are (the same
+        vocabulary: a user's ``intent`` bag holds ``ad_category`` ids), or ``""``. A model
+        may then read both fields from one table (``model.share_vocab_tables``).
     """
 
     name: str
@@ -93,6 +96,7 @@ class FieldSpec:
     group: ParamGroup
     max_len: int = 1
     description: str = ""
+    vocab_of: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -119,7 +123,7 @@ class FieldSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FieldSpec":
+    def from_dict(cls, d: dict[str, Any]) -> FieldSpec:
         try:
             return cls(
                 name=d["name"],
@@ -130,6 +134,7 @@ class FieldSpec:
                 group=ParamGroup(d["group"]),
                 max_len=int(d.get("max_len", 1)),
                 description=str(d.get("description", "")),
+                vocab_of=str(d.get("vocab_of", "")),
             )
         except (KeyError, ValueError) as exc:
             raise DataError(f"schema field {d.get('name', '?')!r} is malformed: {exc}") from exc
@@ -164,6 +169,17 @@ class Schema:
             raise DataError(f"schema must contain the {AD_KEY!r} field")
         if self.num_users < 1 or self.num_ads < 1:
             raise DataError("schema num_users and num_ads must be >= 1")
+        by_name = {f.name: f for f in self.fields}
+        for f in self.fields:
+            if not f.vocab_of:
+                continue
+            target = by_name.get(f.vocab_of)
+            if target is None or target is f or target.vocab_of:
+                raise DataError(f"schema field {f.name}: vocab_of must name another field that has no vocab_of "
+                                f"itself; got {f.vocab_of!r}")
+            if FieldKind.DENSE in (f.kind, target.kind) or f.vocab_size != target.vocab_size:
+                raise DataError(f"schema field {f.name}: vocab_of={f.vocab_of!r} needs two id fields of one "
+                                f"vocab_size; got {f.vocab_size} and {target.vocab_size}")
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
@@ -174,9 +190,17 @@ class Schema:
     def by_entity(self, entity: Entity) -> tuple[FieldSpec, ...]:
         return tuple(f for f in self.fields if f.entity is entity)
 
-    def cloud_only(self) -> "Schema":
+    def cloud_only(self) -> Schema:
         """The same schema without device-private fields (the cloud's view)."""
         kept = tuple(f for f in self.fields if f.visibility is Visibility.CLOUD)
+        return self.with_fields(kept)
+
+    def with_fields(self, fields: tuple[FieldSpec, ...]) -> Schema:
+        """The same schema with ``fields`` only; a ``vocab_of`` naming a dropped field is
+        cleared."""
+        names = {f.name for f in fields}
+        kept = tuple(f if not f.vocab_of or f.vocab_of in names else dataclasses.replace(f, vocab_of="")
+                     for f in fields)
         return dataclasses.replace(self, fields=kept)
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,7 +211,7 @@ class Schema:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Schema":
+    def from_dict(cls, d: dict[str, Any]) -> Schema:
         try:
             fields = tuple(FieldSpec.from_dict(x) for x in d["fields"])
             return cls(fields=fields, num_users=int(d["num_users"]), num_ads=int(d["num_ads"]))

@@ -231,6 +231,7 @@ def make_optimizers(
     sparse_opt: SparseOpt = "sparse_adam",
     weight_decay: float = 0.0,
     table_lr: float | None = None,
+    local_lr: float | None = None,
 ) -> list[torch.optim.Optimizer]:
     """One optimizer for the parameters with sparse gradients, one for the rest.
 
@@ -252,6 +253,9 @@ def make_optimizers(
     table_lr : learning rate of the small dense embedding tables
         (:meth:`~adfed.model.pcvr.PCVRModel.is_dense_table`), a parameter group of their
         own in the dense optimizer; ``None`` means ``lr``.
+    local_lr : learning rate of the LOCAL tables with sparse gradients (the user's row
+        and bias), a parameter group of their own in the sparse optimizer; ``None``
+        means ``sparse_lr``.
     """
     if not lr > 0:
         raise ValueError(f"train.lr must be a float > 0; got {lr}")
@@ -259,8 +263,16 @@ def make_optimizers(
         raise ValueError(f"sparse_lr must be None or a float > 0; got {sparse_lr}")
     if table_lr is not None and not table_lr > 0:
         raise ValueError(f"table_lr must be None or a float > 0; got {table_lr}")
+    if local_lr is not None and not local_lr > 0:
+        raise ValueError(f"local_lr must be None or a float > 0; got {local_lr}")
     slr = lr if sparse_lr is None else sparse_lr
-    sparse = [p for n, p in model.named_parameters() if model.has_sparse_grad(n)]
+    groups = model.parameter_groups()
+    is_local = {n: local_lr is not None and groups[n] is ParamGroup.LOCAL for n, _ in model.named_parameters()}
+    sparse_named = [(n, p) for n, p in model.named_parameters() if model.has_sparse_grad(n)]
+    sparse: list[dict[str, Any]] = [g for g in (
+        {"params": [p for n, p in sparse_named if not is_local[n]], "lr": slr},
+        {"params": [p for n, p in sparse_named if is_local[n]], "lr": local_lr},
+    ) if g["params"]]
     dense = dense_param_groups(model, lr, table_lr)
     optimizers: list[torch.optim.Optimizer] = []
     if dense:

@@ -84,6 +84,12 @@ class FieldEmbeddings(nn.Module):
         term per intent, where a mean divides it by the number of intents. Measured on
         worlds other than the demo's (seeds 1 and 2): +0.055 and +0.013 CVR AUC over
         ``"mean"`` (README). Sum and sqrtn are the mean times the length (or its root).
+    share_vocab : a field whose schema ``vocab_of`` names another field read here, both
+        DENSE_SHARED, reads that field's table instead of having its own (see
+        :attr:`shared`). ``intent`` then reads ``ad_category``'s rows, so
+        ``<sum of intent embeddings, e_category>`` holds ``|e_category|²`` exactly when
+        the ad's category is among the intents: membership, which two separate rank-D
+        tables can only approximate. Measured on worlds other than the demo's (README).
 
     Notes
     -----
@@ -102,6 +108,7 @@ class FieldEmbeddings(nn.Module):
         *,
         rows_override: dict[str, int] | None = None,
         bag_pooling: BagPooling = "sum",
+        share_vocab: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -117,11 +124,15 @@ class FieldEmbeddings(nn.Module):
         self._key: dict[str, str] = {}
         self._rows: dict[str, int] = {}
         self._segment_cache: dict[tuple[int, ...], list[_Segment]] = {}
+        #: field -> the field whose table it reads (share_vocab); such a field has none
+        self.shared: dict[str, str] = self._shared_fields(rows_override) if share_vocab else {}
         for f in self.embedded:
             rows = rows_override.get(f.name, f.vocab_size)
             self._rows[f.name] = rows
             if rows < 1:
                 raise ValueError(f"table size of field {f.name} must be >= 1; got {rows}")
+            if f.name in self.shared:
+                continue
             sparse = is_sparse_group(f.group)
             table: nn.Module
             if f.is_bag:
@@ -133,6 +144,18 @@ class FieldEmbeddings(nn.Module):
                 raise DataError(f"schema field {f.name}: table key {key!r} collides with another field")
             self.tables[key] = table
             self._key[f.name] = key
+        for name, owner in self.shared.items():
+            self._key[name] = self._key[owner]
+
+    def _shared_fields(self, rows_override: dict[str, int]) -> dict[str, str]:
+        by_name = {f.name: f for f in self.embedded}
+        out = {}
+        for f in self.embedded:
+            owner = by_name.get(f.vocab_of)
+            if (owner is not None and f.group is owner.group is ParamGroup.DENSE_SHARED
+                    and rows_override.get(f.name, f.vocab_size) == rows_override.get(owner.name, owner.vocab_size)):
+                out[f.name] = owner.name
+        return out
 
     @property
     def num_fields(self) -> int:
@@ -152,11 +175,17 @@ class FieldEmbeddings(nn.Module):
         return [self.param_name(f.name) for f in self.embedded if is_sparse_group(f.group)]
 
     def field_of(self, param_name: str) -> FieldSpec:
-        """The field whose table is ``param_name`` (module-relative)."""
+        """The field whose table is ``param_name`` (module-relative); for a shared table,
+        the field that owns it."""
         for f in self.embedded:
-            if self.param_name(f.name) == param_name:
+            if f.name not in self.shared and self.param_name(f.name) == param_name:
                 return f
         raise KeyError(f"{param_name!r} is not an embedding table; known: {list(self.param_groups())}")
+
+    def fields_of(self, param_name: str) -> list[FieldSpec]:
+        """Every field that reads table ``param_name``: its owner, then those sharing it."""
+        owner = self.field_of(param_name)
+        return [owner] + [f for f in self.embedded if self.shared.get(f.name) == owner.name]
 
     def _weight(self, f: FieldSpec) -> torch.Tensor:
         return self.tables[self._key[f.name]].weight  # type: ignore[return-value]

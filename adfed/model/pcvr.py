@@ -175,13 +175,19 @@ class PCVRModel(nn.Module):
     def rows_read(self, name: str, batch: Batch | Examples) -> torch.Tensor | np.ndarray | None:
         """The row ids ``batch`` reads from table parameter ``name`` (repeats included):
         an embedding table or the user bias; None for a parameter that is not a table.
-        A Batch gives a tensor, Examples the numpy column itself."""
+        A Batch gives a tensor, Examples the numpy column itself; a table several fields
+        read (``share_vocab``) gives their reads concatenated."""
         if name == "user_bias.weight" and self.user_bias is not None:
             return batch.ids[USER_KEY]
         if not name.startswith("embeddings.tables."):
             return None
-        spec = self.table_field(name)
-        return batch.bags[spec.name][0] if spec.is_bag else batch.ids[spec.name]
+        reads = [batch.bags[f.name][0] if f.is_bag else batch.ids[f.name]
+                 for f in self.embeddings.fields_of(name[len("embeddings."):])]
+        if len(reads) == 1:
+            return reads[0]
+        if isinstance(reads[0], torch.Tensor):
+            return torch.cat([torch.as_tensor(r).reshape(-1) for r in reads])
+        return np.concatenate([np.asarray(r).reshape(-1) for r in reads])
 
     # ---- forward -------------------------------------------------------------------
 
@@ -253,6 +259,7 @@ def build_model(
     user_rows: int | None = None,
     seed: int = 0,
     bag_pooling: BagPooling = "sum",
+    share_vocab: bool = True,
 ) -> PCVRModel:
     """Build a freshly initialised :class:`PCVRModel` for ``schema``.
 
@@ -268,6 +275,8 @@ def build_model(
         field's vocabulary size. A phone uses ``1`` together with :func:`remap_user`.
     seed : initialisation seed (a local ``torch.Generator``; the global RNG is untouched).
     bag_pooling : how bag fields' embeddings combine (see :class:`FieldEmbeddings`).
+    share_vocab : fields of one vocabulary (schema ``vocab_of``) read one table (see
+        :class:`FieldEmbeddings`).
 
     Raises
     ------
@@ -284,7 +293,7 @@ def build_model(
     # Built on the meta device: the default initialisers would draw from the global RNG.
     with torch.device("meta"):
         embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows,
-                                     bag_pooling=bag_pooling)
+                                     bag_pooling=bag_pooling, share_vocab=share_vocab)
         interaction = DotInteraction([f.entity for f in embeddings.embedded])
         in_features = embeddings.num_fields * embedding_dim + embeddings.num_scalars
         in_features += interaction.out_features

@@ -71,3 +71,34 @@ def test_diverging_training_raises_training_error(small_world: Path, dataset: Da
     cfg = _central(small_world, "train.lr=1e38", "train.sparse_lr=1e38")
     with pytest.raises(TrainingError, match="train.lr"):
         fit_centralized(cfg, dataset)
+
+
+def test_ema_returns_and_scores_the_average_of_the_weights(small_world: Path, dataset: Dataset) -> None:
+    """train.ema: the model returned (and evaluated) is the moving average, which is not the
+    last step's weights; ema=0 returns the last step's weights, and with the same seed the
+    two runs trained the very same live weights."""
+    averaged = Trainer(_central(small_world, "train.ema=0.9")).fit(dataset)
+    last = Trainer(_central(small_world, "train.ema=0")).fit(dataset)
+    avg_params = dict(averaged.model.named_parameters())
+    last_params = dict(last.model.named_parameters())
+    assert avg_params.keys() == last_params.keys()
+    moved = [n for n in avg_params if not torch.equal(avg_params[n], last_params[n])]
+    assert "towers.bottom.0.weight" in moved
+    assert averaged.summary["auc"] != last.summary["auc"] or averaged.summary["logloss"] != last.summary["logloss"]
+
+
+def test_weight_average_follows_the_warmed_up_ema_formula() -> None:
+    from adfed.trainer import weight_average
+
+    model = torch.nn.Linear(3, 1)
+    average = weight_average(model, 0.5)  # type: ignore[arg-type]
+    assert average is not None and weight_average(model, 0.0) is None  # type: ignore[arg-type]
+    values = [1.0, 2.0, 4.0]
+    expected = None
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        average.update_parameters(model)
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = v if expected is None else d * expected + (1 - d) * v
+    assert torch.allclose(average.module.weight, torch.full((1, 3), expected))

@@ -296,3 +296,20 @@ def test_all_finite_flags_nan_and_inf_but_not_huge_values() -> None:
     assert all_finite([])
     assert not all_finite([torch.zeros(4), torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor([[float("-inf")]])])
+
+
+def test_local_lr_puts_the_users_rows_in_their_own_sparse_group(schema: Schema) -> None:
+    model = build_model(schema)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = model.parameter_groups()
+
+    _, sparse = make_optimizers(model, lr=0.1, sparse_lr=0.01, local_lr=0.003)
+
+    shared, local = sparse.param_groups
+    assert (shared["lr"], local["lr"]) == (0.01, 0.003)
+    assert {names[id(p)] for p in local["params"]} == {n for n, g in groups.items() if g is ParamGroup.LOCAL}
+    assert all(groups[names[id(p)]] is ParamGroup.SPARSE_SHARED for p in shared["params"])
+    (_, one) = make_optimizers(model, lr=0.1)
+    assert len(one.param_groups) == 1
+    with pytest.raises(ValueError, match="local_lr"):
+        make_optimizers(model, lr=0.1, local_lr=0.0)

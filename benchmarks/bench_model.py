@@ -1,9 +1,12 @@
 """Training throughput of the default pCVR model (examples per second, one process).
 
 Prints one JSON object: for each (threads, batch size), the best and median
-examples/s of full training steps (forward, ESMM loss, backward, both optimizers) over
+examples/s of full training steps as ``adfed train --mode centralized`` runs them with
+its defaults (forward, ESMM loss, backward, both optimizers with the per-user rows'
+own lr, then the update of the weights' moving average, ``train.ema``) over
 ``--rounds`` passes of 8 batches, and the same for the model without its dot
 interaction (``ratio`` = with / without, the baseline from the same run).
+``no_ema_median``: the same steps without the moving average (``train.ema=0``).
 
 The sparse tables train with ``RowSparseAdam`` (``sparse_opt="sparse_adam"``); the same
 steps with ``torch.optim.SparseAdam`` run interleaved with them, pass by pass, in the
@@ -33,12 +36,14 @@ import time
 import numpy as np
 import torch
 
+from adfed.config import TrainConfig
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import Entity, FieldKind, Schema
 from adfed.model import build_model, esmm_loss, make_optimizers
 from adfed.model.layers import DotInteraction, Towers, init_parameters_
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
+from adfed.trainer import weight_average
 
 BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
 
@@ -71,11 +76,21 @@ def _without_interaction(model: PCVRModel) -> PCVRModel:
     return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias)
 
 
-def _rates(runs: list[tuple[PCVRModel, list[torch.optim.Optimizer]]], batches: list[Batch],
-           rounds: int) -> list[list[float]]:
-    """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
+Run = tuple[PCVRModel, list[torch.optim.Optimizer], bool]  # model, optimizers, with EMA
 
-    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer]) -> float:
+
+def _run(model: PCVRModel, *, ema: bool = True, **options: str) -> Run:
+    """``model`` with the centralized trainer's default optimizers (``options`` override)."""
+    t = TrainConfig()
+    return model, make_optimizers(model, lr=t.lr, sparse_lr=t.sparse_lr, local_lr=t.user_lr,
+                                  **options), ema  # type: ignore[arg-type]
+
+
+def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[float]]:
+    """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
+    averages = [weight_average(model, TrainConfig().ema) if ema else None for model, _, ema in runs]
+
+    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: object) -> float:
         start = time.perf_counter()
         for b in batches:
             for opt in opts:
@@ -83,14 +98,16 @@ def _rates(runs: list[tuple[PCVRModel, list[torch.optim.Optimizer]]], batches: l
             esmm_loss(model(b), b).backward()
             for opt in opts:
                 opt.step()
+            if average is not None:
+                average.update_parameters(model)  # type: ignore[attr-defined]
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
-    for model, opts in runs:
-        one_pass(model, opts)
+    for (model, opts, _), average in zip(runs, averages, strict=True):
+        one_pass(model, opts, average)
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for out, (model, opts) in zip(rates, runs, strict=True):
-            out.append(one_pass(model, opts))
+        for out, (model, opts, _), average in zip(rates, runs, averages, strict=True):
+            out.append(one_pass(model, opts, average))
     return rates
 
 
@@ -152,20 +169,19 @@ def main() -> None:
         for size in args.batch:
             rows = rng.permutation(len(pool))[: 8 * size]
             batches = [pool.take(rows[i : i + size]).to_batch() for i in range(0, len(rows), size)]
-            models = [build_model(schema, seed=0), build_model(schema, seed=0),
-                      _without_interaction(build_model(schema, seed=0)),
-                      build_model(schema, seed=0, bag_pooling="mean")]
-            runs = [(models[0], make_optimizers(models[0], lr=1e-3)),
-                    (models[1], make_optimizers(models[1], lr=1e-3, sparse_opt="torch_sparse_adam")),
-                    (models[2], make_optimizers(models[2], lr=1e-3)),
-                    (models[3], make_optimizers(models[3], lr=1e-3))]
-            full, torch_sparse, base, mean_pool = _rates(runs, batches, args.rounds)
+            runs = [_run(build_model(schema, seed=0)),
+                    _run(build_model(schema, seed=0), sparse_opt="torch_sparse_adam"),
+                    _run(_without_interaction(build_model(schema, seed=0))),
+                    _run(build_model(schema, seed=0, bag_pooling="mean")),
+                    _run(build_model(schema, seed=0), ema=False)]
+            full, torch_sparse, base, mean_pool, no_ema = _rates(runs, batches, args.rounds)
             median = float(np.median(full))
             results.append({"threads": threads, "batch": size, "best": round(max(full)),
                             "median": round(median), "no_interaction_median": round(float(np.median(base))),
                             "ratio": round(median / float(np.median(base)), 3),
                             "torch_sparse_adam_median": round(float(np.median(torch_sparse))),
                             "mean_pooling_median": round(float(np.median(mean_pool))),
+                            "no_ema_median": round(float(np.median(no_ema))),
                             "sparse_opt_ratio": round(float(np.median(np.array(full) / np.array(torch_sparse))), 3),
                             "sparse_step_ms": _sparse_step_ms(schema, batches, args.rounds)})
     print(json.dumps({"bench": "model_train_step", "results": results}, indent=1))

@@ -71,7 +71,8 @@ class TrainConfig:
     # 0 = sparse_lr. Each row sees only its user's few dozen rows (README, Results).
     user_lr: float = 0.003
     # centralized: evaluate and save an exponential moving average of the weights
-    # (decay per step; 0 = off, the last step's weights)
+    # (largest decay per step, reached after a warm-up: trainer.weight_average; 0 = off,
+    # the last step's weights)
     ema: float = 0.99
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 Prints one JSON object: for each (threads, batch size), the best and median
 examples/s of full training steps as ``adfed train --mode centralized`` runs them with
 its defaults (forward, ESMM loss, backward, both optimizers with the per-user rows'
-own lr, then the update of the weights' moving average, ``train.ema``) over
+own lr, then the update of the towers' moving average, ``train.ema``) over
 ``--rounds`` passes of 8 batches, and the same for the model without its dot
 interaction (``ratio`` = with / without, the baseline from the same run).
 ``no_ema_median``: the same steps without the moving average (``train.ema=0``).
@@ -88,7 +88,7 @@ def _run(model: PCVRModel, *, ema: bool = True, **options: str) -> Run:
 
 def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[float]]:
     """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
-    averages = [weight_average(model, TrainConfig().ema) if ema else None for model, _, ema in runs]
+    averages = [weight_average(model.towers, TrainConfig().ema) if ema else None for model, _, ema in runs]
 
     def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: object) -> float:
         start = time.perf_counter()
@@ -99,7 +99,7 @@ def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[floa
             for opt in opts:
                 opt.step()
             if average is not None:
-                average.update_parameters(model)  # type: ignore[attr-defined]
+                average.update_parameters(model.towers)  # type: ignore[attr-defined]
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
     for (model, opts, _), average in zip(runs, averages, strict=True):

@@ -173,7 +173,7 @@ def client_update(
             rows = task.rows.get(table)
             if rows is None or not len(rows.ids):
                 continue
-            sparse_delta[table] = SparseRows(rows.ids, get_rows(scratch, table, rows.ids) - rows.values)
+            sparse_delta[table] = SparseRows(rows.ids, get_rows(scratch, table, rows.ids, check=False) - rows.values)
         local = get_dense(scratch, ParamGroup.LOCAL)
     finally:
         if threads != 1:

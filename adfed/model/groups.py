@@ -170,10 +170,15 @@ def _check_ids(name: str, ids: torch.Tensor, rows: int) -> None:
         raise ValueError(f"row ids for {name} must lie in [0, {rows}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
-def get_rows(model: PCVRModel, table: str, ids: torch.Tensor) -> torch.Tensor:
-    """Copies of rows ``ids`` (int64 [k]) of embedding table ``table``: float32 [k, D]."""
+def get_rows(model: PCVRModel, table: str, ids: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """Copies of rows ``ids`` (int64 [k]) of embedding table ``table``: float32 [k, D].
+
+    ``check=False`` skips the range check, for ids the caller already wrote with
+    :func:`set_rows_inplace` (a client reading back the rows it trained).
+    """
     weight = _param(model, table)
-    _check_ids(table, ids, weight.shape[0])
+    if check:
+        _check_ids(table, ids, weight.shape[0])
     return weight.detach()[ids.long()].clone()
 
 

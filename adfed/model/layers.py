@@ -146,6 +146,10 @@ class FieldEmbeddings(nn.Module):
             self._key[f.name] = key
         for name, owner in self.shared.items():
             self._key[name] = self._key[owner]
+        #: table parameter name (module-relative) -> the fields reading it, owner first
+        self._readers: dict[str, list[FieldSpec]] = {}
+        for f in sorted(self.embedded, key=lambda f: f.name in self.shared):  # stable: owners first
+            self._readers.setdefault(self.param_name(f.name), []).append(f)
 
     def _shared_fields(self, rows_override: dict[str, int]) -> dict[str, str]:
         by_name = {f.name: f for f in self.embedded}
@@ -177,15 +181,14 @@ class FieldEmbeddings(nn.Module):
     def field_of(self, param_name: str) -> FieldSpec:
         """The field whose table is ``param_name`` (module-relative); for a shared table,
         the field that owns it."""
-        for f in self.embedded:
-            if f.name not in self.shared and self.param_name(f.name) == param_name:
-                return f
-        raise KeyError(f"{param_name!r} is not an embedding table; known: {list(self.param_groups())}")
+        return self.fields_of(param_name)[0]
 
     def fields_of(self, param_name: str) -> list[FieldSpec]:
         """Every field that reads table ``param_name``: its owner, then those sharing it."""
-        owner = self.field_of(param_name)
-        return [owner] + [f for f in self.embedded if self.shared.get(f.name) == owner.name]
+        readers = self._readers.get(param_name)
+        if readers is None:
+            raise KeyError(f"{param_name!r} is not an embedding table; known: {list(self.param_groups())}")
+        return readers
 
     def _weight(self, f: FieldSpec) -> torch.Tensor:
         return self.tables[self._key[f.name]].weight  # type: ignore[return-value]

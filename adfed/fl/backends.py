@@ -25,7 +25,7 @@ from adfed.data.store import Dataset
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
 from adfed.fl.types import ClientSettings, SparseRows, Update
-from adfed.fl.wire import encoded_size, update_size
+from adfed.fl.wire import Entry, encoded_size, tensor_layout, update_size
 from adfed.model.groups import check_round_tensors
 
 
@@ -65,7 +65,7 @@ class WorkerContext:
         dataset = Dataset.open(data_path)
         self.population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
         self.scratch = model_from_config(cfg, dataset, user_rows=1)
-        self._dense_bytes: tuple[int, int] = (-1, 0)
+        self._dense_bytes: tuple[int, int, list[Entry]] = (-1, 0, [])
         self._checked: tuple[int, int] = (-1, 0)
 
     def check(self, model: RoundModel) -> None:
@@ -77,9 +77,16 @@ class WorkerContext:
             self._checked = key
 
     def dense_bytes(self, model: RoundModel) -> int:
+        return self._dense_layout(model)[1]
+
+    def dense_delta_layout(self, model: RoundModel) -> list[Entry]:
+        """The wire layout of a dense delta of ``model`` (its dense part's, as ``dense/*``)."""
+        return self._dense_layout(model)[2]
+
+    def _dense_layout(self, model: RoundModel) -> tuple[int, int, list[Entry]]:
         if self._dense_bytes[0] != model.version:
-            self._dense_bytes = (model.version, encoded_size(model.dense))
-        return self._dense_bytes[1]
+            self._dense_bytes = (model.version, encoded_size(model.dense), tensor_layout(model.dense, "dense/"))
+        return self._dense_bytes
 
 
 def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | None = None) -> ClientResult:
@@ -100,7 +107,7 @@ def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | No
     bytes_down = ctx.dense_bytes(model) + encoded_size(rows_down)
     sparse_bytes = sum(_nbytes(r.ids) + _nbytes(r.values) for r in update.sparse.values())
     return ClientResult(update=update, local=local, bytes_down=bytes_down,
-                        bytes_up=update_size(update),
+                        bytes_up=update_size(update, ctx.dense_delta_layout(model)),
                         bytes_up_dense=sum(_nbytes(t) for t in update.dense.values()),
                         bytes_up_sparse=sparse_bytes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 
 from adfed.errors import DataError
 from adfed.fl.types import SparseRows, Update
-from adfed.fl.wire import decode_update, encode_tensors, encode_update, encoded_size, update_size
+from adfed.fl.wire import (
+    decode_update,
+    encode_tensors,
+    encode_update,
+    encoded_size,
+    tensor_layout,
+    update_size,
+)
 
 
 @pytest.fixture
@@ -140,6 +148,17 @@ def test_encoded_size_equals_the_length_of_the_real_encoding(specs, meta) -> Non
 
 def test_update_size_equals_the_length_of_the_encoded_update(update: Update) -> None:
     assert update_size(update) == len(encode_update(update))
+
+
+def test_update_size_with_the_round_models_dense_layout(update: Update) -> None:
+    """A layout computed once from other tensors of the same names, dtypes and shapes (the
+    round model's dense part) gives every client's exact size, whatever its rows."""
+    round_dense = {k: torch.zeros_like(v) for k, v in update.dense.items()}
+    layout = tensor_layout(round_dense, "dense/")
+    more = SparseRows(torch.arange(1000, 1012), torch.ones(12, 2))
+    bigger = dataclasses.replace(update, client_id=123456, sparse={**update.sparse, "emb.ad_id.weight": more})
+    for u in (update, bigger):
+        assert update_size(u, layout) == len(encode_update(u)) == update_size(u)
 
 
 def test_encoded_size_rejects_a_dtype_the_wire_does_not_carry() -> None:

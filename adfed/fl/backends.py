@@ -65,7 +65,8 @@ class WorkerContext:
         dataset = Dataset.open(data_path)
         self.population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
         self.scratch = model_from_config(cfg, dataset, user_rows=1)
-        self._dense_bytes: tuple[int, int, list[Entry]] = (-1, 0, [])
+        # (version, download bytes of the dense part, wire layout of a dense delta)
+        self._dense_wire: tuple[int, int, list[Entry]] = (-1, 0, [])
         self._checked: tuple[int, int] = (-1, 0)
 
     def check(self, model: RoundModel) -> None:
@@ -77,16 +78,16 @@ class WorkerContext:
             self._checked = key
 
     def dense_bytes(self, model: RoundModel) -> int:
-        return self._dense_layout(model)[1]
+        return self._dense(model)[1]
 
     def dense_delta_layout(self, model: RoundModel) -> list[Entry]:
         """The wire layout of a dense delta of ``model`` (its dense part's, as ``dense/*``)."""
-        return self._dense_layout(model)[2]
+        return self._dense(model)[2]
 
-    def _dense_layout(self, model: RoundModel) -> tuple[int, int, list[Entry]]:
-        if self._dense_bytes[0] != model.version:
-            self._dense_bytes = (model.version, encoded_size(model.dense), tensor_layout(model.dense, "dense/"))
-        return self._dense_bytes
+    def _dense(self, model: RoundModel) -> tuple[int, int, list[Entry]]:
+        if self._dense_wire[0] != model.version:
+            self._dense_wire = (model.version, encoded_size(model.dense), tensor_layout(model.dense, "dense/"))
+        return self._dense_wire
 
 
 def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | None = None) -> ClientResult:

@@ -114,8 +114,8 @@ def update_size(update: Update, dense_layout: Sequence[Entry] | None = None) -> 
     ``dense_layout``: ``tensor_layout(update.dense, "dense/")`` when the caller has it
     (every dense delta of a round has the round model's layout); computed if None.
     """
-    dense = tensor_layout(update.dense, "dense/") if dense_layout is None else list(dense_layout)
-    return layout_size(dense + tensor_layout(_sparse_parts(update)), _update_meta(update))
+    dense = tensor_layout(update.dense, "dense/") if dense_layout is None else dense_layout
+    return layout_size([*dense, *tensor_layout(_sparse_parts(update))], _update_meta(update))
 
 
 def decode_update(payload: bytes) -> Update:

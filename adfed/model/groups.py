@@ -271,12 +271,11 @@ def make_optimizers(
     if local_lr is not None and not local_lr > 0:
         raise ValueError(f"local_lr must be None or a float > 0; got {local_lr}")
     slr = lr if sparse_lr is None else sparse_lr
-    groups = model.parameter_groups()
-    is_local = {n: local_lr is not None and groups[n] is ParamGroup.LOCAL for n, _ in model.named_parameters()}
+    local = set(group_names(model, ParamGroup.LOCAL)) if local_lr is not None else set()
     sparse_named = [(n, p) for n, p in model.named_parameters() if model.has_sparse_grad(n)]
     sparse: list[dict[str, Any]] = [g for g in (
-        {"params": [p for n, p in sparse_named if not is_local[n]], "lr": slr},
-        {"params": [p for n, p in sparse_named if is_local[n]], "lr": local_lr},
+        {"params": [p for n, p in sparse_named if n not in local], "lr": slr},
+        {"params": [p for n, p in sparse_named if n in local], "lr": local_lr},
     ) if g["params"]]
     dense = dense_param_groups(model, lr, table_lr)
     optimizers: list[torch.optim.Optimizer] = []

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -185,9 +185,9 @@ class PCVRModel(nn.Module):
                  for f in self.embeddings.fields_of(name[len("embeddings."):])]
         if len(reads) == 1:
             return reads[0]
-        if isinstance(reads[0], torch.Tensor):
-            return torch.cat([torch.as_tensor(r).reshape(-1) for r in reads])
-        return np.concatenate([np.asarray(r).reshape(-1) for r in reads])
+        if isinstance(reads[0], torch.Tensor):  # a Batch: every read is a tensor
+            return torch.cat(cast(list[torch.Tensor], reads))
+        return np.concatenate(reads)
 
     # ---- forward -------------------------------------------------------------------
 

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from adfed.data.examples import bag_lengths
 
-__all__ = ["bag_lengths", "lookup", "mean_bag", "multi_hot_mean", "pool_dense_bag", "sum_rows_by_id"]
-
 logger = logging.getLogger(__name__)
 
 #: Largest table read with :func:`multi_hot_mean`; bigger ones use :func:`mean_bag`.
@@ -191,7 +189,7 @@ class _MeanBag(torch.autograd.Function):
     def forward(
         ctx: Any, weight: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, sparse: bool
     ) -> torch.Tensor:
-        ctx.save_for_backward(values, offsets, lengths)
+        ctx.save_for_backward(values, lengths)  # the lengths say all backward needs of offsets
         ctx.num_rows, ctx.sparse = weight.shape[0], sparse
         return F.embedding_bag(values, weight, offsets, mode="mean")
 
@@ -199,9 +197,9 @@ class _MeanBag(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        values, offsets, lengths = ctx.saved_tensors
+        values, lengths = ctx.saved_tensors
         scaled = grad_out / lengths.clamp(min=1).unsqueeze(1).to(grad_out.dtype)
-        bag_of = torch.repeat_interleave(torch.arange(offsets.shape[0]), lengths, output_size=values.shape[0])
+        bag_of = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths, output_size=values.shape[0])
         grad = sum_rows_by_id(values, bag_of, scaled, ctx.num_rows, sparse=ctx.sparse)
         return grad, None, None, None, None
 

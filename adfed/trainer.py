@@ -14,14 +14,14 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from adfed.config import Config
 from adfed.data.examples import Examples
@@ -160,26 +160,50 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=scored)
 
 
-def weight_average(module: nn.Module, decay: float) -> AveragedModel | None:
+def weight_average(module: nn.Module, decay: float) -> WeightAverage | None:
     """An exponential moving average of ``module``'s parameters (``train.ema``), or None
-    when ``decay`` is 0.
+    when ``decay`` is 0. See :class:`WeightAverage`."""
+    return WeightAverage(module, decay) if decay > 0 else None
+
+
+class WeightAverage(AveragedModel):
+    """``AveragedModel`` holding a warmed-up exponential moving average of ``module``.
 
     Call ``update_parameters(module)`` after every step; ``.module`` is the averaged copy.
     The first update copies the weights; update n (from 1) then moves the average by
     ``1 - min(decay, (1 + n) / (10 + n))`` toward them, so early steps are not held
     back by the initial weights. Centralized training averages the towers
     (:func:`with_towers`); chosen on the worlds of seeds 1 and 2 (README, Results).
+
+    After the first update, an update is one ``torch._foreach_lerp_`` over the parameter
+    lists of that first call (``AveragedModel.update_parameters`` collects and groups
+    them again at every call: 0.4-0.5 ms, 3 % of a step at batch 1024, measured). The
+    lists hold ``module``'s parameter tensors, which the optimizers update in place; a
+    module whose parameters are replaced by new tensors must be passed as a new object.
     """
-    if decay <= 0:
-        return None
 
-    Params = list[torch.Tensor] | tuple[torch.Tensor, ...]
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema must be a float in (0, 1); got {decay}")
+        super().__init__(module, multi_avg_fn=self._lerp)
+        self.decay = decay
+        self._lists: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def ema(averaged: Params, current: Params, n_averaged: torch.Tensor | int) -> None:
+    @torch.no_grad()
+    def _lerp(self, averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
+              n_averaged: torch.Tensor | int) -> None:
         n = float(n_averaged)
-        get_ema_multi_avg_fn(min(decay, (1.0 + n) / (10.0 + n)))(averaged, current, n_averaged)
+        torch._foreach_lerp_(list(averaged), list(current), 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
 
-    return AveragedModel(module, multi_avg_fn=ema)
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._lists is None or self._lists[0] is not model:
+            super().update_parameters(model)
+            self._lists = (model, [p.detach() for p in self.module.parameters()],
+                           [p.detach() for p in model.parameters()])
+            return
+        self._lerp(self._lists[1], self._lists[2], self.n_averaged)
+        self.n_averaged += 1
 
 
 def with_towers(model: PCVRModel, towers: nn.Module) -> PCVRModel:

@@ -102,3 +102,22 @@ def test_weight_average_follows_the_warmed_up_ema_formula() -> None:
         d = min(0.5, (1 + n) / (10 + n))
         expected = v if expected is None else d * expected + (1 - d) * v
     assert torch.allclose(average.module.weight, torch.full((1, 3), expected))
+
+
+def test_weight_average_follows_a_new_module_object() -> None:
+    """The fast update reuses the first module's tensors; another module object (or
+    parameters replaced by new tensors, passed as a new object) is read afresh."""
+    from adfed.trainer import weight_average
+
+    first, second = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+        second.weight.fill_(5.0)
+    average = weight_average(first, 0.5)
+    assert average is not None
+    average.update_parameters(first)  # copies 1
+    average.update_parameters(first)  # n=1: d = min(0.5, 2/11) -> 1
+    average.update_parameters(second)  # n=2: d = 3/12, toward 5
+    d = 3 / 12
+    assert torch.allclose(average.module.weight, torch.full((1, 3), d * 1.0 + (1 - d) * 5.0))
+    assert int(average.n_averaged) == 3

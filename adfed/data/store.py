@@ -259,6 +259,12 @@ class Dataset:
         """Number of impressions of one user (0 for an unknown user)."""
         return int(self._count[user_id]) if 0 <= user_id < len(self._count) else 0
 
+    def rows_of_users(self, user_ids: np.ndarray) -> np.ndarray:
+        """Number of impressions of each of ``user_ids`` (int64; 0 for an unknown user)."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        known = (user_ids >= 0) & (user_ids < len(self._count))
+        return np.where(known, self._count[np.where(known, user_ids, 0)], 0)
+
     def client(self, user_id: int, *, with_truth: bool = True) -> Examples:
         """All impressions of one user, joined with its user and ad fields.
 
@@ -268,6 +274,14 @@ class Dataset:
         """
         return self.clients(np.array([user_id]), with_truth=with_truth)[0]
 
+    def _known(self, user_ids: np.ndarray) -> np.ndarray:
+        """``user_ids`` (int64), or DataError naming the first one without impressions."""
+        bad = (user_ids < 0) | (user_ids >= len(self._count))
+        bad[~bad] = self._count[user_ids[~bad]] == 0
+        if bad.any():
+            raise DataError(f"user_id {int(user_ids[bad][0])} has no impressions in {self.path}")
+        return user_ids
+
     def clients(self, user_ids: np.ndarray, *, with_truth: bool = True) -> list[Examples]:
         """:meth:`client` of each of ``user_ids`` (in that order), joined in one pass.
 
@@ -275,13 +289,9 @@ class Dataset:
         simulation loads a round's clients this way). Each result is a view into the
         joined arrays (:meth:`Examples.slice`).
         """
-        user_ids = np.asarray(user_ids, dtype=np.int64)
+        user_ids = self._known(np.asarray(user_ids, dtype=np.int64))
         if not len(user_ids):
             return []
-        bad = (user_ids < 0) | (user_ids >= len(self._count))
-        bad[~bad] = self._count[user_ids[~bad]] == 0
-        if bad.any():
-            raise DataError(f"user_id {int(user_ids[bad][0])} has no impressions in {self.path}")
         shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
         imp = pa.concat_tables([self._imp[int(h)].read_rows(int(s), int(c), self._imp_columns)
                                 for h, s, c in zip(shard, start, count, strict=True)])
@@ -293,6 +303,23 @@ class Dataset:
         joined = self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
         ends = np.cumsum(count)
         return [joined.slice(int(e - c), int(e)) for e, c in zip(ends, count, strict=True)]
+
+    def labels(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The label columns (``LABEL_COLUMNS``) of every impression of ``user_ids``.
+
+        Users back to back in the given order, each user's rows sorted by time, as
+        :meth:`clients` would return them; nothing is joined (the user and ad fields are
+        not read), so label statistics over many users cost a small part of
+        :meth:`clients`. Unknown users raise :class:`DataError` as there.
+        """
+        user_ids = self._known(np.asarray(user_ids, dtype=np.int64))
+        if not len(user_ids):
+            return {k: np.zeros(0, dtype=dtype) for k, dtype in LABEL_COLUMNS.items()}
+        shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
+        # the same columns as clients(), so both share the cached row groups
+        imp = pa.concat_tables([self._imp[int(h)].read_rows(int(s), int(c), self._imp_columns)
+                                for h, s, c in zip(shard, start, count, strict=True)])
+        return {k: imp.column(k).to_numpy(zero_copy_only=False) for k in LABEL_COLUMNS}
 
     def load(self, user_ids: np.ndarray | None = None) -> Examples:
         """All impressions (of ``user_ids`` if given) as one joined table.

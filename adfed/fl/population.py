@@ -60,13 +60,16 @@ class Population:
         datas = self.dataset.clients(user_ids, with_truth=False)
         return [d.slice(0, int(n)) for d, n in zip(datas, self._num_train[user_ids], strict=True)]
 
-    def label_counts(self, user_ids: np.ndarray, chunk: int = 256) -> LabelCounts:
-        """Summed label counts of these clients' training rows (read ``chunk`` at a time)."""
-        total = LabelCounts()
-        for i in range(0, len(user_ids), chunk):
-            for d in self.train_data_many(user_ids[i : i + chunk]):
-                total = total + LabelCounts.of_labels(d.labels)
-        return total
+    def label_counts(self, user_ids: np.ndarray) -> LabelCounts:
+        """Summed label counts of these clients' training rows (their label columns only:
+        :meth:`Dataset.labels`)."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        labels = self.dataset.labels(user_ids)
+        count = self.dataset.rows_of_users(user_ids)
+        # a user's rows are sorted by time: its training rows are its first num_train
+        position = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        train = position < np.repeat(self._num_train[user_ids], count)
+        return LabelCounts.of(labels["click"][train], labels["conversion"][train], labels["label_observed"][train])
 
     def sample(self, k: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:
         """Uniformly sample up to ``k`` distinct clients that are online now.

@@ -17,6 +17,7 @@ from adfed.data import layout
 from adfed.data.examples import Examples
 from adfed.data.layout import DEVICE_COLUMNS, DatasetWriter
 from adfed.data.schema import (
+    LABEL_COLUMNS,
     Entity,
     FieldKind,
     FieldSpec,
@@ -191,6 +192,7 @@ def test_open_reads_manifest_and_index(world: World) -> None:
     assert ds.rows_per_user().tolist() == [3, 5, 1, 4, 2]
     assert ds.num_impressions == sum(ROWS_PER_USER)
     assert [ds.rows_of(u) for u in (0, 2, 4, -1, 99)] == [3, 0, 4, 0, 0]
+    assert ds.rows_of_users(np.array([0, 2, 4, -1, 99])).tolist() == [3, 0, 4, 0, 0]
     assert ds.devices() is not None and ds.devices().num_rows == len(ROWS_PER_USER)
     assert ds.requests() is None
     assert not world.path.with_name("ds.partial").exists()
@@ -218,6 +220,19 @@ def test_client_without_rows_raises(world: World, user: int) -> None:
     ds = Dataset.open(world.path)
     with pytest.raises(DataError, match=rf"user_id {user} has no impressions"):
         ds.client(user)
+
+
+def test_labels_are_the_label_columns_of_clients_in_order(world: World) -> None:
+    ds = Dataset.open(world.path)
+    users = np.array([4, 0, 5])
+    got = ds.labels(users)
+    joined = ds.clients(users)
+    assert set(got) == set(LABEL_COLUMNS)
+    for key in LABEL_COLUMNS:
+        assert np.array_equal(got[key], np.concatenate([ex.labels[key] for ex in joined])), key
+    assert all(len(v) == 0 for v in ds.labels(np.array([], dtype=np.int64)).values())
+    with pytest.raises(DataError, match="user_id 2 has no impressions"):
+        ds.labels(np.array([0, 2]))
 
 
 def test_load_equals_concat_of_all_clients(world: World) -> None:

@@ -109,7 +109,8 @@ def test_label_counts_sum_the_clients_training_rows_and_the_prior_sample_is_seed
     for u in users:
         d = pop.train_data(int(u))
         want = want + LabelCounts.of(d.labels["click"], d.labels["conversion"], d.labels["label_observed"])
-    assert pop.label_counts(users, chunk=3) == want
+    assert pop.label_counts(users) == want
+    assert pop.label_counts(users[:0]) == LabelCounts()
     a, b = prior_sample(pop, 0), prior_sample(pop, 0)
     assert np.array_equal(a, b) and len(a) == min(PRIOR_CLIENTS, len(pop))
     assert np.all(np.diff(a) > 0) and np.isin(a, pop.clients).all()

@@ -34,6 +34,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check adfed data_gen serving experiments tests benchmarks
+	$(BIN)/mypy adfed data_gen serving experiments benchmarks
 
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -10,11 +10,18 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from adfed import config as config_mod
@@ -129,7 +136,7 @@ def data_describe(
 # -- train -----------------------------------------------------------------------------
 
 def _resolve_config(
-    config_file: Optional[Path], sets: list[str], flags: dict[str, Any]
+    config_file: Path | None, sets: list[str], flags: dict[str, Any]
 ) -> config_mod.Config:
     cfg = config_mod.load(config_file) if config_file else config_mod.Config()
     items = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
@@ -139,15 +146,15 @@ def _resolve_config(
 @app.command("train")
 def train(
     out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Dataset directory (data.path).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="centralized | federated (train.mode).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (fl.rounds).")] = None,
-    clients_per_round: Annotated[Optional[int], typer.Option(help="fl.clients_per_round.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="inprocess | process | ray (fl.backend).")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,
+    mode: Annotated[str | None, typer.Option(help="centralized | federated (train.mode).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,
+    clients_per_round: Annotated[int | None, typer.Option(help="fl.clients_per_round.")] = None,
+    backend: Annotated[str | None, typer.Option(help="inprocess | process | ray (fl.backend).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from OUT's checkpoint.")] = False,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
 ) -> None:
     """Train the pCVR model centralized or federated and write a run directory."""
     from adfed import rundir
@@ -190,11 +197,11 @@ app.add_typer(experiment_app, name="experiment")
 def experiment_run(
     name: Annotated[str, typer.Argument(help="fl_vs_central | window | async | ceiling | replay | all")],
     out: Annotated[Path, typer.Option(help="Directory for the experiment's runs and results.")] = Path("runs/experiments"),
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="Base TOML config.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Dataset directory (data.path).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (fl.rounds).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Base TOML config.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
 ) -> None:
     """Run an experiment: several trainings, results.json, a comparison plot."""
     from experiments import fl_targets

@@ -226,7 +226,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         out[f.name] = (
-            {k: conv(x) for k, x in dataclasses.asdict(v).items()} if dataclasses.is_dataclass(v) else v
+            {k: conv(x) for k, x in dataclasses.asdict(v).items()}
+            if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
         )
     return out
 

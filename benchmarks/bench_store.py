@@ -76,15 +76,15 @@ def _measure(data: Path, clients: int, baseline_clients: int, seed: int) -> dict
         base.append((time.perf_counter() - t) * 1e3)
         assert table.num_rows == count
     manifest = json.loads((data / "manifest.json").read_text())
-    result = {
+    cold_ms, base_ms = _stats(cold), _stats(base)
+    return {
         "users": int(len(ds.user_ids)), "impressions": ds.num_impressions,
         "shards": int(manifest["counts"]["shards"]), "open_s": round(open_s, 3),
         "mean_rows_per_client": round(rows / len(users), 1),
-        "client_ms": {"cold": _stats(cold), "warm": _stats(warm)},
-        "baseline_ms": _stats(base),
+        "client_ms": {"cold": cold_ms, "warm": _stats(warm)},
+        "baseline_ms": base_ms,
+        "speedup_median": round(base_ms["median"] / cold_ms["median"], 1),
     }
-    result["speedup_median"] = round(result["baseline_ms"]["median"] / result["client_ms"]["cold"]["median"], 1)
-    return result
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ import torch
 
 from adfed.config import Config, with_overrides
 
-
 # One thread: on a busy 2-core machine, torch's second thread makes every op 3-10x slower.
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,11 +162,12 @@ class ProcessBackend:
 
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
         ctx = multiprocessing.get_context("spawn")
+        self.workers = cfg.fl.workers
         self.pool = ProcessPoolExecutor(max_workers=cfg.fl.workers, mp_context=ctx,
                                         initializer=_init_worker, initargs=(str(data_path), cfg))
 
     def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
-        chunk = max(1, len(jobs) // (4 * (self.pool._max_workers or 1)))  # noqa: SLF001
+        chunk = max(1, len(jobs) // (4 * self.workers))
         return list(self.pool.map(_run_in_worker, [model] * len(jobs), jobs, chunksize=chunk))
 
     def close(self) -> None:
@@ -197,13 +198,15 @@ class RayBackend:
             def run(self, model: RoundModel, jobs: list[Job]) -> list[ClientResult]:
                 return [run_job(self.ctx, model, j) for j in jobs]
 
-        self.actors = [_Actor.remote(str(data_path), cfg) for _ in range(cfg.fl.workers)]
+        # ray.remote turns the class into an ActorClass; mypy still sees the plain class
+        self.actors = [_Actor.remote(str(data_path), cfg)  # type: ignore[attr-defined]
+                       for _ in range(cfg.fl.workers)]
 
     def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
         ref = self.ray.put(model)
         n = len(self.actors)
         parts = [list(jobs[i::n]) for i in range(n)]
-        futures = [a.run.remote(ref, p) for a, p in zip(self.actors, parts)]
+        futures = [a.run.remote(ref, p) for a, p in zip(self.actors, parts, strict=True)]
         results: list[Any] = self.ray.get(futures)
         out: list[ClientResult | None] = [None] * len(jobs)
         for i, part in enumerate(results):
@@ -218,7 +221,8 @@ class RayBackend:
             self.ray.shutdown()
 
 
-BACKENDS = {"inprocess": InProcessBackend, "process": ProcessBackend, "ray": RayBackend}
+BACKENDS: dict[str, Callable[[str | Path, Config], Backend]] = {
+    "inprocess": InProcessBackend, "process": ProcessBackend, "ray": RayBackend}
 
 
 def create_backend(name: str, data_path: str | Path, cfg: Config) -> Backend:
@@ -226,4 +230,4 @@ def create_backend(name: str, data_path: str | Path, cfg: Config) -> Backend:
         factory = BACKENDS[name]
     except KeyError:
         raise ValueError(f"fl.backend must be one of {sorted(BACKENDS)}; got {name!r}") from None
-    return factory(data_path, cfg)  # type: ignore[no-any-return]
+    return factory(data_path, cfg)

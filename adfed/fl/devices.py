@@ -10,6 +10,7 @@ results: such times are simulated, not measured).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +31,9 @@ class DeviceProfiles:
     simulated: bool = False
 
     @classmethod
-    def from_table(cls, table: pa.Table, num_users: int) -> "DeviceProfiles":
+    def from_table(cls, table: pa.Table, num_users: int) -> DeviceProfiles:
         users = table.column("user_id").to_numpy()
-        cols = {}
+        cols: dict[str, Any] = {}
         for name in DEVICE_COLUMNS:
             arr = np.zeros(num_users, dtype=np.float32)
             arr[users] = table.column(name).to_numpy()
@@ -40,7 +41,7 @@ class DeviceProfiles:
         return cls(**cols)
 
     @classmethod
-    def simulate(cls, num_users: int, rng: np.random.Generator) -> "DeviceProfiles":
+    def simulate(cls, num_users: int, rng: np.random.Generator) -> DeviceProfiles:
         """Heavy-tailed profiles for datasets without devices.parquet."""
         n = num_users
         return cls(

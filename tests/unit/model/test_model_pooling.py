@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from adfed.model.pooling import (
+    LOOKUP_MIN_READS,
     SORTED_MIN_READS,
     _sort_stable,
     lookup,
@@ -84,9 +85,9 @@ def test_out_of_range_ids_raise(pool: Pool, bad: int) -> None:
         pool(torch.tensor([1, bad]), torch.tensor([0]), weight)
 
 
-# ---- lookups and sparse gradients: sizes on both sides of SORTED_MIN_READS ------------
+# ---- lookups and sparse gradients: sizes on both sides of the thresholds -------------
 
-READS = [10, SORTED_MIN_READS - 1, SORTED_MIN_READS, 20_000, 40_000]
+READS = [10, LOOKUP_MIN_READS - 1, LOOKUP_MIN_READS, SORTED_MIN_READS, 20_000, 40_000]
 
 
 @pytest.mark.parametrize("n", READS)
@@ -158,6 +159,26 @@ def test_padded_sort_gives_the_stable_sort(n: int, dtype: torch.dtype) -> None:
     want_keys, want_order = torch.sort(keys, stable=True)
 
     assert torch.equal(got_keys, want_keys) and torch.equal(got_order, want_order)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_dense_row_sums_are_bitwise_the_sorted_sums(threads: int, with_source: bool) -> None:
+    """index_add_ must add in position order on a CPU, as the sorted sum does: the dense
+    gradient is then the same float sums as the sparse one, whatever the thread count."""
+    gen = torch.Generator().manual_seed(threads)
+    ids = torch.randint(0, 37, (30_000,), generator=gen)  # many repeats per row
+    grad = torch.randn(5_000 if with_source else 30_000, 16, generator=gen) * 1e3
+    source = torch.randint(0, 5_000, (30_000,), generator=gen) if with_source else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dense = sum_rows_by_id(ids, source, grad, 40, sparse=False)
+        sparse = sum_rows_by_id(ids, source, grad, 40, sparse=True)
+    finally:
+        torch.set_num_threads(before)
+
+    assert torch.equal(dense, sparse.to_dense())
 
 
 @pytest.mark.parametrize("sparse", [False, True])

@@ -177,7 +177,7 @@ class WeightAverage(AveragedModel):
 
     After the first update, an update is one ``torch._foreach_lerp_`` over the parameter
     lists of that first call (``AveragedModel.update_parameters`` collects and groups
-    them again at every call: 0.4-0.5 ms, 3 % of a step at batch 1024, measured). The
+    them again at every call: about 0.3 ms more, 2-3 % of a step at batch 1024). The
     lists hold ``module``'s parameter tensors, which the optimizers update in place; a
     module whose parameters are replaced by new tensors must be passed as a new object.
     """

@@ -121,3 +121,11 @@ def test_weight_average_follows_a_new_module_object() -> None:
     d = 3 / 12
     assert torch.allclose(average.module.weight, torch.full((1, 3), d * 1.0 + (1 - d) * 5.0))
     assert int(average.n_averaged) == 3
+
+
+def test_weight_average_rejects_a_decay_outside_0_1() -> None:
+    from adfed.trainer import WeightAverage
+
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="train.ema"):
+            WeightAverage(torch.nn.Linear(2, 1), decay)

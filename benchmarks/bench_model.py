@@ -47,7 +47,7 @@ from adfed.model import build_model, esmm_loss, make_optimizers
 from adfed.model.layers import DotInteraction, Towers, init_parameters_
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
-from adfed.trainer import weight_average
+from adfed.trainer import WeightAverage, weight_average
 
 BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
 
@@ -86,7 +86,7 @@ Run = tuple[PCVRModel, list[torch.optim.Optimizer], bool]  # model, optimizers, 
 def _run(model: PCVRModel, *, ema: bool = True, **options: str) -> Run:
     """``model`` with the centralized trainer's default optimizers (``options`` override)."""
     t = TrainConfig()
-    return model, make_optimizers(model, lr=t.lr, sparse_lr=t.sparse_lr, local_lr=t.user_lr,
+    return model, make_optimizers(model, lr=t.lr, sparse_lr=t.sparse_lr, local_lr=t.user_lr or None,
                                   **options), ema  # type: ignore[arg-type]
 
 
@@ -94,7 +94,7 @@ def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[floa
     """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
     averages = [weight_average(model.towers, TrainConfig().ema) if ema else None for model, _, ema in runs]
 
-    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: object) -> float:
+    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: WeightAverage | None) -> float:
         start = time.perf_counter()
         for b in batches:
             for opt in opts:
@@ -103,7 +103,7 @@ def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[floa
             for opt in opts:
                 opt.step()
             if average is not None:
-                average.update_parameters(model.towers)  # type: ignore[attr-defined]
+                average.update_parameters(model.towers)
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
     for (model, opts, _), average in zip(runs, averages, strict=True):

@@ -257,7 +257,7 @@ class Dataset:
 
     def rows_of(self, user_id: int) -> int:
         """Number of impressions of one user (0 for an unknown user)."""
-        return int(self._count[user_id]) if 0 <= user_id < len(self._count) else 0
+        return int(self.rows_of_users(np.array([user_id]))[0])
 
     def rows_of_users(self, user_ids: np.ndarray) -> np.ndarray:
         """Number of impressions of each of ``user_ids`` (int64; 0 for an unknown user)."""
@@ -275,12 +275,20 @@ class Dataset:
         return self.clients(np.array([user_id]), with_truth=with_truth)[0]
 
     def _known(self, user_ids: np.ndarray) -> np.ndarray:
-        """``user_ids`` (int64), or DataError naming the first one without impressions."""
+        """``user_ids`` as int64, or DataError naming the first one without impressions."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
         bad = (user_ids < 0) | (user_ids >= len(self._count))
         bad[~bad] = self._count[user_ids[~bad]] == 0
         if bad.any():
             raise DataError(f"user_id {int(user_ids[bad][0])} has no impressions in {self.path}")
         return user_ids
+
+    def _rows_of(self, files: list[_RowGroupFile], user_ids: np.ndarray,
+                 columns: list[str] | None = None) -> pa.Table:
+        """The rows of ``user_ids`` (known users) from the sharded ``files``, back to back."""
+        shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
+        return pa.concat_tables([files[int(h)].read_rows(int(s), int(c), columns)
+                                 for h, s, c in zip(shard, start, count, strict=True)])
 
     def clients(self, user_ids: np.ndarray, *, with_truth: bool = True) -> list[Examples]:
         """:meth:`client` of each of ``user_ids`` (in that order), joined in one pass.
@@ -289,15 +297,12 @@ class Dataset:
         simulation loads a round's clients this way). Each result is a view into the
         joined arrays (:meth:`Examples.slice`).
         """
-        user_ids = self._known(np.asarray(user_ids, dtype=np.int64))
+        user_ids = self._known(user_ids)
         if not len(user_ids):
             return []
-        shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
-        imp = pa.concat_tables([self._imp[int(h)].read_rows(int(s), int(c), self._imp_columns)
-                                for h, s, c in zip(shard, start, count, strict=True)])
-        truth = pa.concat_tables([self._truth[int(h)].read_rows(int(s), int(c))
-                                  for h, s, c in zip(shard, start, count, strict=True)]) \
-            if self.has_truth and with_truth else None
+        imp = self._rows_of(self._imp, user_ids, self._imp_columns)
+        truth = self._rows_of(self._truth, user_ids) if self.has_truth and with_truth else None
+        count = self._count[user_ids]
         names = [f.name for f in self._user_fields if f.name != USER_KEY]
         users = pa.concat_tables([self._users.read_rows(int(u), 1, names) for u in user_ids])
         joined = self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
@@ -312,13 +317,11 @@ class Dataset:
         not read), so label statistics over many users cost a small part of
         :meth:`clients`. Unknown users raise :class:`DataError` as there.
         """
-        user_ids = self._known(np.asarray(user_ids, dtype=np.int64))
+        user_ids = self._known(user_ids)
         if not len(user_ids):
             return {k: np.zeros(0, dtype=dtype) for k, dtype in LABEL_COLUMNS.items()}
-        shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
         # the same columns as clients(), so both share the cached row groups
-        imp = pa.concat_tables([self._imp[int(h)].read_rows(int(s), int(c), self._imp_columns)
-                                for h, s, c in zip(shard, start, count, strict=True)])
+        imp = self._rows_of(self._imp, user_ids, self._imp_columns)
         return {k: imp.column(k).to_numpy(zero_copy_only=False) for k in LABEL_COLUMNS}
 
     def load(self, user_ids: np.ndarray | None = None) -> Examples:

@@ -39,7 +39,9 @@ class DataConfig:
 class ModelConfig:
     variant: Literal["full", "cloud_only"] = "full"
     embedding_dim: int = 16
-    tower: tuple[int, ...] = (128, 64)
+    # one shared hidden layer, then each head: as accurate as (128, 64) and 1.3x the
+    # training examples/s (README, Results)
+    tower: tuple[int, ...] = (64,)
     bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
     # ("zero"); "auto": base_rates when federated (much better there), zero when

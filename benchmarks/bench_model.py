@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from adfed.config import TrainConfig
+from adfed.config import ModelConfig, TrainConfig
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import Entity, FieldKind, Schema
 from adfed.model import build_model, esmm_loss, make_optimizers
@@ -75,7 +75,7 @@ def random_examples(schema: Schema, n: int, rng: np.random.Generator) -> Example
 def _without_interaction(model: PCVRModel) -> PCVRModel:
     emb = model.embeddings
     no_pairs = DotInteraction([Entity.USER] * emb.num_fields)  # no ad fields: no pairs
-    towers = Towers(emb.num_fields * emb.dim + emb.num_scalars, (128, 64))
+    towers = Towers(emb.num_fields * emb.dim + emb.num_scalars, ModelConfig().tower)
     init_parameters_(towers, torch.Generator().manual_seed(0))
     return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias)
 

@@ -255,7 +255,7 @@ def build_model(
     *,
     variant: Variant = "full",
     embedding_dim: int = 16,
-    tower: tuple[int, ...] = (128, 64),
+    tower: tuple[int, ...] = (64,),
     user_rows: int | None = None,
     seed: int = 0,
     bag_pooling: BagPooling = "sum",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adfed.config import ModelConfig
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import Entity, FieldKind, ParamGroup, Schema, Visibility
 from adfed.errors import DataError, TrainingError
@@ -361,3 +363,11 @@ def test_output_priors_set_each_heads_last_bias_to_the_logit_of_its_rate(schema:
     assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(np.log(0.25 / 0.75))
     set_output_priors_(model, LabelCounts(impressions=10, clicks=0))  # no clicks: rate 0.5
     assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(0.0)
+
+
+def test_build_model_defaults_are_the_config_defaults() -> None:
+    defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()}
+    cfg = ModelConfig()
+    assert (defaults["variant"], defaults["embedding_dim"], defaults["tower"], defaults["bag_pooling"],
+            defaults["share_vocab"]) == (cfg.variant, cfg.embedding_dim, cfg.tower, cfg.bag_pooling,
+                                         cfg.share_vocab_tables)

@@ -33,8 +33,10 @@ from adfed.data.schema import (
 from adfed.errors import DataError
 
 TRUTH_PREFIX = "truth_"
-#: Up to this many users, ``load(user_ids)`` reads client by client instead of scanning.
-_FEW_USERS = 500
+#: ``load(user_ids)`` scans every shard only when the users hold more than this share of
+#: all rows; otherwise it reads their own rows. A scan decodes the whole dataset at once
+#: (measured: +1.3 GiB peak RSS for 1,000 test users of a 1M-user world, 19M rows).
+_SCAN_SHARE = 0.125
 #: Bytes of decoded row groups kept per dataset (an LRU; a row group is ~0.1-1 MB
 #: decoded, so the demo dataset fits whole and a 1M-user one keeps its hottest groups).
 _CACHE_BYTES = 256 * 2**20
@@ -300,14 +302,17 @@ class Dataset:
         user_ids = self._known(user_ids)
         if not len(user_ids):
             return []
-        imp = self._rows_of(self._imp, user_ids, self._imp_columns)
-        truth = self._rows_of(self._truth, user_ids) if self.has_truth and with_truth else None
-        count = self._count[user_ids]
-        names = [f.name for f in self._user_fields if f.name != USER_KEY]
-        users = pa.concat_tables([self._users.read_rows(int(u), 1, names) for u in user_ids])
-        joined = self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
+        joined, count = self._joined(user_ids, with_truth=with_truth), self._count[user_ids]
         ends = np.cumsum(count)
         return [joined.slice(int(e - c), int(e)) for e, c in zip(ends, count, strict=True)]
+
+    def _joined(self, user_ids: np.ndarray, *, with_truth: bool) -> Examples:
+        """Every row of ``user_ids`` (known users), users in the given order, one join."""
+        imp = self._rows_of(self._imp, user_ids, self._imp_columns)
+        truth = self._rows_of(self._truth, user_ids) if self.has_truth and with_truth else None
+        names = [f.name for f in self._user_fields if f.name != USER_KEY]
+        users = pa.concat_tables([self._users.read_rows(int(u), 1, names) for u in user_ids])
+        return self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), self._count[user_ids]))
 
     def labels(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The label columns (``LABEL_COLUMNS``) of every impression of ``user_ids``.
@@ -327,10 +332,15 @@ class Dataset:
     def load(self, user_ids: np.ndarray | None = None) -> Examples:
         """All impressions (of ``user_ids`` if given) as one joined table.
 
-        For centralized training and evaluation; memory grows with the rows loaded.
+        For centralized training and evaluation; memory grows with the rows loaded. Rows
+        come sorted by user, each user once however often ``user_ids`` names it; users
+        without impressions contribute nothing.
         """
-        if user_ids is not None and len(user_ids) <= _FEW_USERS:
-            return Examples.concat([self.client(int(u)) for u in np.sort(user_ids)])
+        if user_ids is not None:
+            ids = np.unique(np.asarray(user_ids, dtype=np.int64))
+            ids = ids[self.rows_of_users(ids) > 0]
+            if len(ids) and self._count[ids].sum() <= _SCAN_SHARE * self.num_impressions:
+                return self._joined(ids, with_truth=True)
         imp = pa.concat_tables(
             [f.file.read(columns=self._imp_columns) for f in self._imp]
         )

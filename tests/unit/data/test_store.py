@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adfed.data.store as store_module
 from adfed.data import layout
 from adfed.data.examples import Examples
 from adfed.data.layout import DEVICE_COLUMNS, DatasetWriter
@@ -252,6 +253,33 @@ def test_load_of_some_users_is_sorted_by_user(world: World) -> None:
     ds = Dataset.open(world.path)
     some = ds.load(np.array([4, 0]))
     _assert_examples_equal(some, Examples.concat([ds.client(0), ds.client(4)]))
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])  # always scan / never scan
+def test_load_of_users_reads_the_same_rows_either_way(world: World, share: float,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: repeats, an unordered list and an id with no impressions
+    ds = Dataset.open(world.path)
+    wanted = np.array([3, 1, 3, 10_000, 0])
+    monkeypatch.setattr(store_module, "_SCAN_SHARE", share)
+
+    # Execute
+    some = ds.load(wanted)
+
+    # Assert
+    _assert_examples_equal(some, Examples.concat([ds.client(0), ds.client(1), ds.client(3)]))
+
+
+def test_load_of_few_users_does_not_scan_the_shards(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = Dataset.open(world.path)
+    monkeypatch.setattr(store_module, "_SCAN_SHARE", 0.5)  # user 1 holds 5 of the rows
+    scans = []
+    for f in ds._imp:
+        monkeypatch.setattr(f.file, "read", lambda *a, **k: scans.append(1))
+
+    assert len(ds.load(np.array([1]))) == 5
+
+    assert scans == []
 
 
 def test_to_batch_of_a_client(world: World) -> None:

@@ -421,6 +421,11 @@ class Towers(nn.Module):
             cast(nn.Linear, self.ctr[-1]).bias.fill_(ctr_logit)
             cast(nn.Linear, self.cvr[-1]).bias.fill_(cvr_logit)
 
+    def zero_cvr_weights_(self) -> None:
+        """Set the CVR tower's last weights to zero (its output is then its bias alone)."""
+        with torch.no_grad():
+            cast(nn.Linear, self.cvr[-1]).weight.zero_()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 [B, in] -> (ctr_logit [B], cvr_logit [B])."""
         h = self.bottom(x)

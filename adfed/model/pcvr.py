@@ -410,18 +410,24 @@ class LabelCounts:
 
 
 def set_output_priors_(model: PCVRModel, counts: LabelCounts) -> None:
-    """Start both heads at the base rates: each tower's last bias = logit(rate).
+    """Start both heads at the base rates: each tower's last bias = logit(rate), and the
+    CVR tower's last weights at zero, so pCVR starts at its base rate on every impression.
 
     With zero biases the model starts at pCTR = pCVR = 0.5 against rates of ~0.03 and
     ~0.1; its first updates then mostly push pCVR down, hardest where pCTR is high, which
     teaches the CVR tower the click signal with the wrong sign (CVR AUC < 0.5 for the
-    first rounds of federated training). Rates are clipped to [1e-4, 1 - 1e-4].
+    first rounds of federated training). The random last CVR weights did the same at some
+    seeds: with the single hidden layer both heads read the same units, and where their
+    draws point apart (seed 0: cosine -0.12) pCVR starts anti-aligned with the click signal
+    those units learn; at zero, the first gradients set its direction. The CTR head keeps
+    its draw. Rates are clipped to [1e-4, 1 - 1e-4].
     """
     def logit(p: float) -> float:
         p = min(max(p, 1e-4), 1 - 1e-4)
         return math.log(p / (1 - p))
 
     model.towers.set_output_bias_(logit(counts.click_rate), logit(counts.conversion_rate))
+    model.towers.zero_cvr_weights_()
 
 
 def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:

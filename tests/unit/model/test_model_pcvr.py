@@ -365,6 +365,19 @@ def test_output_priors_set_each_heads_last_bias_to_the_logit_of_its_rate(schema:
     assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(0.0)
 
 
+def test_output_priors_start_pcvr_at_its_base_rate_on_every_row(schema: Schema,
+                                                                make_batch: Callable[..., Batch]) -> None:
+    from adfed.model.pcvr import LabelCounts, set_output_priors_
+
+    model = build_model(schema, seed=0)
+    ctr_weights = model.towers.ctr[-1].weight.detach().clone()
+    set_output_priors_(model, LabelCounts(impressions=100, clicks=4, clicks_observed=4, conversions=1))
+    out = model(make_batch(8))
+    assert torch.allclose(out.pcvr, torch.full((8,), 0.25))
+    assert torch.equal(model.towers.ctr[-1].weight.detach(), ctr_weights)  # the CTR head keeps its draw
+    assert out.pctr.std() > 0
+
+
 def test_build_model_defaults_are_the_config_defaults() -> None:
     defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()}
     cfg = ModelConfig()

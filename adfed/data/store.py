@@ -338,9 +338,9 @@ class Dataset:
         """
         if user_ids is not None:
             ids = np.unique(np.asarray(user_ids, dtype=np.int64))
-            ids = ids[self.rows_of_users(ids) > 0]
-            if len(ids) and self._count[ids].sum() <= _SCAN_SHARE * self.num_impressions:
-                return self._joined(ids, with_truth=True)
+            rows = self.rows_of_users(ids)
+            if rows.any() and rows.sum() <= _SCAN_SHARE * self.num_impressions:
+                return self._joined(ids[rows > 0], with_truth=True)
         imp = pa.concat_tables(
             [f.file.read(columns=self._imp_columns) for f in self._imp]
         )

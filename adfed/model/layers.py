@@ -415,16 +415,15 @@ class Towers(nn.Module):
         self.ctr = _mlp(hidden[0], hidden[1:], 1)
         self.cvr = _mlp(hidden[0], hidden[1:], 1)
 
-    def set_output_bias_(self, ctr_logit: float, cvr_logit: float) -> None:
-        """Set the last bias of each tower (the logit the head outputs for a zero input)."""
+    def start_heads_(self, ctr_logit: float, cvr_logit: float) -> None:
+        """Start the heads at fixed logits: each tower's last bias, and the CVR tower's last
+        weights at zero, so the CVR logit is ``cvr_logit`` on every input (the CTR head
+        keeps its drawn weights)."""
         with torch.no_grad():
             cast(nn.Linear, self.ctr[-1]).bias.fill_(ctr_logit)
-            cast(nn.Linear, self.cvr[-1]).bias.fill_(cvr_logit)
-
-    def zero_cvr_weights_(self) -> None:
-        """Set the CVR tower's last weights to zero (its output is then its bias alone)."""
-        with torch.no_grad():
-            cast(nn.Linear, self.cvr[-1]).weight.zero_()
+            cvr = cast(nn.Linear, self.cvr[-1])
+            cvr.bias.fill_(cvr_logit)
+            cvr.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 [B, in] -> (ctr_logit [B], cvr_logit [B])."""

@@ -426,8 +426,7 @@ def set_output_priors_(model: PCVRModel, counts: LabelCounts) -> None:
         p = min(max(p, 1e-4), 1 - 1e-4)
         return math.log(p / (1 - p))
 
-    model.towers.set_output_bias_(logit(counts.click_rate), logit(counts.conversion_rate))
-    model.towers.zero_cvr_weights_()
+    model.towers.start_heads_(logit(counts.click_rate), logit(counts.conversion_rate))
 
 
 def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from adfed.data.examples import bag_lengths
+from adfed.model import row_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,18 @@ def sum_rows_by_id(
     if not sparse:
         rows = grad if source is None else grad.index_select(0, source)
         return grad.new_zeros(num_rows, grad.shape[1]).index_add_(0, ids, rows)
+    size = (num_rows, grad.shape[1])
+    summed = row_kernels.sum_rows(ids, source, grad.contiguous(), num_rows)
+    if summed is not None:  # the compiled loop: bitwise the same as below
+        return torch.sparse_coo_tensor(
+            summed[0].unsqueeze(0), summed[1], size, is_coalesced=True, check_invariants=False
+        )
     # Sorting narrower keys is several times faster, and gives the same order.
     sorted_ids, order = _sort_stable(ids.to(_key_dtype(num_rows)), num_rows)
     rows_in_order = order if source is None else source.index_select(0, order)
     present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     sums = F.embedding_bag(rows_in_order, grad.contiguous(), starts, mode="sum")
-    size = (num_rows, grad.shape[1])
     # Unique sorted indices by construction: the invariant checks would only cost time.
     return torch.sparse_coo_tensor(
         present.to(torch.int64).unsqueeze(0), sums, size, is_coalesced=True, check_invariants=False
@@ -186,10 +192,14 @@ def multi_hot_mean(
     ------
     IndexError : an id outside ``[0, V)``.
     """
-    _check_range(values, weight.shape[0])
-    n = offsets.shape[0]
     if lengths is None:
         lengths = bag_lengths(values, offsets)
+    if weight.dtype == torch.float32:
+        counts = row_kernels.bag_counts(values, lengths, weight.shape[0])
+        if counts is not None:  # the compiled loop: bitwise the same as below
+            return counts @ weight
+    _check_range(values, weight.shape[0])
+    n = offsets.shape[0]
     rows = torch.repeat_interleave(torch.arange(n), lengths, output_size=values.shape[0])
     counts = weight.new_zeros(n, weight.shape[0])
     counts.index_put_((rows, values), weight.new_ones(()).expand(values.shape[0]), accumulate=True)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adfed.model import row_kernels
+
 __all__ = ["RowSparseAdam", "unique_rows"]
 
 _EMBEDDING_BAG_DTYPES = (torch.float32, torch.float64)
@@ -215,19 +217,27 @@ class RowSparseAdam(torch.optim.Optimizer):
         seen: list[tuple[Tensor, _Runs]] = []
         for p, grad, state in todo:
             rows = _row_ids(grad, p.shape)
+            step = state["step"]
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            moments = self._moment_rows(p, state, grad.sparse_dim())
+            values = grad._values()
+            p_rows, copied = _as_rows(p, moments.shape[1], moments.shape[2])
+            if not copied and row_kernels.sparse_adam(
+                rows, values.reshape(values.shape[0], -1), p_rows, moments,
+                beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, maximize=maximize,
+            ):
+                continue
             runs = None
             if not grad.is_coalesced():  # gradients with equal row ids share one sort
                 runs = next((r for ids, r in seen if ids.shape == rows.shape and torch.equal(ids, rows)), None)
             if runs is None:
                 runs = _runs(rows, grad.is_coalesced())
                 seen.append((rows, runs))
-            values = _sum_runs(grad._values(), runs)
+            values = _sum_runs(values, runs)
             if maximize:
                 values = -values
-            step = state["step"]
-            _adam_rows(p, runs.ids, values.reshape(values.shape[0], -1), self._moment_rows(p, state, grad.sparse_dim()),
-                       beta1=beta1, beta2=beta2, eps=eps,
-                       step_size=lr * math.sqrt(1 - beta2**step) / (1 - beta1**step))
+            _adam_rows(p, runs.ids, values.reshape(values.shape[0], -1), moments,
+                       beta1=beta1, beta2=beta2, eps=eps, step_size=step_size)
 
 
 def _adam_rows(
@@ -244,7 +254,11 @@ def _adam_rows(
     exp_avg, exp_avg_sq = both[0], both[1]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2)
-    p_rows.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
+    # torch's float32 sqrt (MKL's) is not correctly rounded (1 ulp off on ~15 % of
+    # elements); the square root of the float64 value rounded to float32 is, and is what
+    # the compiled kernel (C's sqrtf) computes, so both paths give the same bits.
+    denom = exp_avg_sq.sqrt() if exp_avg_sq.dtype != torch.float32 else exp_avg_sq.double().sqrt_().float()
+    p_rows.addcdiv_(exp_avg, denom.add_(eps), value=-step_size)
     moments.index_copy_(1, ids, both)
     rows.index_copy_(0, ids, p_rows)
     if copied:  # p could not be viewed as rows: write the whole copy back

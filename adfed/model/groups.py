@@ -25,6 +25,7 @@ import torch
 
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import ParamGroup
+from adfed.model.fused_adam import FusedAdam
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
 
@@ -281,8 +282,9 @@ def make_optimizers(
     optimizers: list[torch.optim.Optimizer] = []
     if dense:
         # fused: one kernel over all tensors; ~10x faster than the per-tensor loop on CPU
+        # (FusedAdam: torch's fused Adam, bitwise, with less Python per step)
         if dense_opt == "adam":
-            optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True))
+            optimizers.append(FusedAdam(dense, lr=lr, weight_decay=weight_decay))
         elif dense_opt == "sgd":
             optimizers.append(torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay, fused=True))
         else:

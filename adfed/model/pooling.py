@@ -17,7 +17,9 @@ returns (an empty bag pools to zeros) with a cheaper backward:
 The backward of :func:`lookup` and :func:`mean_bag` sums each table row's gradient in
 position order (:func:`sum_rows_by_id`): a dense gradient with one ``index_add_``, a
 sparse one by sorting the ids once and summing each row's run with ``F.embedding_bag``
-(mode ``"sum"``, one bag per id). With ``sparse_grad=True`` the gradient is a
+(mode ``"sum"``, one bag per id), or, where it is built, by the compiled loop of
+:mod:`adfed.model.row_kernels` (bitwise the same sums; so is its count matrix for
+:func:`multi_hot_mean`). With ``sparse_grad=True`` the gradient is a
 *coalesced* sparse COO tensor holding exactly the ids read (the rows of
 ``nn.EmbeddingBag(sparse=True)``'s gradient, without duplicates), so a sparse
 optimizer's ``coalesce()`` has nothing left to sum. Below :data:`LOOKUP_MIN_READS` /

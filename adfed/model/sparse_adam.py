@@ -22,6 +22,12 @@ sparse tensors into dense ones: some twenty small operations per parameter. Here
   ``square``, ``sqrt``, ``add_``, ``addcdiv_``) instead of twelve, and the parameter's
   rows are written back with one ``index_copy_``.
 
+Where the compiled row kernels are built (:mod:`adfed.model.row_kernels`), a float32
+parameter's whole step (summing duplicate rows, the moments, the update) is one C loop
+instead, with bitwise the same result as the operations above; for that, the square root
+here is taken in float64 and rounded (correctly rounded, as C's ``sqrtf``; torch's
+float32 ``sqrt`` is not).
+
 The arithmetic is Adam's, as in ``SparseAdam``, but with fused operations (``lerp``,
 ``addcdiv``) and another order of summing duplicate rows, so results agree with
 ``SparseAdam`` to float rounding, not bitwise. Everything is deterministic: the same

@@ -227,3 +227,22 @@ int64_t adfed_bag_counts(int64_t n, int64_t nnz, const int64_t *values, const in
     }
     return j == nnz ? -1 : -2;
 }
+
+/* A dense table's gradient from the gradients of its reads: out[num_rows][width] (zeroed
+ * here), out[ids[j]] += src[source[j]] (src[j] when source is NULL) for j = 0..n-1 in
+ * order, each row summed from zero in position order, as torch's index_add_ on a CPU.
+ * Returns -1, or the position of the first id outside [0, num_rows) (out incomplete).
+ */
+VECTOR_CLONES
+int64_t adfed_index_add(int64_t n, const int64_t *ids, const int64_t *source, const float *src,
+                        int64_t width, int64_t num_rows, float *restrict out) {
+    memset(out, 0, (size_t)(num_rows * width) * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        int64_t id = ids[j];
+        if (id < 0 || id >= num_rows) return j;
+        float *restrict a = out + id * width;
+        const float *restrict x = src + (source ? source[j] : j) * width;
+        for (int64_t c = 0; c < width; c++) a[c] += x[c];
+    }
+    return -1;
+}

@@ -115,6 +115,9 @@ def sum_rows_by_id(
     and one ``F.embedding_bag`` sum per run, which also yields the present rows.
     """
     if not sparse:
+        dense = row_kernels.index_add(ids, source, grad.contiguous(), num_rows)
+        if dense is not None:  # the compiled loop: bitwise index_add_
+            return dense
         rows = grad if source is None else grad.index_select(0, source)
         return grad.new_zeros(num_rows, grad.shape[1]).index_add_(0, ids, rows)
     size = (num_rows, grad.shape[1])

@@ -88,6 +88,8 @@ def _library() -> ctypes.CDLL | None:
     lib.adfed_sparse_adam.restype = ctypes.c_int
     lib.adfed_sparse_adam.argtypes = [_I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR,
                                       _F32, _F32, _F32, _F32, ctypes.c_int]
+    lib.adfed_index_add.restype = _I64
+    lib.adfed_index_add.argtypes = [_I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR]
     lib.adfed_bag_counts.restype = _I64
     lib.adfed_bag_counts.argtypes = [_I64, _I64, _PTR, _PTR, _I64, _PTR]
     return lib
@@ -131,6 +133,37 @@ def sum_rows(
     out_rows = torch.empty((k, src.shape[1]), dtype=torch.float32)
     lib.adfed_take_rows(out_ids.data_ptr(), out_rows.data_ptr())
     return out_ids, out_rows
+
+
+def index_add(ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+    """A dense table's gradient, as :func:`~adfed.model.pooling.sum_rows_by_id` (dense).
+
+    Parameters
+    ----------
+    ids : int64 [n], the row each position adds to.
+    source : int64 [n], the row of ``src`` that position j adds; None: row j.
+    src : float32 [m, w], contiguous.
+
+    Returns
+    -------
+    float32 [num_rows, w]: row v sums ``src[source[j]]`` over the positions j with
+    ``ids[j] == v``, from zero in position order (``index_add_``'s order on a CPU). None
+    when the kernels are unavailable or the tensors do not fit.
+
+    Raises
+    ------
+    IndexError : an id outside ``[0, num_rows)``.
+    """
+    lib = _library()
+    if (lib is None or src.dim() != 2 or not _fits(ids, torch.int64) or not _fits(src, torch.float32)
+            or (source is not None and not _fits(source, torch.int64))):
+        return None
+    out = torch.empty((num_rows, src.shape[1]), dtype=torch.float32)
+    bad = lib.adfed_index_add(ids.shape[0], ids.data_ptr(), None if source is None else source.data_ptr(),
+                              src.data_ptr(), src.shape[1], num_rows, out.data_ptr())
+    if bad >= 0:
+        raise IndexError(f"index {int(ids[bad])} is out of bounds for a table of {num_rows} rows")
+    return out
 
 
 def sparse_adam(

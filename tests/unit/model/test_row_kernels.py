@@ -54,6 +54,28 @@ def test_sum_rows_is_bitwise_the_torch_path(num_rows: int, with_source: bool, mo
         assert torch.equal(fast._indices()[0], torch.unique(ids))
 
 
+@pytest.mark.parametrize("num_rows", [1, 95, 3000])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_dense_table_gradient_is_bitwise_index_add(num_rows: int, with_source: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(num_rows + 1)
+    for n in (0, 3, 2048, 9000):
+        ids = torch.randint(0, num_rows, (n,), generator=gen)
+        m = max(1, n // 4)
+        grad = torch.randn(m if with_source else n, 16, generator=gen) * 1e3
+        source = torch.randint(0, m, (n,), generator=gen) if with_source else None
+        fast = sum_rows_by_id(ids, source, grad, num_rows, sparse=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(row_kernels, "_library", lambda: None)
+            slow = sum_rows_by_id(ids, source, grad, num_rows, sparse=False)
+        assert _same_bits(fast, slow)
+
+
+def test_dense_table_gradient_rejects_bad_ids() -> None:
+    with pytest.raises(IndexError, match="index 7 is out of bounds for a table of 5 rows"):
+        row_kernels.index_add(torch.tensor([0, 7, 1]), None, torch.ones(3, 2), 5)
+
+
 def _adam_run(seed: int, *, maximize: bool, width: int, duplicates: bool) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     rows = 300

@@ -1,4 +1,4 @@
-/* Row kernels for sparse embedding tables: see adfed/model/row_kernels.py.
+/* Row kernels for embedding tables and their optimizer: see adfed/model/row_kernels.py.
  *
  * Every float operation here is one IEEE float32 operation, in the order written, and
  * this file is compiled with -ffp-contract=off, so no compiler fuses a multiply and an
@@ -18,12 +18,6 @@
 #else
 #define VECTOR_CLONES
 #endif
-
-/* torch.lerp(start, end, weight) for float32 on a CPU (ATen's lerp_vec): */
-static inline float lerp(float start, float end, float weight) {
-    if (fabsf(weight) < 0.5f) return fmaf(weight, end - start, start);
-    return fmaf(weight - 1.0f, end - start, end);
-}
 
 #define RADIX_BITS 11
 #define RADIX_MASK ((1 << RADIX_BITS) - 1)
@@ -157,8 +151,10 @@ void adfed_take_rows(int64_t *out_ids, float *out_rows) {
  *   param.addcdiv_(exp_avg, sqrt(exp_avg_sq) + eps, value=value)
  *
  * param, exp_avg, exp_avg_sq: [rows][width]; ids: the k rows (distinct); grad:
- * [k][width], negated first when negate is set (maximize). lerp as lerp() above, written
- * out so that the compiler vectorises the row.
+ * [k][width], negated first when negate is set (maximize). torch's float32 lerp on a CPU
+ * (ATen's lerp_vec) is fma(w, end - start, start) for |w| < 0.5, else
+ * fma(w - 1, end - start, end); written out below with the choice hoisted, so that the
+ * compiler vectorises the row.
  */
 VECTOR_CLONES
 void adfed_adam_rows(int64_t k, const int64_t *ids, const float *grad, int64_t width,

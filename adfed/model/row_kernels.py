@@ -1,24 +1,28 @@
-"""Compiled row kernels for the sparse tables: summing gradient rows by id, lazy Adam.
+"""Compiled row kernels: table gradients by id, lazy Adam, multi-hot count matrices.
 
-A training step of the default model spends about a quarter of its time (batch 1024,
-2 threads) in two places that torch serves only with many small operations: the sparse
-gradient of a bag table (sort the ids, find the runs, sum each run) and the lazy Adam
+A training step of the default model (batch 1024, 2 threads) spent about a third of its
+time where torch offers only many small operations for a few thousand rows, each a few
+microseconds of dispatch: the sparse gradient of a bag table (sort the ids, find the
+runs, sum each run), a small dense table's gradient (``index_add_``, which this torch
+build runs as a ``scatter_add_`` over an index expanded to every element), the lazy Adam
 step (gather each parameter's rows and moments, six element-wise operations, scatter
-them back), each operation a few microseconds of dispatch for a few thousand rows. The
-two loops in ``_rows.c`` do the same work in one pass each.
+them back) and the count matrix of :func:`~adfed.model.pooling.multi_hot_mean`. The
+loops in ``_rows.c`` do each in one pass.
 
-They are *bitwise* the torch code they replace (:func:`adfed.model.pooling.sum_rows_by_id`
-and :class:`adfed.model.sparse_adam.RowSparseAdam`'s torch path): the same float32
-operations in the same order, compiled without floating-point contraction, with
-``fmaf`` where torch's CPU ``lerp`` fuses; ``tests/unit/model/test_row_kernels.py``
-compares both ways on random inputs. So results do not depend on whether the kernels
+They are *bitwise* the torch code they replace (:func:`adfed.model.pooling.sum_rows_by_id`,
+:func:`~adfed.model.pooling.multi_hot_mean` and :class:`adfed.model.sparse_adam.RowSparseAdam`'s
+torch path): the same float32 operations in the same order, compiled without
+floating-point contraction, with ``fmaf`` where torch's CPU ``lerp`` fuses (and, for the
+one operation torch does not round correctly, float32 ``sqrt``, the torch path rounds
+the float64 root instead); ``tests/unit/model/test_row_kernels.py`` compares both ways on
+random inputs and whole training steps. So results do not depend on whether the kernels
 are used, which keeps runs reproducible on any machine.
 
 The source is compiled on first use with the system C compiler (``$CC``, else ``cc``)
 into a cache folder (``$ADFED_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/adfed`` or
 ``~/.cache/adfed``), once per source version (about a second). Where no compiler works,
-or with ``ADFED_ROW_KERNELS=0``, :func:`available` is False and the callers keep their
-torch path (same results, slower), after one warning in the log.
+one warning is logged and :func:`available` is False; with ``ADFED_ROW_KERNELS=0`` it is
+False without one. The callers then keep their torch path (same results, slower).
 """
 
 from __future__ import annotations

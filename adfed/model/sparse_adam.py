@@ -189,6 +189,22 @@ class RowSparseAdam(torch.optim.Optimizer):
                 self._update_group(group, todo)
         return loss
 
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict()``, with each moment a tensor of its own.
+
+        Here the two moments are views into one buffer, the second at a storage offset;
+        handed to ``torch.optim.SparseAdam`` as they are, its dense ``add_`` of a sparse
+        tensor (torch 2.13, CPU) ignores that offset for 1-D parameters and writes
+        outside the buffer (found by a test: the update vanished, then the heap was
+        corrupt). So the moments are copied here (a checkpoint's cost, not a step's).
+        """
+        out = super().state_dict()
+        out["state"] = {
+            k: {name: (v.clone() if name in ("exp_avg", "exp_avg_sq") else v) for name, v in s.items()}
+            for k, s in out["state"].items()
+        }
+        return out
+
     def _pack_moments(self, p: Tensor, state: dict[str, Any], sparse_dim: int) -> Tensor:
         """Put ``p``'s moments (zeros if it has none yet) into one [2, rows, row size] buffer.
 

@@ -37,12 +37,20 @@ def _params(seed: int = 0) -> list[torch.nn.Parameter]:
 def _sparse_grad(
     shape: tuple[int, ...], sparse_dim: int, ids: torch.Tensor, gen: torch.Generator, *, coalesced: bool = False
 ) -> torch.Tensor:
-    """An uncoalesced sparse COO gradient with one stored entry per id (duplicates kept)."""
+    """An uncoalesced sparse COO gradient with one stored entry per id (duplicates kept).
+
+    The values are multiples of 1/64 in [-4, 4], so duplicates sum exactly in any order:
+    SparseAdam (coalesce) and RowSparseAdam (stored order) sum them in different orders,
+    and with random floats a sum that cancels to ~1e-7 differs between the two in its
+    leading digits, which Adam's first step (g / (|g| + eps)) turns into a visible
+    difference (hypothesis found one: seed 213, 2e-4). Summation order is not what these
+    tests compare; the arithmetic of the update is.
+    """
     if sparse_dim == 1:
         indices = ids.unsqueeze(0)
     else:  # a position over the first two dims, row-major
         indices = torch.stack([ids // shape[1], ids % shape[1]])
-    values = torch.randn((ids.shape[0], *shape[sparse_dim:]), generator=gen)
+    values = torch.randint(-256, 257, (ids.shape[0], *shape[sparse_dim:]), generator=gen) / 64.0
     grad = torch.sparse_coo_tensor(indices, values, shape)
     return grad.coalesce() if coalesced else grad
 
@@ -328,3 +336,24 @@ def test_model_training_matches_torch_sparse_adam(schema: Schema, make_batch: Ca
     ours, ref = dict(models[0].named_parameters()), dict(models[1].named_parameters())
     for name in ours:
         torch.testing.assert_close(ours[name].detach(), ref[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_state_dict_moments_are_tensors_of_their_own() -> None:
+    # The live moments are halves of one buffer; torch's SparseAdam, handed such a view
+    # of a 1-D parameter, lost its exp_avg_sq update and corrupted the heap.
+    p = torch.nn.Parameter(torch.zeros(9))
+    opt = RowSparseAdam([p], lr=0.1)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[2, 5]]), torch.tensor([1.0, -2.0]), (9,))
+    opt.step()
+    saved = opt.state_dict()["state"][0]
+    live = opt.state[p]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert saved[name].storage_offset() == 0
+        assert saved[name].untyped_storage().data_ptr() != live[name].untyped_storage().data_ptr()
+        assert torch.equal(saved[name], live[name])
+    ref = torch.optim.SparseAdam([p], lr=0.1)
+    ref.load_state_dict(opt.state_dict())
+    before = ref.state[p]["exp_avg_sq"].clone()
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.tensor([3.0]), (9,)).coalesce()
+    ref.step()
+    assert ref.state[p]["exp_avg_sq"][2] > before[2]  # the update landed

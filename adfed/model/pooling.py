@@ -120,21 +120,20 @@ def sum_rows_by_id(
             return dense
         rows = grad if source is None else grad.index_select(0, source)
         return grad.new_zeros(num_rows, grad.shape[1]).index_add_(0, ids, rows)
-    size = (num_rows, grad.shape[1])
     summed = row_kernels.sum_rows(ids, source, grad.contiguous(), num_rows)
     if summed is not None:  # the compiled loop: bitwise the same as below
-        return torch.sparse_coo_tensor(
-            summed[0].unsqueeze(0), summed[1], size, is_coalesced=True, check_invariants=False
-        )
-    # Sorting narrower keys is several times faster, and gives the same order.
-    sorted_ids, order = _sort_stable(ids.to(_key_dtype(num_rows)), num_rows)
-    rows_in_order = order if source is None else source.index_select(0, order)
-    present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sums = F.embedding_bag(rows_in_order, grad.contiguous(), starts, mode="sum")
+        present, sums = summed
+    else:
+        # Sorting narrower keys is several times faster, and gives the same order.
+        sorted_ids, order = _sort_stable(ids.to(_key_dtype(num_rows)), num_rows)
+        rows_in_order = order if source is None else source.index_select(0, order)
+        present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sums = F.embedding_bag(rows_in_order, grad.contiguous(), starts, mode="sum")
     # Unique sorted indices by construction: the invariant checks would only cost time.
     return torch.sparse_coo_tensor(
-        present.to(torch.int64).unsqueeze(0), sums, size, is_coalesced=True, check_invariants=False
+        present.to(torch.int64).unsqueeze(0), sums, (num_rows, grad.shape[1]), is_coalesced=True,
+        check_invariants=False,
     )
 
 

@@ -108,6 +108,12 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
 
 
+def _fits_reads(ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor) -> bool:
+    """The arguments of :func:`sum_rows` / :func:`index_add` fit the C loops."""
+    return (src.dim() == 2 and _fits(ids, torch.int64) and _fits(src, torch.float32)
+            and (source is None or _fits(source, torch.int64)))
+
+
 def sum_rows(
     ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor, num_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -126,8 +132,7 @@ def sum_rows(
     are not contiguous CPU int64 / float32 (the caller then uses torch).
     """
     lib = _library()
-    if (lib is None or src.dim() != 2 or not _fits(ids, torch.int64) or not _fits(src, torch.float32)
-            or (source is not None and not _fits(source, torch.int64))):
+    if lib is None or not _fits_reads(ids, source, src):
         return None
     k = lib.adfed_sum_rows(ids.shape[0], ids.data_ptr(), None if source is None else source.data_ptr(),
                            src.data_ptr(), src.shape[1], num_rows)
@@ -159,8 +164,7 @@ def index_add(ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor,
     IndexError : an id outside ``[0, num_rows)``.
     """
     lib = _library()
-    if (lib is None or src.dim() != 2 or not _fits(ids, torch.int64) or not _fits(src, torch.float32)
-            or (source is not None and not _fits(source, torch.int64))):
+    if lib is None or not _fits_reads(ids, source, src):
         return None
     out = torch.empty((num_rows, src.shape[1]), dtype=torch.float32)
     bad = lib.adfed_index_add(ids.shape[0], ids.data_ptr(), None if source is None else source.data_ptr(),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from adfed.model.pooling import SORTED_MIN_READS, multi_hot_mean, sum_rows_by_id
 from adfed.model.sparse_adam import RowSparseAdam
 from data_gen.params import WorldParams, build_schema
 
+T = TypeVar("T")
+
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
 
@@ -27,6 +30,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _kernels_and_torch(monkeypatch: pytest.MonkeyPatch, run: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, T]:
+    """``run(*args, **kwargs)`` with the compiled kernels, then with every caller on its torch path."""
+    fast = run(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(row_kernels, "_library", lambda: None)
+        return fast, run(*args, **kwargs)
 
 
 def test_kernels_build_on_this_machine() -> None:
@@ -44,10 +55,7 @@ def test_sum_rows_is_bitwise_the_torch_path(num_rows: int, with_source: bool, mo
         grad = torch.randn(m if with_source else n, 7, generator=gen) * 1e3
         grad[::3] = -0.0  # signed zeros must survive as torch keeps them
         source = torch.randint(0, m, (n,), generator=gen) if with_source else None
-        fast = sum_rows_by_id(ids, source, grad, num_rows, sparse=True)
-        with monkeypatch.context() as patch:
-            patch.setattr(row_kernels, "_library", lambda: None)
-            slow = sum_rows_by_id(ids, source, grad, num_rows, sparse=True)
+        fast, slow = _kernels_and_torch(monkeypatch, sum_rows_by_id, ids, source, grad, num_rows, sparse=True)
         assert fast.is_coalesced() and slow.is_coalesced()
         assert torch.equal(fast._indices(), slow._indices())
         assert _same_bits(fast._values(), slow._values())
@@ -64,10 +72,7 @@ def test_dense_table_gradient_is_bitwise_index_add(num_rows: int, with_source: b
         m = max(1, n // 4)
         grad = torch.randn(m if with_source else n, 16, generator=gen) * 1e3
         source = torch.randint(0, m, (n,), generator=gen) if with_source else None
-        fast = sum_rows_by_id(ids, source, grad, num_rows, sparse=False)
-        with monkeypatch.context() as patch:
-            patch.setattr(row_kernels, "_library", lambda: None)
-            slow = sum_rows_by_id(ids, source, grad, num_rows, sparse=False)
+        fast, slow = _kernels_and_torch(monkeypatch, sum_rows_by_id, ids, source, grad, num_rows, sparse=False)
         assert _same_bits(fast, slow)
 
 
@@ -103,10 +108,7 @@ def test_sparse_adam_is_bitwise_the_torch_path(
     maximize: bool, width: int, duplicates: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for seed in range(4):
-        fast = _adam_run(seed, maximize=maximize, width=width, duplicates=duplicates)
-        with monkeypatch.context() as patch:
-            patch.setattr(row_kernels, "_library", lambda: None)
-            slow = _adam_run(seed, maximize=maximize, width=width, duplicates=duplicates)
+        fast, slow = _kernels_and_torch(monkeypatch, _adam_run, seed, maximize=maximize, width=width, duplicates=duplicates)
         assert all(_same_bits(a, b) for a, b in zip(fast, slow, strict=True))
 
 
@@ -134,10 +136,7 @@ def big_batch(make_examples: Callable[..., Examples]) -> tuple[Schema, Batch]:
 
 
 def test_training_steps_are_bitwise_the_same_without_kernels(big_batch: tuple[Schema, Batch], monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = _train(big_batch)
-    with monkeypatch.context() as patch:
-        patch.setattr(row_kernels, "_library", lambda: None)
-        slow = _train(big_batch)
+    fast, slow = _kernels_and_torch(monkeypatch, _train, big_batch)
     assert fast.keys() == slow.keys()
     assert all(_same_bits(fast[k], slow[k]) for k in fast)
 
@@ -208,10 +207,7 @@ def test_multi_hot_counts_are_bitwise_the_torch_path(monkeypatch: pytest.MonkeyP
         lengths[:3] = 0  # empty bags pool to zeros
         values = torch.randint(0, rows, (int(lengths.sum()),), generator=gen)
         weight = torch.randn(rows, 16, generator=gen)
-        fast = _multi_hot(values, lengths, weight)
-        with monkeypatch.context() as patch:
-            patch.setattr(row_kernels, "_library", lambda: None)
-            slow = _multi_hot(values, lengths, weight)
+        fast, slow = _kernels_and_torch(monkeypatch, _multi_hot, values, lengths, weight)
         assert all(_same_bits(a, b) for a, b in zip(fast, slow, strict=True))
         assert torch.count_nonzero(fast[0][:3]) == 0
 

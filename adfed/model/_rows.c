@@ -64,7 +64,7 @@ static int reserve(int64_t cap, int64_t max_k, int64_t width) {
 /* The distinct ids among ids[0..n) (all in [0, num_rows)) and each one's row sum, into
  * scratch.ids[0..k) (first-seen order) and scratch.rows[k][width]: each id's rows
  * src[source[j]] (src[j] when source is NULL) added to zero in position order. Returns
- * k, or -1 when memory ran out. Each id's slot is found in a table indexed by id when
+ * k; -1 when memory ran out; -2 when an id lies outside [0, num_rows). Each id's slot is found in a table indexed by id when
  * the table is small, else in an open-addressing hash table with at least twice as many
  * entries as there can be distinct ids.
  */
@@ -82,6 +82,7 @@ static int64_t group_rows(int64_t n, const int64_t *ids, const int64_t *source, 
     int64_t k = 0;
     for (int64_t j = 0; j < n; j++) {
         int64_t id = ids[j];
+        if (id < 0 || id >= num_rows) return -2;
         uint64_t h = (uint64_t)id;
         if (!direct) {
             h = (((uint64_t)id * 0x9E3779B97F4A7C15ull) >> 20) & mask;
@@ -106,12 +107,13 @@ static int64_t group_rows(int64_t n, const int64_t *ids, const int64_t *source, 
 
 /* Row sums by id, as a coalesced sparse gradient: group_rows, then the ids sorted
  * increasing with their rows. Returns k; adfed_take_rows then copies the result out
- * (the caller allocates exactly k entries in between). -1 when memory ran out.
+ * (the caller allocates exactly k entries in between). -1 when memory ran out, -2 for
+ * an id outside [0, num_rows).
  */
 int64_t adfed_sum_rows(int64_t n, const int64_t *ids, const int64_t *source, const float *src,
                        int64_t width, int64_t num_rows) {
     int64_t k = group_rows(n, ids, source, src, width, num_rows);
-    if (k < 0) return -1;
+    if (k < 0) return k;
     Scratch *s = &scratch;
     /* Sort the slots by id: a stable LSD radix sort over RADIX_BITS-bit digits of the
      * ids (each < num_rows), ping-ponging between the two halves of s->order. */
@@ -181,8 +183,8 @@ void adfed_adam_rows(int64_t k, const int64_t *ids, const float *grad, int64_t w
 /* RowSparseAdam's step for one parameter of num_rows rows from its sparse gradient's n
  * stored entries (rows[j], values[j][width]): entries of one row are summed first
  * (group_rows; the order of the rows does not matter here), unless the rows are already
- * strictly increasing; then adfed_adam_rows. Returns 0, or -1 when memory ran out
- * (nothing is changed then).
+ * strictly increasing; then adfed_adam_rows. Returns 0; -1 when memory ran out, -2 for
+ * a row outside [0, num_rows) (nothing is changed then).
  */
 int adfed_sparse_adam(int64_t n, const int64_t *rows, const float *values, int64_t width,
                       int64_t num_rows, float *param, float *exp_avg, float *exp_avg_sq, float w1,
@@ -190,11 +192,12 @@ int adfed_sparse_adam(int64_t n, const int64_t *rows, const float *values, int64
     int64_t j = 1;
     while (j < n && rows[j] > rows[j - 1]) j++;
     if (j >= n) {
+        if (n > 0 && (rows[0] < 0 || rows[n - 1] >= num_rows)) return -2;
         adfed_adam_rows(n, rows, values, width, param, exp_avg, exp_avg_sq, w1, w2, eps, value, negate);
         return 0;
     }
     int64_t k = group_rows(n, rows, NULL, values, width, num_rows);
-    if (k < 0) return -1;
+    if (k < 0) return (int)k;
     adfed_adam_rows(k, scratch.ids, scratch.rows, width, param, exp_avg, exp_avg_sq, w1, w2, eps, value, negate);
     return 0;
 }

@@ -108,6 +108,11 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
 
 
+def _raise_out_of_range(ids: torch.Tensor, num_rows: int) -> None:
+    low, high = torch.aminmax(ids)
+    raise IndexError(f"row ids must lie in [0, {num_rows}); got [{int(low)}, {int(high)}]")
+
+
 def _fits_reads(ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor) -> bool:
     """The arguments of :func:`sum_rows` / :func:`index_add` fit the C loops."""
     return (src.dim() == 2 and _fits(ids, torch.int64) and _fits(src, torch.float32)
@@ -121,7 +126,7 @@ def sum_rows(
 
     Parameters
     ----------
-    ids : int64 [n], each in ``[0, num_rows)`` (not checked here).
+    ids : int64 [n], each in ``[0, num_rows)``.
     source : int64 [n], the row of ``src`` that position j adds; None: row j.
     src : float32 [m, w], contiguous.
 
@@ -130,12 +135,18 @@ def sum_rows(
     (present int64 [k] increasing, sums float32 [k, w]): each present id's rows summed
     from zero in position order. None when the kernels are unavailable or the tensors
     are not contiguous CPU int64 / float32 (the caller then uses torch).
+
+    Raises
+    ------
+    IndexError : an id outside ``[0, num_rows)``.
     """
     lib = _library()
     if lib is None or not _fits_reads(ids, source, src):
         return None
     k = lib.adfed_sum_rows(ids.shape[0], ids.data_ptr(), None if source is None else source.data_ptr(),
                            src.data_ptr(), src.shape[1], num_rows)
+    if k == -2:
+        _raise_out_of_range(ids, num_rows)
     if k < 0:
         raise MemoryError("adfed_sum_rows: out of memory")
     out_ids = torch.empty(k, dtype=torch.int64)
@@ -200,6 +211,10 @@ def sparse_adam(
     -------
     True when done; False when the kernels are unavailable or a tensor does not fit
     (then nothing was changed and the caller uses torch).
+
+    Raises
+    ------
+    IndexError : a row outside ``[0, R)`` (nothing is changed).
     """
     lib = _library()
     if (lib is None or not _fits(rows, torch.int64) or not _fits(values, torch.float32)
@@ -210,6 +225,8 @@ def sparse_adam(
     status = lib.adfed_sparse_adam(n, rows.data_ptr(), values.data_ptr(), width, param.shape[0], param.data_ptr(),
                                    exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 1 - beta1, 1 - beta2, eps,
                                    -step_size, int(maximize))
+    if status == -2:
+        _raise_out_of_range(rows, param.shape[0])
     if status:
         raise MemoryError("adfed_sparse_adam: out of memory")
     return True

@@ -223,3 +223,15 @@ def test_multi_hot_counts_reject_bad_ids_and_lengths() -> None:
         row_kernels.bag_counts(torch.tensor([0, 1, 2]), torch.tensor([2, 2]), 5)
     with pytest.raises(ValueError, match="add up to the 3 ids"):
         row_kernels.bag_counts(torch.tensor([0, 1, 2]), torch.tensor([4, -1]), 5)
+
+
+def test_out_of_range_rows_raise_instead_of_writing_outside_the_table() -> None:
+    # torch's path raises (index_select); the C loops must not index past the table.
+    with pytest.raises(IndexError, match=r"row ids must lie in \[0, 5\); got \[0, 9\]"):
+        row_kernels.sum_rows(torch.tensor([0, 9, 1]), None, torch.ones(3, 2), 5)
+    p, moments = torch.zeros(5, 2), torch.zeros(2, 5, 2)
+    kw = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step_size": 0.1, "maximize": False}
+    for rows in ([1, 3, 5], [-1, 2, 3], [4, 1, 7]):  # increasing (last, first bad) and unordered
+        with pytest.raises(IndexError, match=r"row ids must lie in \[0, 5\)"):
+            row_kernels.sparse_adam(torch.tensor(rows), torch.ones(3, 2), p, moments, **kw)
+    assert torch.count_nonzero(p) == 0 and torch.count_nonzero(moments) == 0

@@ -16,10 +16,24 @@ observed) with:
   from the training rows' conversions (L2 strength chosen by 5-fold cross-validation on
   training rows only). Every real model must learn the field part as well, so this
   is an optimistic bound for any model trained on the same rows;
+- ``crosses_learned``: a logistic regression that learns *every* coefficient from the
+  same conversions, over the dataset's own columns in the truth's functional form:
+  one-hots of each field (ad, advertiser, creative, region, hour, slot, network), the
+  (age, gender, ad category) and (os, ad category) cells, and each user bag crossed with
+  the ad category (installed app categories, the categories of the recent app usage as a
+  histogram, intents), plus the number of intents. It is handed only the form and the
+  app -> app category map; what it cannot represent is each ad's own deviation from its
+  category in the interest term. A well-specified learner that uses conversions only
+  (the model also learns from clicks);
+- ``crosses_learned_with_clicks``: the same design, in two stages that use the clicks
+  as the model does: a click regression over every training impression (L2 by 3-fold
+  cross-validation), then the conversion regression above with that click logit as one
+  more input (the truth's click and conversion logits share their form and part of their
+  coefficients);
 - ``centralized``: the centralized model of the base config (``adfed train --mode
   centralized``), trained here.
 
-All four are scored on the same rows, with paired bootstrap intervals of each AUC and
+All six are scored on the same rows, with paired bootstrap intervals of each AUC and
 of its gap to the oracle (:func:`adfed.metrics.paired_bootstrap_auc`): the test set of a
 small world holds few conversions, so the noise of a single AUC is reported beside it.
 ``auc_expected`` gives each one's AUC in expectation over the truth's labels on every
@@ -40,7 +54,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from threadpoolctl import threadpool_limits
 
 from adfed.config import Config
-from adfed.data.schema import USER_KEY
+from adfed.data.examples import Examples
+from adfed.data.schema import USER_KEY, Schema
 from adfed.data.store import TRUTH_PREFIX, Dataset, split_by_time
 from adfed.errors import DataError
 from adfed.metrics import expected_auc, paired_bootstrap_auc
@@ -55,6 +70,8 @@ from data_gen.world import World
 CHUNK_USERS = 4096
 #: Inverse L2 strengths the cross-validation chooses from.
 GLM_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: The same for the click regression (300k rows: fewer candidates, 3 folds).
+CLICK_CS = (0.01, 0.03, 0.1)
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -111,6 +128,71 @@ def fields_known_ads_learned(known: np.ndarray, ads: np.ndarray, advertisers: np
     return glm.decision_function(design(test)), float(glm.C_)
 
 
+def crosses_design(examples: Examples, schema: Schema, app_category: np.ndarray,
+                   num_app_categories: int) -> sp.csr_matrix:
+    """[n, columns]: the ``crosses_learned`` inputs of ``examples`` (module docstring).
+
+    One block per term of the truth's conversion logit, each a sparse one-hot (or counts)
+    over the dataset's own vocabularies; ``app_category`` maps an ``app_usage`` id to its
+    app category. Every column is in {0, 1} except the usage histogram (fractions of the
+    sequence) and the intent count.
+    """
+    ids, n = examples.ids, len(examples)
+    vocab = {f.name: f.vocab_size for f in schema.fields}
+    cat, num_cats = ids["ad_category"], vocab["ad_category"]
+    blocks: list[sp.csr_matrix] = []
+
+    def one_hot(cols: np.ndarray, width: int, rows: np.ndarray | None = None,
+                values: np.ndarray | None = None) -> None:
+        r = np.arange(n) if rows is None else rows
+        v = np.ones(len(cols)) if values is None else values
+        blocks.append(sp.csr_matrix((v, (r, cols)), shape=(n, width)))
+
+    for name in ("ad_id", "advertiser_id", "creative_type", "region", "hour", "slot", "network"):
+        one_hot(ids[name], vocab[name])
+    demo = (ids["age_bucket"] * vocab["gender"] + ids["gender"]) * num_cats + cat
+    one_hot(demo, vocab["age_bucket"] * vocab["gender"] * num_cats)
+    one_hot(ids["os"] * num_cats + cat, vocab["os"] * num_cats)
+
+    def crossed(name: str, width: int, to_col: Any = None, histogram: bool = False) -> None:
+        values, offsets = examples.bags[name]
+        lengths = np.diff(offsets)
+        rows = np.repeat(np.arange(n), lengths)
+        col = values if to_col is None else to_col(values)
+        weight = 1.0 / lengths[rows] if histogram else np.ones(len(rows))
+        one_hot(col * num_cats + cat[rows], width * num_cats, rows, weight)
+
+    crossed("installed_apps", num_app_categories)
+    crossed("app_usage", num_app_categories, lambda v: app_category[v], histogram=True)
+    crossed("intent", num_cats)
+    intents = np.diff(examples.bags["intent"][1]).astype(np.float64)
+    blocks.append(sp.csr_matrix(((intents - intents.mean()) / max(intents.std(), 1e-9))[:, None]))
+    return sp.hstack(blocks).tocsr()
+
+
+def _glm(cs: tuple[float, ...], folds: int, seed: int) -> LogisticRegressionCV:
+    return LogisticRegressionCV(Cs=list(cs), cv=folds, scoring="neg_log_loss", max_iter=2000,
+                                random_state=seed, l1_ratios=(0.0,), use_legacy_attributes=False)
+
+
+def crosses_learned(design: sp.csr_matrix, y: np.ndarray, train: np.ndarray, test: np.ndarray,
+                    seed: int) -> tuple[np.ndarray, float]:
+    """Scores of ``test`` rows by the ``crosses_learned`` GLM, and its chosen C."""
+    glm = _glm(GLM_CS, 5, seed)
+    with threadpool_limits(1):
+        glm.fit(design[train], y[train])
+    return glm.decision_function(design[test]), float(glm.C_)
+
+
+def click_logit(design: sp.csr_matrix, click: np.ndarray, train: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Every row's logit under the click regression of ``crosses_learned_with_clicks``,
+    fitted on ``train`` rows, and its chosen C."""
+    glm = _glm(CLICK_CS, 3, seed)
+    with threadpool_limits(1):
+        glm.fit(design[train], click[train])
+    return glm.decision_function(design), float(glm.C_)
+
+
 def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> dict[str, Any]:
     """The experiment's results for a trained centralized ``model`` (module docstring)."""
     world = world_of(dataset)
@@ -133,11 +215,20 @@ def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> 
     glm_scores, glm_c = fields_known_ads_learned(
         known, parts.ad_id, world.ad_advertiser[parts.ad_id].astype(np.int64), y, train, observed,
         world.params.num_ads, world.params.num_advertisers, base.seed)
+    progress("fitting the crosses-learned regression")
+    crosses = crosses_design(examples, dataset.schema, world.app_category, world.params.num_app_categories)
+    cross_scores, cross_c = crosses_learned(crosses, y, train, observed, base.seed)
+    progress("fitting the click regression")
+    clicks, click_c = click_logit(crosses, labels["click"].astype(np.int64), train_rows, base.seed)
+    with_clicks = sp.hstack([crosses, sp.csr_matrix(clicks[:, None])]).tocsr()
+    click_scores, two_stage_c = crosses_learned(with_clicks, y, train, observed, base.seed)
     _, pcvr = predict(model, examples.take(observed))
     every = {
         "oracle": parts.cvr_logit[observed],
         "oracle_without_residual": (parts.cvr_logit - parts.cvr_residual)[observed],
         "fields_known_ads_learned": glm_scores,
+        "crosses_learned": cross_scores,
+        "crosses_learned_with_clicks": click_scores,
         "centralized": pcvr.astype(np.float64),
     }
     p_click = labels[TRUTH_PREFIX + "p_click"][observed].astype(np.float64)
@@ -152,6 +243,9 @@ def analyse(base: Config, dataset: Dataset, model: PCVRModel, progress: Any) -> 
         "train_rows": int(len(train)),
         "train_conversions": int(y[train].sum()),
         "glm_c": glm_c,
+        "crosses_c": cross_c,
+        "click_c": click_c,
+        "crosses_with_clicks_c": two_stage_c,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "level": 0.95, "paired": True},
         "auc": paired_bootstrap_auc(y[test], scores, "oracle", resamples=BOOTSTRAP_RESAMPLES,
                                     seed=base.seed),

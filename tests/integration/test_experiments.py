@@ -78,7 +78,8 @@ def test_ceiling_experiment_scores_oracle_bounds_and_the_model_on_the_same_rows(
     cfg = fl_config(small_world)
     results = fl_targets.run("ceiling", cfg, tmp_path)
     table = results["auc"]
-    assert set(table) == {"oracle", "oracle_without_residual", "fields_known_ads_learned", "centralized"}
+    assert set(table) == {"oracle", "oracle_without_residual", "fields_known_ads_learned", "crosses_learned",
+                          "crosses_learned_with_clicks", "centralized"}
     # the trainer scored the same rows: its own summary AUC is the table's
     assert table["centralized"]["auc"] == pytest.approx(results["centralized_summary_auc"], abs=1e-6)
     assert table["oracle"]["gap"] == 0.0
@@ -136,3 +137,32 @@ def test_replay_experiment_runs_one_pass_with_sgd_and_adam(small_world, fl_confi
         assert results[name]["best"]["auc_expected"] >= results[name]["final"]["auc_expected"]
     assert results["sgd"]["curve"] != results["adam"]["curve"]
     assert (tmp_path / "replay" / "replay.png").exists()
+
+
+def test_crosses_design_lays_out_each_truth_term_as_its_own_block(small_world):
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from experiments.ceiling import crosses_design, world_of
+
+    dataset = Dataset.open(small_world)
+    world = world_of(dataset)
+    examples = dataset.load().slice(0, 500)
+    vocab = {f.name: f.vocab_size for f in dataset.schema.fields}
+    cats, apps = vocab["ad_category"], world.params.num_app_categories
+    x = crosses_design(examples, dataset.schema, world.app_category, apps)
+    singles = ("ad_id", "advertiser_id", "creative_type", "region", "hour", "slot", "network")
+    cells = vocab["age_bucket"] * vocab["gender"] * cats + vocab["os"] * cats
+    crossed = 2 * apps * cats + vocab["intent"] * cats
+    assert x.shape == (500, sum(vocab[k] for k in singles) + cells + crossed + 1)
+    bag = {k: np.diff(examples.bags[k][1]) for k in ("installed_apps", "app_usage", "intent")}
+    # one 1 per single field and per cell; one 1 per installed category and intent; the
+    # usage histogram sums to one; the last column is the standardised intent count
+    totals = np.asarray(x[:, :-1].sum(axis=1)).ravel()
+    np.testing.assert_allclose(totals, len(singles) + 2 + bag["installed_apps"] + 1 + bag["intent"])
+    counts = x[:, -1].toarray().ravel()
+    assert np.array_equal(np.argsort(counts, kind="stable"), np.argsort(bag["intent"], kind="stable"))
+    # row 0's (os, ad category) cell is where the layout says
+    first = sum(vocab[k] for k in singles) + vocab["age_bucket"] * vocab["gender"] * cats
+    col = first + examples.ids["os"][0] * cats + examples.ids["ad_category"][0]
+    assert x[0, col] == 1.0

@@ -76,6 +76,9 @@ class TrainConfig:
     # (largest decay per step, reached after a warm-up: trainer.weight_average; 0 = off,
     # the last step's weights)
     ema: float = 0.99
+    # centralized: the dense parameters' optimizer and the sparse rows' (phones use fl.local_optimizer)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    sparse_optimizer: Literal["sparse_adam", "adagrad", "sgd"] = "sparse_adam"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)

@@ -111,6 +111,7 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     if cfg.model.starts_at_base_rates("centralized"):
         set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
     optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
+                                 dense_opt=cfg.train.optimizer, sparse_opt=cfg.train.sparse_optimizer,
                                  weight_decay=cfg.train.weight_decay, local_lr=cfg.train.user_lr or None)
     average = weight_average(model.towers, cfg.train.ema)
     rng = np.random.default_rng([cfg.seed, 0xC3])

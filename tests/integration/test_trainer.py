@@ -11,7 +11,7 @@ import torch
 from adfed.config import Config, with_overrides
 from adfed.data.schema import Visibility
 from adfed.data.store import Dataset
-from adfed.errors import TrainingError
+from adfed.errors import ConfigError, TrainingError
 from adfed.model.pcvr import ensure_finite
 from adfed.trainer import Trainer, fit_centralized
 
@@ -129,3 +129,31 @@ def test_weight_average_rejects_a_decay_outside_0_1() -> None:
     for decay in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="train.ema"):
             WeightAverage(torch.nn.Linear(2, 1), decay)
+
+
+def test_train_optimizer_and_sparse_optimizer_choose_the_optimizers(small_world: Path, dataset: Dataset) -> None:
+    """train.optimizer picks the dense parameters' optimizer and train.sparse_optimizer the
+    big tables' rows'; each choice changes what training produces, and every one trains."""
+    def fit(dense: str, sparse: str) -> dict[str, torch.Tensor]:
+        cfg = _central(small_world, f'train.optimizer="{dense}"', f'train.sparse_optimizer="{sparse}"',
+                       "train.ema=0")
+        result = fit_centralized(cfg, dataset)
+        assert math.isfinite(result.summary["auc"]) and math.isfinite(result.summary["logloss"])
+        return {n: p.detach().clone() for n, p in result.model.named_parameters()}
+
+    base = fit("adam", "sparse_adam")
+    model = Trainer(_central(small_world)).fit(dataset).model
+    sparse = [n for n, _ in model.named_parameters() if model.has_sparse_grad(n)]
+    dense = [n for n, _ in model.named_parameters() if not model.has_sparse_grad(n)]
+    assert sparse and dense
+    for options in (("sgd", "sparse_adam"), ("adam", "adagrad"), ("adam", "sgd")):
+        other = fit(*options)
+        assert any(not torch.equal(base[n], other[n]) for n in dense), options
+        assert any(not torch.equal(base[n], other[n]) for n in sparse), options
+
+
+def test_an_unknown_optimizer_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match="train.sparse_optimizer must be one of"):
+        with_overrides(Config(), ['train.sparse_optimizer="adam"'])
+    with pytest.raises(ConfigError, match="train.optimizer must be one of"):
+        with_overrides(Config(), ['train.optimizer="rmsprop"'])

@@ -49,6 +49,9 @@ class ModelConfig:
     output_bias: Literal["auto", "base_rates", "zero"] = "auto"
     # fields of one vocabulary (schema vocab_of: intent -> ad_category) read one table
     share_vocab_tables: bool = True
+    # a logit weight per head on "how many bag ids equal the ad's id of the same vocabulary"
+    # (an intent that is the ad's category; model.layers.VocabMatch)
+    vocab_match: bool = True
 
     def starts_at_base_rates(self, mode: str) -> bool:
         """Whether a run in ``mode`` ("centralized" | "federated") sets the output priors."""

@@ -66,6 +66,7 @@ def model_from_config(cfg: Config, dataset: Dataset, *, user_rows: int | None = 
         seed=cfg.seed,
         bag_pooling=cfg.model.bag_pooling,
         share_vocab=cfg.model.share_vocab_tables,
+        vocab_match=cfg.model.vocab_match,
     )
 
 

@@ -77,7 +77,7 @@ def _without_interaction(model: PCVRModel) -> PCVRModel:
     no_pairs = DotInteraction([Entity.USER] * emb.num_fields)  # no ad fields: no pairs
     towers = Towers(emb.num_fields * emb.dim + emb.num_scalars, ModelConfig().tower)
     init_parameters_(towers, torch.Generator().manual_seed(0))
-    return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias)
+    return PCVRModel(model.schema, emb, no_pairs, towers, model.user_bias, model.match)
 
 
 Run = tuple[PCVRModel, list[torch.optim.Optimizer], bool]  # model, optimizers, with EMA

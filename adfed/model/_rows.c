@@ -227,6 +227,23 @@ int64_t adfed_bag_counts(int64_t n, int64_t nnz, const int64_t *values, const in
     return j == nnz ? -1 : -2;
 }
 
+/* VocabMatch's counts, out[n]: bag b holds the next lengths[b] of the nnz values (bags
+ * back to back from 0), and out[b] = how many of them equal ids[b] (an exact integer in
+ * float32, as the torch path's sum of 1.0f hits). Returns -1; or -2 when the lengths are
+ * negative or do not add up to nnz (out is incomplete then).
+ */
+int64_t adfed_bag_matches(int64_t n, int64_t nnz, const int64_t *values, const int64_t *lengths,
+                          const int64_t *ids, float *out) {
+    int64_t j = 0;
+    for (int64_t b = 0; b < n; b++) {
+        if (lengths[b] < 0 || lengths[b] > nnz - j) return -2;
+        int64_t hits = 0, id = ids[b];
+        for (int64_t end = j + lengths[b]; j < end; j++) hits += values[j] == id;
+        out[b] = (float)hits;
+    }
+    return j == nnz ? -1 : -2;
+}
+
 /* A dense table's gradient from the gradients of its reads: out[num_rows][width] (zeroed
  * here), out[ids[j]] += src[source[j]] (src[j] when source is NULL) for j = 0..n-1 in
  * order, each row summed from zero in position order, as torch's index_add_ on a CPU.

@@ -33,6 +33,7 @@ from adfed.model.layers import (
     DotInteraction,
     FieldEmbeddings,
     Towers,
+    VocabMatch,
     init_parameters_,
     is_sparse_group,
 )
@@ -106,6 +107,8 @@ class PCVRModel(nn.Module):
     towers : the shared bottom layer and the two towers, [B, in] -> two [B] logits.
     user_bias : a ``[user_rows, 2]`` table of per-user logit offsets (CTR, CVR), LOCAL;
         ``None`` when the schema has no ``user_id`` field.
+    match : logit offsets from bag ids equal to the ad's (see :class:`VocabMatch`),
+        ``dense_shared``; ``None`` when off or when no bag shares an ad field's vocabulary.
 
     Use :func:`build_model` rather than this constructor.
     """
@@ -117,6 +120,7 @@ class PCVRModel(nn.Module):
         interaction: DotInteraction,
         towers: Towers,
         user_bias: nn.Embedding | None,
+        match: VocabMatch | None = None,
     ) -> None:
         super().__init__()
         self.schema = schema
@@ -124,6 +128,7 @@ class PCVRModel(nn.Module):
         self.interaction = interaction
         self.towers = towers
         self.user_bias = user_bias
+        self.match = match
         self._groups = self._decide_groups()
         self._sparse = frozenset(self._sparse_names())
         self._blocks = self._plan_blocks()
@@ -134,8 +139,10 @@ class PCVRModel(nn.Module):
         groups = {f"embeddings.{k}": g for k, g in self.embeddings.param_groups().items()}
         if self.user_bias is not None:
             groups.update({f"user_bias.{k}": ParamGroup.LOCAL for k, _ in self.user_bias.named_parameters()})
-        for part in ("interaction", "towers"):
+        for part in ("interaction", "towers", "match"):
             module = getattr(self, part)
+            if module is None:
+                continue
             groups.update({f"{part}.{k}": ParamGroup.DENSE_SHARED for k, _ in module.named_parameters()})
         names = {n for n, _ in self.named_parameters()}
         if names != set(groups):
@@ -231,6 +238,8 @@ class PCVRModel(nn.Module):
         else:
             pooled, scalars = self.embeddings(batch)
             ctr, cvr = self.towers(torch.cat([*pooled, *scalars, self.interaction(pooled)], dim=1))
+        if self.match is not None:
+            ctr, cvr = self.match.add_to(ctr, cvr, batch)
         if self.user_bias is not None:
             bias = self.user_bias(batch.ids[USER_KEY])
             ctr = ctr + bias[:, 0]
@@ -260,6 +269,7 @@ def build_model(
     seed: int = 0,
     bag_pooling: BagPooling = "sum",
     share_vocab: bool = True,
+    vocab_match: bool = True,
 ) -> PCVRModel:
     """Build a freshly initialised :class:`PCVRModel` for ``schema``.
 
@@ -277,6 +287,7 @@ def build_model(
     bag_pooling : how bag fields' embeddings combine (see :class:`FieldEmbeddings`).
     share_vocab : fields of one vocabulary (schema ``vocab_of``) read one table (see
         :class:`FieldEmbeddings`).
+    vocab_match : add :class:`VocabMatch` when a bag shares an ad field's vocabulary.
 
     Raises
     ------
@@ -303,7 +314,9 @@ def build_model(
             spec = used.field(USER_KEY)
             bias_rows = user_rows if user_rows is not None else spec.vocab_size
             user_bias = nn.Embedding(bias_rows, 2, sparse=is_sparse_group(spec.group))
-        model = PCVRModel(used, embeddings, interaction, towers, user_bias)
+        pairs = VocabMatch.pairs_of(used.fields) if vocab_match else []
+        match = VocabMatch(pairs) if pairs else None
+        model = PCVRModel(used, embeddings, interaction, towers, user_bias, match)
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     init_parameters_(model, generator)

@@ -96,6 +96,8 @@ def _library() -> ctypes.CDLL | None:
     lib.adfed_index_add.argtypes = [_I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR]
     lib.adfed_bag_counts.restype = _I64
     lib.adfed_bag_counts.argtypes = [_I64, _I64, _PTR, _PTR, _I64, _PTR]
+    lib.adfed_bag_matches.restype = _I64
+    lib.adfed_bag_matches.argtypes = [_I64, _I64, _PTR, _PTR, _PTR, _PTR]
     return lib
 
 
@@ -262,4 +264,35 @@ def bag_counts(values: torch.Tensor, lengths: torch.Tensor, num_rows: int) -> to
     if status >= 0:
         low, high = torch.aminmax(values)
         raise IndexError(f"embedding ids must lie in [0, {num_rows}); got [{int(low)}, {int(high)}]")
+    return out
+
+
+def bag_matches(values: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """:class:`~adfed.model.layers.VocabMatch`'s counts: how many ids of bag b equal ``ids[b]``.
+
+    Parameters
+    ----------
+    values : int64 [nnz], the ids of all bags back to back.
+    lengths : int64 [B], each bag's length (summing to nnz).
+    ids : int64 [B], the id each bag is compared with.
+
+    Returns
+    -------
+    float32 [B] (exact integers). None when the kernels are unavailable or the tensors do
+    not fit (the caller then uses torch).
+
+    Raises
+    ------
+    ValueError : lengths that are negative or do not add up to nnz.
+    """
+    lib = _library()
+    if lib is None or not all(_fits(t, torch.int64) for t in (values, lengths, ids)):
+        return None
+    if ids.shape != lengths.shape:
+        raise ValueError(f"bag_matches needs one id per bag; got {ids.shape[0]} ids for {lengths.shape[0]} bags")
+    out = torch.empty(lengths.shape[0], dtype=torch.float32)
+    status = lib.adfed_bag_matches(lengths.shape[0], values.shape[0], values.data_ptr(), lengths.data_ptr(),
+                                   ids.data_ptr(), out.data_ptr())
+    if status == -2:
+        raise ValueError(f"bag lengths must be >= 0 and add up to the {values.shape[0]} ids")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,57 @@ def test_vocab_of_survives_the_manifest_round_trip_and_is_cleared_with_its_owner
                           for f in schema.fields)
     cloud = dataclasses.replace(schema, fields=private_owner).cloud_only()
     assert cloud.field("intent").vocab_of == ""
+
+
+def test_vocab_match_counts_bag_ids_equal_to_the_ads(shared_schema: Schema,
+                                                     make_examples: Callable[..., Examples]) -> None:
+    model = build_model(shared_schema)
+    assert model.match is not None and model.match.pairs == [("intent", "category")]
+    ex = make_examples(model.schema, 4, empty_bags=False)
+    ex.ids["category"][:] = [3, 5, 7, 0]
+    ex.bags["intent"] = (np.array([3, 1, 3, 5, 2, 0]), np.array([0, 3, 5, 5, 6]))  # 4 bags: 3 | 2 | - | 1
+    batch = ex.to_batch()
+    assert model.match.counts(batch)[:, 0].tolist() == [2.0, 1.0, 0.0, 1.0]
+
+
+def test_vocab_match_adds_count_times_weight_to_each_logit(shared_schema: Schema,
+                                                           make_examples: Callable[..., Examples]) -> None:
+    model = build_model(shared_schema)
+    assert model.match is not None
+    assert model.parameter_groups()["match.weight"] is ParamGroup.DENSE_SHARED
+    assert torch.count_nonzero(model.match.weight) == 0  # starts as a no-op
+    batch = make_examples(model.schema, 64, empty_bags=False).to_batch()
+    before = model(batch)
+    with torch.no_grad():
+        model.match.weight.copy_(torch.tensor([[0.5, -2.0]]))
+    after = model(batch)
+    counts = model.match.counts(batch)[:, 0]
+    assert counts.max() > 0
+    torch.testing.assert_close(after.ctr_logit - before.ctr_logit, 0.5 * counts)
+    torch.testing.assert_close(after.cvr_logit - before.cvr_logit, -2.0 * counts)
+
+
+def test_vocab_match_gradient_is_the_formulas(shared_schema: Schema, make_examples: Callable[..., Examples]) -> None:
+    """The one-node add_to has the gradient autograd gives ``logits + counts @ weight``."""
+    model = build_model(shared_schema)
+    assert model.match is not None
+    batch = make_examples(model.schema, 64, empty_bags=False).to_batch()
+    ctr, cvr = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    up = torch.randn(64, 2)
+    out = model.match.add_to(ctr, cvr, batch)
+    ((out[0] * up[:, 0]).sum() + (out[1] * up[:, 1]).sum()).backward()
+    fast = (ctr.grad.clone(), cvr.grad.clone(), model.match.weight.grad.clone())
+    ctr.grad = cvr.grad = model.match.weight.grad = None
+    offsets = model.match(batch)
+    ((ctr + offsets[:, 0]) * up[:, 0] + (cvr + offsets[:, 1]) * up[:, 1]).sum().backward()
+    for a, b in zip(fast, (ctr.grad, cvr.grad, model.match.weight.grad), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.count_nonzero(fast[2]) == 2
+
+
+def test_vocab_match_is_absent_when_off_or_without_a_shared_vocabulary(shared_schema: Schema, schema: Schema) -> None:
+    assert build_model(shared_schema, vocab_match=False).match is None
+    assert build_model(shared_schema, variant="cloud_only").match is None  # intent is private
+    assert build_model(schema).match is None  # no vocab_of in the plain toy schema
+    names = {n for n, _ in build_model(shared_schema, vocab_match=False).named_parameters()}
+    assert not any(n.startswith("match.") for n in names)

@@ -235,3 +235,22 @@ def test_out_of_range_rows_raise_instead_of_writing_outside_the_table() -> None:
         with pytest.raises(IndexError, match=r"row ids must lie in \[0, 5\)"):
             row_kernels.sparse_adam(torch.tensor(rows), torch.ones(3, 2), p, moments, **kw)
     assert torch.count_nonzero(p) == 0 and torch.count_nonzero(moments) == 0
+
+
+def test_bag_matches_is_the_torch_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adfed.model.layers import VocabMatch, _bag_matches
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (0, 1, 300):
+        lengths = torch.randint(0, 6, (n,), generator=gen)
+        values = torch.randint(0, 4, (int(lengths.sum()),), generator=gen)
+        ids = torch.randint(0, 4, (n,), generator=gen)
+        fast = row_kernels.bag_matches(values, lengths, ids)
+        assert fast is not None and torch.equal(fast, _bag_matches(values, lengths, ids))
+    assert row_kernels.bag_matches(torch.tensor([2, 2, 1]), torch.tensor([2, 1]), torch.tensor([2, 1])).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="add up"):
+        row_kernels.bag_matches(torch.tensor([2, 2, 1]), torch.tensor([2, 2]), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="one id per bag"):
+        row_kernels.bag_matches(torch.tensor([2, 2, 1]), torch.tensor([2, 1]), torch.tensor([2]))
+    assert row_kernels.bag_matches(torch.tensor([2]), torch.tensor([1]), torch.tensor([2], dtype=torch.int32)) is None
+    assert VocabMatch.pairs_of([]) == []

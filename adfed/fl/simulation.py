@@ -84,6 +84,19 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path / CHECKPOINT)
 
 
+def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> None:
+    """ConfigError when the checkpoint's shared parameters (names and shapes) are not the
+    ones this config's model has: resuming with other model settings would train a mix."""
+    def shapes(g: GlobalState) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for part in (g.dense, g.sparse) for n, t in part.items()}
+
+    old, new = shapes(saved), shapes(fresh)
+    if old != new:
+        diff = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+        raise ConfigError(f"--resume: {ckpt} holds another model (parameters differ: {', '.join(diff)}); "
+                          f"resume with the model settings of that run's config.toml (--set model.KEY=...)")
+
+
 def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], model: PCVRModel,
              wall_s: float, population: Population) -> dict[str, Any]:
     def mean(key: str) -> float:
@@ -145,6 +158,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         if ckpt is None or not ckpt.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
         saved = torch.load(ckpt, weights_only=False)
+        _check_same_model(saved["state"].model, state.model, ckpt)
         state, rows, async_state = saved["state"], saved["rows"], saved["async"]
         store.entries.update(saved["local"])
         store.evicted = saved["evicted"]

@@ -82,6 +82,16 @@ def test_resume_continues_to_the_same_result(small_world, fl_config, tmp_path):
     _assert_same(full, _final_params(resumed))
 
 
+def test_resume_with_another_model_is_a_config_error(small_world, fl_config, tmp_path):
+    from adfed.errors import ConfigError
+
+    Trainer(fl_config(small_world, "fl.rounds=2", "model.vocab_match=false")).fit(checkpoint_dir=tmp_path)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(ConfigError, match=r"holds another model \(parameters differ: match.weight\)"):
+        Trainer(fl_config(small_world)).fit(checkpoint_dir=tmp_path, resume=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before  # nothing written over
+
+
 def test_async_fedbuff_applies_buffers_with_staleness(small_world, fl_config):
     cfg = fl_config(small_world, 'fl.schedule="async"', "fl.async_concurrency=20",
                     "fl.async_buffer=5", "fl.rounds=6")

@@ -114,6 +114,16 @@ def _ad_design(known: np.ndarray, ads: np.ndarray, advertisers: np.ndarray,
                       one_hot(advertisers, num_advertisers)]).tocsr()
 
 
+def _fit_glm(cs: tuple[float, ...], folds: int, seed: int, x: sp.csr_matrix, y: np.ndarray) -> LogisticRegressionCV:
+    """An L2 logistic regression fitted on ``(x, y)``, its strength chosen from ``cs`` by
+    ``folds``-fold cross-validated log loss, fitted under one BLAS thread."""
+    glm = LogisticRegressionCV(Cs=list(cs), cv=folds, scoring="neg_log_loss", max_iter=2000,
+                               random_state=seed, l1_ratios=(0.0,), use_legacy_attributes=False)
+    with threadpool_limits(1):
+        glm.fit(x, y)
+    return glm
+
+
 def fields_known_ads_learned(known: np.ndarray, ads: np.ndarray, advertisers: np.ndarray,
                              y: np.ndarray, train: np.ndarray, test: np.ndarray,
                              num_ads: int, num_advertisers: int, seed: int) -> tuple[np.ndarray, float]:
@@ -121,10 +131,7 @@ def fields_known_ads_learned(known: np.ndarray, ads: np.ndarray, advertisers: np
     def design(r: np.ndarray) -> sp.csr_matrix:
         return _ad_design(known[r], ads[r], advertisers[r], num_ads, num_advertisers)
 
-    glm = LogisticRegressionCV(Cs=list(GLM_CS), cv=5, scoring="neg_log_loss", max_iter=2000,
-                               random_state=seed, l1_ratios=(0.0,), use_legacy_attributes=False)
-    with threadpool_limits(1):
-        glm.fit(design(train), y[train])
+    glm = _fit_glm(GLM_CS, 5, seed, design(train), y[train])
     return glm.decision_function(design(test)), float(glm.C_)
 
 
@@ -170,26 +177,17 @@ def crosses_design(examples: Examples, schema: Schema, app_category: np.ndarray,
     return sp.hstack(blocks).tocsr()
 
 
-def _glm(cs: tuple[float, ...], folds: int, seed: int) -> LogisticRegressionCV:
-    return LogisticRegressionCV(Cs=list(cs), cv=folds, scoring="neg_log_loss", max_iter=2000,
-                                random_state=seed, l1_ratios=(0.0,), use_legacy_attributes=False)
-
-
 def crosses_learned(design: sp.csr_matrix, y: np.ndarray, train: np.ndarray, test: np.ndarray,
                     seed: int) -> tuple[np.ndarray, float]:
     """Scores of ``test`` rows by the ``crosses_learned`` GLM, and its chosen C."""
-    glm = _glm(GLM_CS, 5, seed)
-    with threadpool_limits(1):
-        glm.fit(design[train], y[train])
+    glm = _fit_glm(GLM_CS, 5, seed, design[train], y[train])
     return glm.decision_function(design[test]), float(glm.C_)
 
 
 def click_logit(design: sp.csr_matrix, click: np.ndarray, train: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Every row's logit under the click regression of ``crosses_learned_with_clicks``,
     fitted on ``train`` rows, and its chosen C."""
-    glm = _glm(CLICK_CS, 3, seed)
-    with threadpool_limits(1):
-        glm.fit(design[train], click[train])
+    glm = _fit_glm(CLICK_CS, 3, seed, design[train], click[train])
     return glm.decision_function(design), float(glm.C_)
 
 

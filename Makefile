@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench experiments lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_fl.py --data $(DEMO_DATA)
+
+experiments: $(STAMP)
+	test -f $(DEMO_DATA)/manifest.json || $(BIN)/adfed data generate --users 20000 --ads 10000 --seed 0 --out $(DEMO_DATA)
+	$(BIN)/adfed experiment run all --data $(DEMO_DATA) --out runs/experiments
 
 lint: $(STAMP)
 	$(BIN)/ruff check adfed data_gen serving experiments tests benchmarks

@@ -82,6 +82,11 @@ class TrainConfig:
     # centralized: the dense parameters' optimizer and the sparse rows' (phones use fl.local_optimizer)
     optimizer: Literal["adam", "sgd"] = "adam"
     sparse_optimizer: Literal["sparse_adam", "adagrad", "sgd"] = "sparse_adam"
+    # centralized: steps at the full learning rates; after step n > lr_decay_start every
+    # lr is scaled by lr_decay_start / n (0 = constant). A demo-sized world's epoch is
+    # ~290 steps, where decay only cost; larger worlds gain (README, "Does a bigger
+    # world close the gap?")
+    lr_decay_start: int = 300
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
@@ -92,6 +97,8 @@ class TrainConfig:
         _check(self.embedding_l2 >= 0, "train.embedding_l2", "a float >= 0", self.embedding_l2)
         _check(self.user_lr >= 0, "train.user_lr", "a float >= 0 (0 = train.sparse_lr)", self.user_lr)
         _check(0 <= self.ema < 1, "train.ema", "a float in [0, 1) (0 = off)", self.ema)
+        _check(self.lr_decay_start >= 0, "train.lr_decay_start", "an int >= 0 (0 = constant lr)",
+               self.lr_decay_start)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,12 +15,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
 from adfed.config import Config
@@ -114,6 +116,7 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
                                  dense_opt=cfg.train.optimizer, sparse_opt=cfg.train.sparse_optimizer,
                                  weight_decay=cfg.train.weight_decay, local_lr=cfg.train.user_lr or None)
+    schedules = lr_decay(optimizers, cfg.train.lr_decay_start)
     average = weight_average(model.towers, cfg.train.ema)
     rng = np.random.default_rng([cfg.seed, 0xC3])
     rows: list[dict[str, Any]] = []
@@ -133,6 +136,8 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
             loss.backward()
             for opt in optimizers:
                 opt.step()
+            for schedule in schedules:
+                schedule.step()
             if average is not None:
                 average.update_parameters(model.towers)
         epoch_s = time.perf_counter() - t0
@@ -160,6 +165,28 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
         "wall_time_s": time.perf_counter() - start,
     }
     return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=scored)
+
+
+def lr_decay_factor(step: int, start: int) -> float:
+    """The learning-rate multiplier after ``step`` optimizer steps (``train.lr_decay_start``):
+    1 through step ``start``, then ``start / step`` (the 1/t decay of stochastic
+    approximation); always 1 when ``start`` is 0."""
+    return 1.0 if start == 0 or step <= start else start / step
+
+
+def lr_decay(optimizers: Sequence[torch.optim.Optimizer], start: int) -> list[LambdaLR]:
+    """One ``LambdaLR`` per optimizer that scales every parameter group's learning rate
+    by :func:`lr_decay_factor`; call ``step()`` on each after every optimizer step.
+    An empty list when ``start`` is 0 (constant learning rates).
+
+    Chosen on worlds of 80k and 320k users (README, "Does a bigger world close the
+    gap?"): at constant rates, a 320k-user world scored 0.008 expected AUC *under* an
+    80k one. On demo-sized worlds (an epoch of ~290 steps) it changes nothing; decaying
+    there (cosine over the epoch) cost 0.015.
+    """
+    if start == 0:
+        return []
+    return [LambdaLR(opt, partial(lr_decay_factor, start=start)) for opt in optimizers]
 
 
 def weight_average(module: nn.Module, decay: float) -> WeightAverage | None:

@@ -75,13 +75,14 @@ CLICK_CS = (0.01, 0.03, 0.1)
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def world_of(dataset: Dataset) -> World:
-    """The data_gen world that wrote ``dataset``; DataError for any other dataset."""
+def world_of(dataset: Dataset, experiment: str = "ceiling") -> World:
+    """The data_gen world that wrote ``dataset``; DataError (naming ``experiment``) for any
+    other dataset."""
     manifest = json.loads((dataset.path / "manifest.json").read_text())
     world = world_from_manifest(manifest)
     if world is None:
         raise DataError(
-            f"experiment ceiling needs a synthetic dataset written by `adfed data generate`; "
+            f"experiment {experiment} needs a synthetic dataset written by `adfed data generate`; "
             f"{dataset.path} was written by {manifest.get('generator')!r}"
         )
     return world

@@ -19,6 +19,8 @@ comparison plot. Numbers are what these runs measured; nothing is tuned per targ
 - ``ceiling`` (the model issue's target): the centralized model beside the oracle, the
   oracle without the user residual and an optimistic well-specified regression, on the
   same test rows with paired bootstrap intervals (:mod:`experiments.ceiling`).
+- ``scale``: the centralized model and the oracle on the dataset's world regenerated at
+  1x, 4x and 16x its users, with decaying and constant learning rates (:mod:`experiments.scale`).
 - ``replay``: FedAvg's and FedAdam's arithmetic replayed centrally (one pass in batches
   of whole users, SGD vs Adam), no federation (:mod:`experiments.replay`).
 """
@@ -37,7 +39,7 @@ from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.trainer import Trainer, TrainResult
-from experiments import ceiling, replay
+from experiments import ceiling, replay, scale
 
 Progress = Callable[[str], None]
 
@@ -163,9 +165,11 @@ EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any
     "async": asynchronous,
     "ceiling": model_ceiling,
     "replay": lambda base, dataset, out, progress: replay.analyse(base, dataset, progress),
+    "scale": scale.analyse,
 }
 #: Experiments whose plot is not the default AUC-vs-simulated-time one of their runs.
-PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {"ceiling": ceiling.plot, "replay": replay.plot}
+PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
+    "ceiling": ceiling.plot, "replay": replay.plot, "scale": scale.plot}
 
 
 def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:

@@ -166,3 +166,43 @@ def test_crosses_design_lays_out_each_truth_term_as_its_own_block(small_world):
     first = sum(vocab[k] for k in singles) + vocab["age_bucket"] * vocab["gender"] * cats
     col = first + examples.ids["os"][0] * cats + examples.ids["ad_category"][0]
     assert x[0, col] == 1.0
+
+
+def test_scale_experiment_trains_each_config_on_the_world_at_each_size(small_world, fl_config, tmp_path):
+    from adfed.data.store import Dataset
+    from experiments import scale
+
+    assert fl_targets.EXPERIMENTS["scale"] is scale.analyse
+    cfg = fl_config(small_world)
+    results = scale.analyse(cfg, Dataset.open(small_world), tmp_path / "scale", lambda _: None, scales=(1, 2))
+    rows = results["rows"]
+    assert [(r["config"], r["users"]) for r in rows] == [
+        ("configured", 3000), ("constant_lr", 3000), ("configured", 6000), ("constant_lr", 6000)]
+    for r in rows:
+        summary = json.loads((tmp_path / "scale" / f"{r['config']}_{r['users']}" / "summary.json").read_text())
+        assert summary["mode"] == "centralized" and summary["auc_expected"] == r["auc_expected"]
+        assert r["gap_expected"] == pytest.approx(r["oracle_auc_expected"] - r["auc_expected"])
+        assert r["steps"] == -(-r["train_examples"] // cfg.train.batch_size)
+    # the doubled world holds about twice the rows; the generated copy is removed once trained
+    assert 1.5 < rows[2]["train_examples"] / rows[0]["train_examples"] < 2.5
+    assert not (tmp_path / "scale" / "worlds" / "users_6000").exists()
+    scale.plot(results, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    only = scale.configs(fl_config(small_world, "train.lr_decay_start=0"))
+    assert list(only) == ["configured"]
+    with pytest.raises(ValueError, match="scales must be ints >= 1"):
+        scale.analyse(cfg, Dataset.open(small_world), tmp_path / "bad", lambda _: None, scales=(0,))
+
+
+def test_scale_experiment_refuses_a_dataset_without_a_generator_world(small_world, fl_config, tmp_path):
+    import shutil
+
+    from adfed.errors import DataError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_world, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["generator"] = "import:talkingdata"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="experiment scale needs a synthetic dataset"):
+        fl_targets.run("scale", fl_config(copy), tmp_path / "out")

@@ -157,3 +157,47 @@ def test_an_unknown_optimizer_is_a_one_line_config_error() -> None:
         with_overrides(Config(), ['train.sparse_optimizer="adam"'])
     with pytest.raises(ConfigError, match="train.optimizer must be one of"):
         with_overrides(Config(), ['train.optimizer="rmsprop"'])
+
+
+def test_lr_decay_holds_then_scales_every_group_by_start_over_step() -> None:
+    from adfed.trainer import lr_decay, lr_decay_factor
+
+    assert [lr_decay_factor(n, 4) for n in (0, 1, 4, 5, 8, 400)] == [1.0, 1.0, 1.0, 0.8, 0.5, 0.01]
+    assert lr_decay_factor(10_000, 0) == 1.0
+    w = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(1))
+    adam = torch.optim.Adam([{"params": [w], "lr": 0.01}, {"params": [b], "lr": 0.003}])
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    assert lr_decay([adam, sgd], 0) == []
+    schedules = lr_decay([adam, sgd], 4)
+    for step in range(1, 9):
+        for opt in (adam, sgd):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.ones_like(p)
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
+        factor = 1.0 if step <= 4 else 4 / step
+        assert [g["lr"] for g in adam.param_groups] == pytest.approx([0.01 * factor, 0.003 * factor])
+        assert sgd.param_groups[0]["lr"] == pytest.approx(2.0 * factor)
+
+
+def test_train_lr_decay_start_reaches_every_optimizer(small_world: Path, dataset: Dataset) -> None:
+    """A start past the run's last step trains exactly as constant rates; an early start
+    changes both the dense parameters and the big tables' rows."""
+    def fit(start: int) -> dict[str, torch.Tensor]:
+        result = fit_centralized(_central(small_world, f"train.lr_decay_start={start}", "train.ema=0"), dataset)
+        return {n: p.detach().clone() for n, p in result.model.named_parameters()}
+
+    constant, late, early = fit(0), fit(1_000_000), fit(1)
+    model = Trainer(_central(small_world)).fit(dataset).model
+    assert all(torch.equal(constant[n], late[n]) for n in constant)
+    for sparse in (True, False):
+        names = [n for n, _ in model.named_parameters() if model.has_sparse_grad(n) == sparse]
+        assert names and any(not torch.equal(constant[n], early[n]) for n in names), sparse
+
+
+def test_a_negative_lr_decay_start_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"train.lr_decay_start must be an int >= 0 \(0 = constant lr\)"):
+        with_overrides(Config(), ["train.lr_decay_start=-1"])

@@ -39,7 +39,7 @@ from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.trainer import Trainer, TrainResult
-from experiments import ceiling, replay, scale
+from experiments import ceiling, plotting, replay, scale
 
 Progress = Callable[[str], None]
 
@@ -198,12 +198,7 @@ def _json(o: Any) -> Any:
 
 def _plot(name: str, target: Path) -> None:
     """AUC vs simulated time of every federated run of the experiment, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plotting.new_axes()
     for run_dir in sorted(p for p in target.iterdir() if (p / "rounds.csv").exists()):
         rows = [r for r in rundir.read_rows(run_dir / "rounds.csv") if r.get("auc")]
         ax.plot([float(r["sim_time_s"]) for r in rows], [float(r["auc"]) for r in rows],
@@ -213,9 +208,4 @@ def _plot(name: str, target: Path) -> None:
         ax.axhline(json.loads(central.read_text())["auc"], ls="--", color="grey", label="centralized")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("test CVR AUC")
-    ax.set_title(f"experiment {name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(target / f"{name}.png")
-    plt.close(fig)
+    plotting.save(fig, ax, target / f"{name}.png", f"experiment {name}")

@@ -30,6 +30,7 @@ from adfed.evaluation import Split, evaluate
 from adfed.model.groups import make_optimizers
 from adfed.model.pcvr import LabelCounts, ensure_finite, esmm_loss, set_output_priors_
 from adfed.trainer import model_from_config, pooled_split
+from experiments import plotting
 
 
 def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -96,13 +97,8 @@ def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """AUC (expected when the dataset has truth) vs step for both optimizers, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     key = results["compare_by"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plotting.new_axes()
     for name in ("sgd", "sgd_one_lr", "adam"):
         rows, c = results[name]["curve"], results[name]
         tables = "" if c["table_lr"] == c["lr"] else f", tables {c['table_lr']:g}"
@@ -110,9 +106,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 label=f"{name} (lr {c['lr']:g}{tables})")
     ax.set_xlabel(f"step ({results['users_per_step']} whole users per batch)")
     ax.set_ylabel(f"test CVR {key.replace('_', ' ')}")
-    ax.set_title("experiment replay: one pass, no federation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plotting.save(fig, ax, path, "experiment replay: one pass, no federation")

@@ -29,6 +29,7 @@ from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.trainer import Trainer
 from data_gen.generate import generate
+from experiments import plotting
 from experiments.ceiling import world_of
 
 #: Multiples of the dataset's user count (20k, 80k, 320k users on the demo world; the
@@ -82,13 +83,8 @@ def analyse(base: Config, dataset: Dataset, out: Path, progress: Callable[[str],
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Expected CVR AUC against the number of users: each config and the oracle, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plotting.new_axes()
     first = [r for r in rows if r["config"] == rows[0]["config"]]
     ax.plot([r["users"] for r in first], [r["oracle_auc_expected"] for r in first], "k--", marker="D",
             ms=4, label="oracle")
@@ -102,9 +98,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("users in the world (same seed and parameters)")
     ax.set_ylabel("expected test CVR AUC")
-    ax.set_title("experiment scale: centralized model vs oracle")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plotting.save(fig, ax, path, "experiment scale: centralized model vs oracle")

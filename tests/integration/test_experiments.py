@@ -94,7 +94,8 @@ def test_ceiling_experiment_scores_oracle_bounds_and_the_model_on_the_same_rows(
     assert (tmp_path / "ceiling" / "centralized" / "summary.json").exists()
 
 
-def test_ceiling_experiment_refuses_a_dataset_without_a_generator_world(small_world, fl_config, tmp_path):
+@pytest.mark.parametrize("name", ["ceiling", "scale"])
+def test_truth_experiments_refuse_a_dataset_without_a_generator_world(name, small_world, fl_config, tmp_path):
     import shutil
 
     from adfed.errors import DataError
@@ -104,8 +105,8 @@ def test_ceiling_experiment_refuses_a_dataset_without_a_generator_world(small_wo
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["generator"] = "import:talkingdata"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="needs a synthetic dataset"):
-        fl_targets.run("ceiling", fl_config(copy), tmp_path / "out")
+    with pytest.raises(DataError, match=f"experiment {name} needs a synthetic dataset"):
+        fl_targets.run(name, fl_config(copy), tmp_path / "out")
 
 
 def test_user_batches_hold_each_user_whole_and_once():
@@ -193,16 +194,3 @@ def test_scale_experiment_trains_each_config_on_the_world_at_each_size(small_wor
     with pytest.raises(ValueError, match="scales must be ints >= 1"):
         scale.analyse(cfg, Dataset.open(small_world), tmp_path / "bad", lambda _: None, scales=(0,))
 
-
-def test_scale_experiment_refuses_a_dataset_without_a_generator_world(small_world, fl_config, tmp_path):
-    import shutil
-
-    from adfed.errors import DataError
-
-    copy = tmp_path / "copy"
-    shutil.copytree(small_world, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["generator"] = "import:talkingdata"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="experiment scale needs a synthetic dataset"):
-        fl_targets.run("scale", fl_config(copy), tmp_path / "out")

@@ -47,7 +47,7 @@ from adfed.model import build_model, esmm_loss, make_optimizers
 from adfed.model.layers import DotInteraction, Towers, init_parameters_
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
-from adfed.trainer import WeightAverage, weight_average
+from adfed.trainer import WeightAverage, lr_decay, weight_average
 
 BAG_LENGTHS = {"installed_apps": (0, 25), "app_usage": (20, 21), "intent": (0, 5)}
 
@@ -93,6 +93,8 @@ def _run(model: PCVRModel, *, ema: bool = True, **options: str) -> Run:
 def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[float]]:
     """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
     averages = [weight_average(model.towers, TrainConfig().ema) if ema else None for model, _, ema in runs]
+    # the trainer's learning-rate schedule (train.lr_decay_start), stepped as it does
+    schedules = {id(opts): lr_decay(opts, TrainConfig().lr_decay_start) for _, opts, _ in runs}
 
     def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: WeightAverage | None) -> float:
         start = time.perf_counter()
@@ -102,6 +104,8 @@ def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[floa
             esmm_loss(model(b), b).backward()
             for opt in opts:
                 opt.step()
+            for schedule in schedules[id(opts)]:
+                schedule.step()
             if average is not None:
                 average.update_parameters(model.towers)
         return sum(len(b) for b in batches) / (time.perf_counter() - start)

@@ -115,6 +115,9 @@ class FLConfig:
     local_sparse_lr: float = 2.0
     local_table_lr: float = 100.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
+    # rounds (async: server steps) at the full local lrs; after n > lr_decay_start, every
+    # phone lr is scaled by lr_decay_start / n (0 = constant; README, Federated)
+    lr_decay_start: int = 0
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
@@ -143,6 +146,8 @@ class FLConfig:
         _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",
                self.async_max_staleness)
         _check(self.local_cache >= 0, "fl.local_cache", "an int >= 0", self.local_cache)
+        _check(self.lr_decay_start >= 0, "fl.lr_decay_start", "an int >= 0 (0 = constant lr)",
+               self.lr_decay_start)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

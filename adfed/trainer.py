@@ -29,7 +29,7 @@ from adfed.config import Config
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.evaluation import Split, evaluate, split_examples, test_users
-from adfed.model.groups import make_optimizers, model_bytes
+from adfed.model.groups import lr_decay_factor, make_optimizers, model_bytes
 from adfed.model.pcvr import (
     LabelCounts,
     PCVRModel,
@@ -165,13 +165,6 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
         "wall_time_s": time.perf_counter() - start,
     }
     return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=scored)
-
-
-def lr_decay_factor(step: int, start: int) -> float:
-    """The learning-rate multiplier after ``step`` optimizer steps (``train.lr_decay_start``):
-    1 through step ``start``, then ``start / step`` (the 1/t decay of stochastic
-    approximation); always 1 when ``start`` is 0."""
-    return 1.0 if start == 0 or step <= start else start / step
 
 
 def lr_decay(optimizers: Sequence[torch.optim.Optimizer], start: int) -> list[LambdaLR]:

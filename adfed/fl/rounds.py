@@ -21,6 +21,7 @@ from adfed.fl.backends import Backend, ClientResult, Job, RoundModel
 from adfed.fl.population import LocalStore, Population
 from adfed.fl.types import ClientSettings, GlobalState, SparseRows, Update
 from adfed.fl.window import WindowState, close_round, next_state
+from adfed.model.groups import lr_decay_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +35,16 @@ class ServerState:
     sim_time_s: float = 0.0
 
 
-def client_settings(cfg: Config) -> ClientSettings:
-    """The local-training settings the server pushes to clients this round."""
+def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
+    """The local-training settings the server pushes to clients once ``done`` rounds (sync)
+    or server steps (async) are complete: the phones' learning rates scaled by
+    ``lr_decay_factor(done, fl.lr_decay_start)``."""
     mu = cfg.fl.prox_mu if cfg.fl.strategy in strategies.PROXIMAL else 0.0
+    f = lr_decay_factor(done, cfg.fl.lr_decay_start)
     return ClientSettings(epochs=cfg.fl.local_epochs, batch_size=cfg.fl.local_batch_size,
-                          lr=cfg.fl.local_lr, sparse_lr=cfg.fl.local_sparse_lr, prox_mu=mu,
+                          lr=cfg.fl.local_lr * f, sparse_lr=cfg.fl.local_sparse_lr * f, prox_mu=mu,
                           optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2,
-                          table_lr=cfg.fl.local_table_lr)
+                          table_lr=cfg.fl.local_table_lr * f)
 
 
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +55,7 @@ def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.
 
 def configure(state: ServerState, cfg: Config) -> RoundModel:
     return RoundModel(version=state.model.version, dense=state.model.dense,
-                      tables=state.model.sparse, settings=client_settings(cfg))
+                      tables=state.model.sparse, settings=client_settings(cfg, state.round))
 
 
 def jobs_for(clients: np.ndarray, store: LocalStore, seed_prefix: tuple[int, ...]) -> list[Job]:

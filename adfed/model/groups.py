@@ -228,6 +228,14 @@ def dense_param_groups(model: PCVRModel, lr: float, table_lr: float | None = Non
     return [g for g in ({"params": rest, "lr": lr}, {"params": tables, "lr": table_lr}) if g["params"]]
 
 
+def lr_decay_factor(step: int, start: int) -> float:
+    """The learning-rate multiplier after ``step`` optimizer steps or server rounds
+    (``train.lr_decay_start``, ``fl.lr_decay_start``): 1 through ``start``, then
+    ``start / step`` (the 1/t decay of stochastic approximation); always 1 when ``start``
+    is 0."""
+    return 1.0 if start == 0 or step <= start else start / step
+
+
 def make_optimizers(
     model: PCVRModel,
     *,

@@ -251,3 +251,28 @@ def test_a_failing_async_client_frees_its_slot_within_its_own_work(small_world, 
     for t, _, client, result in st.events:
         assert result is None  # a failure event
         assert starts[client] <= t <= _lower_bound(population, cfg, starts[client], client)
+
+
+def test_fl_lr_decay_start_scales_the_phones_lrs_after_start(small_world, fl_config):
+    from adfed.fl.rounds import client_settings
+
+    cfg = fl_config(small_world, "fl.lr_decay_start=2", "fl.local_lr=1.5", "fl.local_sparse_lr=0.5",
+                    "fl.local_table_lr=40")
+    for done, f in ((0, 1.0), (2, 1.0), (4, 0.5), (8, 0.25)):
+        s = client_settings(cfg, done)
+        assert (s.lr, s.sparse_lr, s.table_lr) == pytest.approx((1.5 * f, 0.5 * f, 40 * f)), done
+    assert client_settings(fl_config(small_world, "fl.local_lr=1.5"), 1000).lr == 1.5  # default: constant
+    # wired into the rounds: a start past the last round trains exactly as constant lrs
+    constant = _final_params(Trainer(fl_config(small_world, "fl.rounds=3")).fit())
+    late = _final_params(Trainer(fl_config(small_world, "fl.rounds=3", "fl.lr_decay_start=3")).fit())
+    early = _final_params(Trainer(fl_config(small_world, "fl.rounds=3", "fl.lr_decay_start=1")).fit())
+    _assert_same(constant, late)
+    assert any(not torch.equal(constant[k], early[k]) for k in constant)
+
+
+def test_a_negative_fl_lr_decay_start_is_a_one_line_config_error():
+    from adfed.config import Config, with_overrides
+    from adfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fl.lr_decay_start must be an int >= 0"):
+        with_overrides(Config(), ["fl.lr_decay_start=-3"])

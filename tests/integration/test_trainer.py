@@ -160,7 +160,8 @@ def test_an_unknown_optimizer_is_a_one_line_config_error() -> None:
 
 
 def test_lr_decay_holds_then_scales_every_group_by_start_over_step() -> None:
-    from adfed.trainer import lr_decay, lr_decay_factor
+    from adfed.model.groups import lr_decay_factor
+    from adfed.trainer import lr_decay
 
     assert [lr_decay_factor(n, 4) for n in (0, 1, 4, 5, 8, 400)] == [1.0, 1.0, 1.0, 0.8, 0.5, 0.01]
     assert lr_decay_factor(10_000, 0) == 1.0

@@ -9,7 +9,8 @@ directory and imported as ``adfed_base`` (its ``import adfed`` / ``from adfed``
 statements are rewritten to that name; nothing else changes). Each version builds its
 own default model, optimizers and moving average (``adfed train``'s defaults of that
 version) and its own batches from ``--data`` (the same rows), then runs the centralized
-training step: forward, ESMM loss, backward, both optimizers, the towers' average.
+training step: forward, ESMM loss, backward, both optimizers, their learning-rate
+schedules, the towers' average.
 
 Prints one JSON object: examples/s medians of each, the median ratio (working tree /
 revision; > 1 means the working tree is faster) and every pass's ratio.
@@ -69,6 +70,8 @@ def step_runner(package: str, data: str, size: int, batches: int) -> Callable[[]
     user_lr = {"local_lr": t.user_lr or None} if hasattr(t, "user_lr") else {}
     optimizers = model_mod.make_optimizers(model, lr=t.lr, sparse_lr=t.sparse_lr, **user_lr)
     average = trainer.weight_average(model.towers, t.ema) if hasattr(trainer, "weight_average") else None
+    # and before train.lr_decay_start (this session) without learning-rate schedules
+    schedules = trainer.lr_decay(optimizers, t.lr_decay_start) if hasattr(trainer, "lr_decay") else []
 
     def one_pass() -> float:
         start = time.perf_counter()
@@ -78,6 +81,8 @@ def step_runner(package: str, data: str, size: int, batches: int) -> Callable[[]
             model_mod.esmm_loss(model(batch), batch).backward()
             for opt in optimizers:
                 opt.step()
+            for schedule in schedules:
+                schedule.step()
             if average is not None:
                 average.update_parameters(model.towers)
         return len(rows) / (time.perf_counter() - start)

@@ -24,9 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
+from adfed.errors import DataError
 from adfed.trainer import Trainer
 from data_gen.generate import generate
 from experiments import plotting
@@ -35,6 +38,10 @@ from experiments.ceiling import world_of
 #: Multiples of the dataset's user count (20k, 80k, 320k users on the demo world; the
 #: largest run holds about 8 GB at its peak).
 SCALES = (1, 4, 16)
+#: Peak resident bytes per impression row of a centralized run (8.2 GB for the 5.96M rows
+#: of the demo world at 16x; rounded up). The experiment refuses to start a size that
+#: would not fit the memory available.
+BYTES_PER_ROW = 1400
 #: Summary keys copied into each row of the results.
 KEYS = ("auc", "auc_expected", "oracle_auc", "oracle_auc_expected", "ctr_auc", "ece",
         "train_examples", "test_examples", "wall_time_s")
@@ -50,6 +57,18 @@ def configs(base: Config) -> dict[str, Config]:
     return runs
 
 
+def check_memory(rows: int, users: int, factor: int, available: int) -> None:
+    """DataError when the world at ``factor`` times a dataset of ``rows`` impressions and
+    ``users`` users would need more than ``available`` bytes (:data:`BYTES_PER_ROW`)."""
+    need = rows * factor * BYTES_PER_ROW
+    if need > available:
+        raise DataError(
+            f"experiment scale: the world at {factor}x ({users * factor:,} users, ~{rows * factor / 1e6:.1f}M rows) "
+            f"needs about {need / 2**30:.1f} GiB of memory and {available / 2**30:.1f} GiB is available; "
+            f"run it on a smaller dataset (adfed data generate --users N)"
+        )
+
+
 def analyse(base: Config, dataset: Dataset, out: Path, progress: Callable[[str], None],
             scales: tuple[int, ...] = SCALES) -> dict[str, Any]:
     """Train every config of :func:`configs` on the world at each multiple in ``scales``
@@ -57,6 +76,7 @@ def analyse(base: Config, dataset: Dataset, out: Path, progress: Callable[[str],
     if not scales or any(s < 1 for s in scales):
         raise ValueError(f"scales must be ints >= 1; got {scales}")
     world = world_of(dataset, "scale")
+    check_memory(dataset.num_impressions, world.params.num_users, max(scales), psutil.virtual_memory().available)
     rows = []
     for factor in scales:
         users = world.params.num_users * factor

@@ -194,3 +194,18 @@ def test_scale_experiment_trains_each_config_on_the_world_at_each_size(small_wor
     with pytest.raises(ValueError, match="scales must be ints >= 1"):
         scale.analyse(cfg, Dataset.open(small_world), tmp_path / "bad", lambda _: None, scales=(0,))
 
+
+
+def test_scale_experiment_refuses_a_size_that_would_not_fit_in_memory(small_world, fl_config, tmp_path):
+    from adfed.data.store import Dataset
+    from adfed.errors import DataError
+    from experiments import scale
+
+    scale.check_memory(1000, 100, 16, 1000 * 16 * scale.BYTES_PER_ROW)  # exactly fits
+    with pytest.raises(DataError, match=r"the world at 16x \(1,600 users, ~0.0M rows\) needs about"):
+        scale.check_memory(1000, 100, 16, 1000 * 16 * scale.BYTES_PER_ROW - 1)
+    # before anything is generated or trained
+    with pytest.raises(DataError, match="run it on a smaller dataset"):
+        scale.analyse(fl_config(small_world), Dataset.open(small_world), tmp_path / "big", lambda _: None,
+                      scales=(1, 10**9))
+    assert not (tmp_path / "big").exists()

@@ -5,11 +5,16 @@ numpy arrays; :class:`Batch` is the same as torch tensors, ready for the model.
 
 Shapes (n = number of impressions, nnz = total list length of a bag field)::
 
-    ids[name]    int64  [n]          CATEGORICAL fields (and user_id, ad_id)
+    ids[name]    int32  [n]          CATEGORICAL fields (and user_id, ad_id)
     dense[name]  float32[n]          DENSE fields
-    bags[name]   (values int64 [nnz], offsets int64 [n + 1])   MULTI_HOT / SEQUENCE
+    bags[name]   (values int32 [nnz], offsets int64 [n + 1])   MULTI_HOT / SEQUENCE
     labels[name] click int8 [n], conversion int8 [n], label_observed bool [n],
                  timestamp int64 [n]
+
+Ids and bag values are int32 (:func:`id_dtype`; int64 for a vocabulary of 2**31 ids or
+more): less memory for a pooled dataset (the 80k-user world: 1.18 -> 0.88 GB resident
+after ``Dataset.load``). ``Batch`` holds int64 tensors, as the model's kernels expect;
+the widening copies only the batch.
 
 Bag offsets carry a trailing total (``offsets[-1] == nnz``); ``Batch`` drops it, as
 ``nn.EmbeddingBag`` wants ``offsets`` of length n.
@@ -24,6 +29,11 @@ import numpy as np
 import torch
 
 Bag = tuple[np.ndarray, np.ndarray]
+
+
+def id_dtype(vocab_size: int) -> type[np.signedinteger]:
+    """The integer type that stores the ids ``0 .. vocab_size - 1`` of one field."""
+    return np.int32 if vocab_size <= np.iinfo(np.int32).max else np.int64
 
 
 def gather_bags(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> Bag:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adfed.data.examples import Examples
+from adfed.data.examples import Examples, id_dtype
 from adfed.data.layout import DEVICE_COLUMNS, FORMAT_VERSION, MANIFEST, sha256_file
 from adfed.data.schema import (
     AD_KEY,
@@ -80,11 +80,11 @@ def table_to_examples(table: pa.Table, fields: tuple[FieldSpec, ...]) -> Example
         if spec.kind is FieldKind.DENSE:
             dense[spec.name] = col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         elif spec.is_bag:
-            values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            values = col.values.to_numpy(zero_copy_only=False).astype(id_dtype(spec.vocab_size), copy=False)
             offsets = col.offsets.to_numpy().astype(np.int64)
             bags[spec.name] = (values, offsets - offsets[0])
         else:
-            ids[spec.name] = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            ids[spec.name] = col.to_numpy(zero_copy_only=False).astype(id_dtype(spec.vocab_size), copy=False)
     return Examples(ids=ids, dense=dense, bags=bags, labels={})
 
 
@@ -363,7 +363,8 @@ class Dataset:
         if truth is not None:
             for k in TRUTH_COLUMNS:
                 labels[TRUTH_PREFIX + k] = truth.column(k).to_numpy()
-        ids = {USER_KEY: imp.column(USER_KEY).to_numpy().astype(np.int64), AD_KEY: ad_ids}
+        ids = {key: imp.column(key).to_numpy().astype(id_dtype(self.schema.field(key).vocab_size), copy=False)
+               for key in (USER_KEY, AD_KEY)}
         keys = Examples(ids=ids, dense={}, bags={}, labels={})
         return _merge(keys, ctx, user_part, self.ads.take(ad_ids), labels=labels)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,6 +215,19 @@ def test_client_returns_exactly_that_users_rows_joined(world: World, user: int) 
     for key, values in want.items():
         assert got[key] == values, key
     assert ex.dense == {}
+
+
+def test_loaded_ids_and_bag_values_are_int32_and_batches_int64(world: World) -> None:
+    from adfed.data.examples import id_dtype
+
+    assert id_dtype(1) is np.int32 and id_dtype(2**31 - 1) is np.int32 and id_dtype(2**31) is np.int64
+    ex = Dataset.open(world.path).load()
+    assert ex.ids and all(v.dtype == np.int32 for v in ex.ids.values())
+    assert ex.bags and all(v.dtype == np.int32 and o.dtype == np.int64 for v, o in ex.bags.values())
+    batch = ex.to_batch()
+    for name, v in ex.ids.items():
+        assert batch.ids[name].dtype == torch.int64 and batch.ids[name].tolist() == v.tolist()
+    assert all(v.dtype == torch.int64 for v, _ in batch.bags.values())
 
 
 @pytest.mark.parametrize("user", [2, -1, len(ROWS_PER_USER)])

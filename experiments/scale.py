@@ -36,12 +36,12 @@ from experiments import plotting
 from experiments.ceiling import world_of
 
 #: Multiples of the dataset's user count (20k, 80k, 320k users on the demo world; the
-#: largest run holds about 8 GB at its peak).
+#: largest run holds about 6 GB at its peak).
 SCALES = (1, 4, 16)
-#: Peak resident bytes per impression row of a centralized run (8.2 GB for the 5.96M rows
-#: of the demo world at 16x; rounded up). The experiment refuses to start a size that
+#: Peak resident bytes per impression row of a centralized run (6.1 GB for the 5.96M rows
+#: of the demo world at 16x, int32 ids; rounded up). The experiment refuses to start a size that
 #: would not fit the memory available.
-BYTES_PER_ROW = 1400
+BYTES_PER_ROW = 1100
 #: Summary keys copied into each row of the results.
 KEYS = ("auc", "auc_expected", "oracle_auc", "oracle_auc_expected", "ctr_auc", "ece",
         "train_examples", "test_examples", "wall_time_s")

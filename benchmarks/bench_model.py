@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from adfed.config import ModelConfig, TrainConfig
 from adfed.data.examples import Batch, Examples
@@ -93,10 +94,11 @@ def _run(model: PCVRModel, *, ema: bool = True, **options: str) -> Run:
 def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[float]]:
     """Examples/s of ``rounds`` passes over ``batches`` per run, the runs interleaved."""
     averages = [weight_average(model.towers, TrainConfig().ema) if ema else None for model, _, ema in runs]
-    # the trainer's learning-rate schedule (train.lr_decay_start), stepped as it does
-    schedules = {id(opts): lr_decay(opts, TrainConfig().lr_decay_start) for _, opts, _ in runs}
+    # the trainer's learning-rate schedules (train.lr_decay_start), stepped as it does
+    schedules = [lr_decay(opts, TrainConfig().lr_decay_start) for _, opts, _ in runs]
 
-    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: WeightAverage | None) -> float:
+    def one_pass(model: PCVRModel, opts: list[torch.optim.Optimizer], average: WeightAverage | None,
+                 steps: list[LambdaLR]) -> float:
         start = time.perf_counter()
         for b in batches:
             for opt in opts:
@@ -104,18 +106,18 @@ def _rates(runs: list[Run], batches: list[Batch], rounds: int) -> list[list[floa
             esmm_loss(model(b), b).backward()
             for opt in opts:
                 opt.step()
-            for schedule in schedules[id(opts)]:
+            for schedule in steps:
                 schedule.step()
             if average is not None:
                 average.update_parameters(model.towers)
         return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
-    for (model, opts, _), average in zip(runs, averages, strict=True):
-        one_pass(model, opts, average)
+    for (model, opts, _), average, steps in zip(runs, averages, schedules, strict=True):
+        one_pass(model, opts, average, steps)
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        for out, (model, opts, _), average in zip(rates, runs, averages, strict=True):
-            out.append(one_pass(model, opts, average))
+        for out, (model, opts, _), average, steps in zip(rates, runs, averages, schedules, strict=True):
+            out.append(one_pass(model, opts, average, steps))
     return rates
 
 

@@ -355,7 +355,6 @@ class Dataset:
 
     def _join(self, imp: pa.Table, truth: pa.Table | None, users: pa.Table, user_rows: np.ndarray) -> Examples:
         ctx = table_to_examples(imp, self._ctx_fields)
-        ad_ids = imp.column(AD_KEY).to_numpy().astype(np.int64)
         user_part = table_to_examples(
             users, tuple(f for f in self._user_fields if f.name != USER_KEY)
         ).take(user_rows)
@@ -366,7 +365,7 @@ class Dataset:
         ids = {key: imp.column(key).to_numpy().astype(id_dtype(self.schema.field(key).vocab_size), copy=False)
                for key in (USER_KEY, AD_KEY)}
         keys = Examples(ids=ids, dense={}, bags={}, labels={})
-        return _merge(keys, ctx, user_part, self.ads.take(ad_ids), labels=labels)
+        return _merge(keys, ctx, user_part, self.ads.take(ids[AD_KEY]), labels=labels)
 
     def devices(self) -> pa.Table | None:
         """The device-profile table, or None when the dataset has none (real imports)."""

@@ -154,9 +154,13 @@ def train(
     clients_per_round: Annotated[int | None, typer.Option(help="fl.clients_per_round.")] = None,
     backend: Annotated[str | None, typer.Option(help="inprocess | process | ray (fl.backend).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from OUT's checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (its run files and plots).")] = False,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
 ) -> None:
-    """Train the pCVR model centralized or federated and write a run directory."""
+    """Train the pCVR model centralized or federated and write a run directory.
+
+    OUT must be new or empty unless --resume (continue its federated run) or --overwrite.
+    """
     from adfed import rundir
     from adfed.trainer import Trainer
 
@@ -169,6 +173,7 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
+        rundir.prepare_out(out, resume=resume, overwrite=overwrite)
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
         with _progress() as progress:
@@ -181,7 +186,7 @@ def train(
 
             result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
         rundir.write_run(out, cfg, result)
-    except (AdfedError, ValueError) as exc:
+    except (AdfedError, ValueError, OSError) as exc:
         _fail(str(exc))
     summary = result.summary
     keys = ("mode", "auc", "auc_expected", "oracle_auc", "ctcvr_auc", "logloss", "rounds", "sim_time_s", "wall_time_s")

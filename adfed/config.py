@@ -8,6 +8,7 @@ engine; the error names the key, the constraint and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -185,7 +186,11 @@ class Config:
     window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0", self.seed)
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
+        # a sync round accepts at most clients_per_round updates: more would retry forever
+        _check(self.fl.schedule != "sync" or self.window.min_clients <= self.fl.clients_per_round,
+               "window.min_clients", f"<= fl.clients_per_round ({self.fl.clients_per_round}); lower it",
+               self.window.min_clients)
 
 
 # -- (de)serialisation -----------------------------------------------------------------
@@ -208,6 +213,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "an int", value)
     elif tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        _check(math.isfinite(value), key, "a finite number", value)
         return float(value)
     elif tp is str:
         _check(isinstance(value, str), key, "a string", value)
@@ -259,6 +265,8 @@ def load(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     return from_dict(raw)

@@ -12,12 +12,14 @@ import io
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from adfed import config as config_mod
 from adfed.config import Config
+from adfed.errors import ConfigError
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -37,6 +39,36 @@ def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     return value
+
+
+#: what :func:`write_run` and a federated run's checkpoint put in a run directory
+RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "rounds.csv", "checkpoint.pt")
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check ``adfed train``'s ``--out`` before any training, and clear it for ``--overwrite``.
+
+    A directory that already holds files is refused unless the run continues it
+    (``resume``) or replaces it (``overwrite``: the files of :data:`RUN_FILES` and
+    ``plots/`` are removed first, so no file of the old run is left beside the new one;
+    other files stay).
+
+    Raises
+    ------
+    ConfigError : ``out`` is a file, or holds files and neither flag is given, or both are.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the run")
+    if not out.is_dir() or resume or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds files; pass --overwrite to replace its run, "
+                          f"--resume to continue it, or choose another --out")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
 
 
 def write_config(out: Path, cfg: Config) -> None:

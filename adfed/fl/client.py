@@ -19,9 +19,11 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, ParamGroup
+from adfed.errors import TrainingError
 from adfed.fl.types import ClientSettings, SparseRows, Update
 from adfed.model.groups import (
     dense_param_groups,
@@ -76,6 +78,11 @@ def needed_rows(scratch: PCVRModel, data: Examples) -> dict[str, torch.Tensor]:
 
 
 def _load_inplace(scratch: PCVRModel, task: ClientTask) -> None:
+    groups = scratch.parameter_groups()
+    foreign = sorted(n for n in task.dense if groups.get(n) is not ParamGroup.DENSE_SHARED)
+    if foreign:  # the upload is the delta of every name sent: a local one would leave the phone
+        raise TrainingError(f"the round model for client {task.client_id} lists {', '.join(foreign)}, "
+                            f"which are not dense_shared parameters; a phone uploads dense_shared deltas only")
     set_dense_inplace(scratch, task.dense, check=not task.checked)
     for table, rows in task.rows.items():
         if len(rows.ids):
@@ -89,11 +96,18 @@ def _load_inplace(scratch: PCVRModel, task: ClientTask) -> None:
                 params[name].zero_()
 
 
-def _proximal(scratch: PCVRModel, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+def _proximal(scratch: PCVRModel, task: ClientTask, mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2 * ||w - w_global||^2`` over every shared weight the client holds:
+    the dense part, and the rows of the sparse tables it was sent (read with
+    ``F.embedding(sparse=True)``, so those tables' gradients stay sparse)."""
     params = parameters(scratch)
     total = torch.zeros(())
-    for name, ref in anchor.items():
+    for name, ref in task.dense.items():
         total = total + (params[name] - ref).pow(2).sum()
+    for table, rows in task.rows.items():
+        if len(rows.ids):
+            current = F.embedding(rows.ids, params[table], sparse=scratch.has_sparse_grad(table))
+            total = total + (current - rows.values).pow(2).sum()
     return 0.5 * mu * total
 
 
@@ -157,7 +171,7 @@ def client_update(
                 ensure_finite(loss, where=f"client {task.client_id}, version {task.version}, step {step}")
             losses.append(value)
             if s.prox_mu > 0:
-                loss = loss + _proximal(scratch, task.dense, s.prox_mu)
+                loss = loss + _proximal(scratch, task, s.prox_mu)
             if s.embedding_l2 > 0:
                 loss = loss + s.embedding_l2 * embedding_penalty(scratch, batch)
             loss.backward()

@@ -8,10 +8,14 @@ uniform point of its work, when its connection ends); every ``async_buffer`` arr
 applies the buffer, weighting each update by its capped example count times
 ``1 / sqrt(1 + s)``, and the freed slot is refilled with a new uniformly sampled client.
 
-Training is batched for the backends: started clients wait in ``pending`` and are
+Whether a started client drops out, and when, is drawn when it starts (it does not
+depend on the model), and its drop-out event goes on the clock at once. Training is
+batched for the backends: the clients that will finish wait in ``pending`` and are
 trained together as late as is safe, i.e. before the model version changes and before
 the clock passes the earliest time any of them could finish (a lower bound from
-latency and compute alone). Results are the same as training each at its start.
+latency and compute alone). Results are the same as training each at its start, and
+the clock never runs backwards (drawing drop-outs at the flush, as an earlier version
+did, could put a drop-out before the clock).
 """
 
 from __future__ import annotations
@@ -48,10 +52,18 @@ def _in_flight(st: AsyncState) -> np.ndarray:
 
 
 def _dispatch(st: AsyncState, cfg: Config, population: Population, n: int) -> None:
-    """Start ``n`` new clients at the current clock (trained later, see module doc)."""
+    """Start ``n`` new clients at the current clock: a client that drops out gets its
+    drop-out event now, at a uniform point of its work (no payload yet: latency +
+    compute); the others wait in ``pending`` to be trained (see module doc)."""
     rng = np.random.default_rng([cfg.seed, st.seq, 0xA5])
-    for client in population.sample(n, rng, exclude=_in_flight(st)):
-        st.pending.append((st.clock_s, st.seq, int(client)))
+    clients = population.sample(n, rng, exclude=_in_flight(st))
+    failed = devices.failures(population.profiles, clients, rng)
+    for client, f in zip(clients.tolist(), failed.tolist(), strict=True):
+        if f:
+            work = _lower_bound(population, cfg, st.clock_s, client) - st.clock_s
+            heapq.heappush(st.events, (st.clock_s + float(rng.random()) * work, st.seq, client, None))
+        else:
+            st.pending.append((st.clock_s, st.seq, client))
         st.seq += 1
 
 
@@ -66,21 +78,11 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
     """Train every pending client on the current version and schedule its arrival."""
     if not st.pending:
         return
-    pending, st.pending = st.pending, []
-    clients = np.array([c for _, _, c in pending], dtype=np.int64)
-    rng = np.random.default_rng([cfg.seed, pending[0][1], 0xFA])
-    failed = devices.failures(population.profiles, clients, rng)
-    ok = [(p, c) for p, c, f in zip(pending, clients, failed, strict=True) if not f]
-    for (start, seq, client), f in zip(pending, failed, strict=True):
-        if f:  # drops out at a uniform point of its work (no payload yet: latency + compute)
-            work = _lower_bound(population, cfg, start, client) - start
-            heapq.heappush(st.events, (start + float(rng.random()) * work, seq, client, None))
-    if not ok:
-        return
-    trained = np.array([c for _, c in ok], dtype=np.int64)
+    ok, st.pending = st.pending, []
+    trained = np.array([c for _, _, c in ok], dtype=np.int64)
     jobs = jobs_for(trained, store, ())
-    jobs = [dataclasses.replace(j, seed=(cfg.seed, state.model.version, p[1], int(c)))
-            for j, (p, c) in zip(jobs, ok, strict=True)]
+    jobs = [dataclasses.replace(j, seed=(cfg.seed, state.model.version, seq, client))
+            for j, (_, seq, client) in zip(jobs, ok, strict=True)]
     results = backend.map(configure(state, cfg), jobs)
     durations = devices.round_trip_s(
         population.profiles, trained,
@@ -88,7 +90,7 @@ def _flush(st: AsyncState, state: ServerState, cfg: Config, population: Populati
         bytes_up=np.array([r.bytes_up for r in results], dtype=np.float64),
         examples=np.array([r.update.num_examples * cfg.fl.local_epochs for r in results], dtype=np.float64),
     )
-    for ((start, seq, client), _), res, dur in zip(ok, results, durations, strict=True):
+    for (start, seq, client), res, dur in zip(ok, results, durations, strict=True):
         heapq.heappush(st.events, (start + float(dur), seq, client, res))
 
 

@@ -49,7 +49,8 @@ def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
 
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:
     """Uniform sample of online clients with over-selection (target × factor)."""
-    k = math.ceil(cfg.fl.clients_per_round * cfg.fl.over_selection)
+    # rounded first: 100 x 1.1 is 110.00000000000001 in floats, which ceil makes 111
+    k = math.ceil(round(cfg.fl.clients_per_round * cfg.fl.over_selection, 9))
     return population.sample(k, rng)
 
 
@@ -140,7 +141,8 @@ def run_sync_round(
     rnd = state.round + 1
     sim_start = state.sim_time_s
     row: dict[str, Any] = {"round": rnd, "deadline_s": state.window.deadline_s}
-    totals = {"selected": 0, "arrived": 0, "late": 0, "failed": 0, "retries": 0}
+    # discarded: on time, but in an attempt that was retried (too few arrivals)
+    totals = {"selected": 0, "arrived": 0, "late": 0, "failed": 0, "discarded": 0, "retries": 0}
     window = state.window
     for attempt in range(cfg.window.max_retries + 1):
         rng = np.random.default_rng([cfg.seed, rnd, attempt, 0x5EC])
@@ -163,6 +165,7 @@ def run_sync_round(
             row.update(_byte_stats(accepted))
             row["train_loss"] = float(np.mean([u.metrics["loss"] for u in updates]))
             break
+        totals["discarded"] += len(accepted)
         totals["retries"] += 1
     row.update(totals)
     row["round_sim_s"] = state.sim_time_s - sim_start

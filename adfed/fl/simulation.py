@@ -97,6 +97,26 @@ def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> Non
                           f"resume with the model settings of that run's config.toml (--set model.KEY=...)")
 
 
+#: settings a resumed run must share with the run that wrote the checkpoint: the server
+#: optimizer's state, the async clock and the per-round seeds depend on them.
+RESUME_KEYS = ("seed", "fl.strategy", "fl.schedule")
+
+
+def _resume_settings(cfg: Config) -> dict[str, Any]:
+    return {"seed": cfg.seed, "fl.strategy": cfg.fl.strategy, "fl.schedule": cfg.fl.schedule}
+
+
+def _check_same_settings(saved: dict[str, Any] | None, cfg: Config, ckpt: Path) -> None:
+    """ConfigError when the checkpoint was written under another seed, strategy or schedule
+    (a FedAvg checkpoint resumed as FedAdam has no moments to continue). Checkpoints from
+    before this check carry no settings and are not checked."""
+    now = _resume_settings(cfg)
+    for key in RESUME_KEYS:
+        if saved is not None and key in saved and saved[key] != now[key]:
+            raise ConfigError(f"--resume: {ckpt} was written with {key}={saved[key]!r}, not {now[key]!r}; "
+                              f"resume with --set {key}={saved[key]!r} or start a new run without --resume")
+
+
 def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], model: PCVRModel,
              wall_s: float, population: Population) -> dict[str, Any]:
     def mean(key: str) -> float:
@@ -121,9 +141,10 @@ def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], m
         "model_bytes": model_bytes(model),
         "sim_time_s": rows[-1]["sim_time_s"] if rows else 0.0,
         "median_round_sim_s": float(np.median([r["round_sim_s"] for r in rows])) if rows else 0.0,
-        "dropped_clients": int(sum(r.get("failed", 0) + r.get("late", 0) for r in rows)),
+        "dropped_clients": int(sum(r.get("failed", 0) + r.get("late", 0) + r.get("discarded", 0) for r in rows)),
         "failed_clients": int(sum(r.get("failed", 0) for r in rows)),
         "late_clients": int(sum(r.get("late", 0) for r in rows)),
+        "discarded_clients": int(sum(r.get("discarded", 0) for r in rows)),
         "wall_time_s": wall_s,
         "simulated_device_profiles": population.profiles.simulated,
     }
@@ -158,6 +179,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         if ckpt is None or not ckpt.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
         saved = torch.load(ckpt, weights_only=False)
+        _check_same_settings(saved.get("settings"), cfg, ckpt)
         _check_same_model(saved["state"].model, state.model, ckpt)
         state, rows, async_state = saved["state"], saved["rows"], saved["async"]
         store.entries.update(saved["local"])
@@ -184,7 +206,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
             if ckpt is not None:
                 _save_checkpoint(ckpt.parent, {"state": state, "rows": rows, "async": async_state,
                                                "local": dict(store.entries), "evicted": store.evicted,
-                                               "wall_s": row["wall_time_s"]})
+                                               "wall_s": row["wall_time_s"], "settings": _resume_settings(cfg)})
             if on_step:
                 on_step(row)
     finally:

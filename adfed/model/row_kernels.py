@@ -118,9 +118,30 @@ def _raise_out_of_range(ids: torch.Tensor, num_rows: int) -> None:
 
 
 def _fits_reads(ids: torch.Tensor, source: torch.Tensor | None, src: torch.Tensor) -> bool:
-    """The arguments of :func:`sum_rows` / :func:`index_add` fit the C loops."""
-    return (src.dim() == 2 and _fits(ids, torch.int64) and _fits(src, torch.float32)
-            and (source is None or _fits(source, torch.int64)))
+    """The arguments of :func:`sum_rows` / :func:`index_add` fit the C loops.
+
+    Raises
+    ------
+    ValueError, IndexError : the C loops would read outside ``src`` (the torch path
+        raises on the same input): ``ids`` not 1-d, ``source`` not shaped like ``ids`` or
+        naming a row outside ``src``, or, without ``source``, fewer rows of ``src`` than ids.
+    """
+    if not (src.dim() == 2 and _fits(ids, torch.int64) and _fits(src, torch.float32)
+            and (source is None or _fits(source, torch.int64))):
+        return False
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-d; got shape {tuple(ids.shape)}")
+    n, m = ids.shape[0], src.shape[0]
+    if source is None:
+        if m < n:
+            raise ValueError(f"src has {m} rows for {n} ids")
+    elif source.shape != ids.shape:
+        raise ValueError(f"source must be shaped like ids {tuple(ids.shape)}; got {tuple(source.shape)}")
+    elif n:
+        low, high = torch.aminmax(source)
+        if int(low) < 0 or int(high) >= m:
+            raise IndexError(f"source rows must lie in [0, {m}); got [{int(low)}, {int(high)}]")
+    return True
 
 
 def sum_rows(
@@ -224,6 +245,10 @@ def sparse_adam(
     if (lib is None or not _fits(rows, torch.int64) or not _fits(values, torch.float32)
             or not _fits(param, torch.float32) or not _fits(moments, torch.float32)):
         return False
+    if rows.dim() != 1 or values.dim() != 2 or param.dim() != 2 or rows.shape[0] != values.shape[0] \
+            or values.shape[1] != param.shape[1] or moments.shape != (2, *param.shape):
+        raise ValueError(f"sparse_adam needs rows [n], values [n, r], param [R, r], moments [2, R, r]; got "
+                         f"{tuple(rows.shape)}, {tuple(values.shape)}, {tuple(param.shape)}, {tuple(moments.shape)}")
     n, width = values.shape[0], param.shape[1]
     exp_avg, exp_avg_sq = moments[0], moments[1]
     status = lib.adfed_sparse_adam(n, rows.data_ptr(), values.data_ptr(), width, param.shape[0], param.data_ptr(),

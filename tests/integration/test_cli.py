@@ -171,6 +171,62 @@ def test_train_bad_config(small_world: Path, tmp_path: Path, args: list[str], ne
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "RUN"
+    fed = ["--mode", "federated", "--rounds", "1", "--clients-per-round", "10", "--set", "window.min_clients=2"]
+    assert adfed("train", "--data", small_world, "--out", run, *fed, *SMALL_TRAIN).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert "checkpoint.pt" in before and "rounds.csv" in before
+    # a second run into it: refused, the first run untouched
+    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
+    assert proc.returncode == 2
+    (err,) = error_lines(proc)
+    assert f"--out {run} already holds files; pass --overwrite" in err and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # --overwrite replaces it: no file of the federated run is left beside the centralized one
+    (run / "notes.txt").write_text("mine")
+    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, "--overwrite", *SMALL_TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "notes.txt", "plots", "summary.json"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["learning_curve.png"]
+    # a file as --out, both flags: one-line errors before any training
+    target = tmp_path / "afile"
+    target.write_text("x")
+    for args, needle in (([], f"--out {target} is a file"),
+                         (["--resume", "--overwrite"], "pass one")):
+        proc = adfed("train", "--data", small_world, "--out", target, *args, *SMALL_TRAIN)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert needle in error_lines(proc)[0]
+    assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "fl.over_selection=inf"], "fl.over_selection must be a finite number; got inf"),
+        (["--set", "train.lr=nan"], "train.lr must be a finite number; got nan"),
+        (["--set", "seed=18446744073709551616"], "seed must be an int in [0, 2**63)"),
+        (["--mode", "federated", "--clients-per-round", "5"],
+         "window.min_clients must be <= fl.clients_per_round (5); lower it; got 10"),
+    ],
+    ids=["inf", "nan", "huge-seed", "min-clients"],
+)
+def test_train_bad_values_are_one_line_errors(small_world: Path, tmp_path: Path, args: list[str],
+                                              needle: str) -> None:
+    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (err,) = error_lines(proc)
+    assert needle in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_a_directory_as_config_is_a_one_line_error(small_world: Path, tmp_path: Path) -> None:
+    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", "--config", tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (err,) = error_lines(proc)
+    assert f"config file {tmp_path} cannot be read" in err
+
+
 def test_train_missing_dataset(tmp_path: Path) -> None:
     proc = adfed("train", "--data", "/nonexistent", "--out", tmp_path / "run")
     assert proc.returncode == 2

@@ -52,6 +52,29 @@ def test_sync_run_reports_rounds_and_summary(small_world, fl_config):
     assert s["bytes_up_sparse_per_client"] > 0
 
 
+def test_every_selected_client_is_counted_once_including_retried_attempts(small_world, fl_config):
+    # min_clients = clients_per_round, no over-selection: an attempt with one failed or
+    # late client is retried, and its on-time clients are counted as discarded
+    cfg = fl_config(small_world, "fl.rounds=3", "window.min_clients=12", "fl.over_selection=1.0")
+    result = Trainer(cfg).fit()
+    for row in result.rows:
+        assert row["selected"] == row["failed"] + row["late"] + row["arrived"] + row["discarded"], row
+    assert sum(r["retries"] for r in result.rows) > 0
+    assert sum(r["discarded"] for r in result.rows) == result.summary["discarded_clients"] > 0
+    assert result.summary["dropped_clients"] == sum(r["failed"] + r["late"] + r["discarded"] for r in result.rows)
+
+
+def test_over_selection_rounds_the_product_before_its_ceiling(small_world, fl_config):
+    from adfed.fl.population import Population
+    from adfed.fl.rounds import select
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    pop.profiles.online_prob[:] = 1.0  # every client online: the sample is exactly k
+    for cpr, factor, want in ((100, 1.1, 110), (50, 1.1, 55), (12, 1.3, 16), (10, 1.0, 10)):
+        cfg = fl_config(small_world, f"fl.clients_per_round={cpr}", f"fl.over_selection={factor}")
+        assert len(select(pop, cfg, np.random.default_rng(0))) == want, (cpr, factor)
+
+
 def test_same_seed_same_model_and_seed_matters(small_world, fl_config):
     a = _final_params(Trainer(fl_config(small_world, "fl.rounds=2")).fit())
     b = _final_params(Trainer(fl_config(small_world, "fl.rounds=2")).fit())
@@ -89,6 +112,21 @@ def test_resume_with_another_model_is_a_config_error(small_world, fl_config, tmp
     before = (tmp_path / CHECKPOINT).read_bytes()
     with pytest.raises(ConfigError, match=r"holds another model \(parameters differ: match.weight\)"):
         Trainer(fl_config(small_world)).fit(checkpoint_dir=tmp_path, resume=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before  # nothing written over
+
+
+@pytest.mark.parametrize(("first", "then", "match"), [
+    ("fl.strategy=\"fedavg\"", "fl.strategy=\"fedadam\"", r"written with fl\.strategy='fedavg', not 'fedadam'"),
+    ("seed=0", "seed=3", r"written with seed=0, not 3; resume with --set seed=0"),
+])
+def test_resume_with_another_strategy_or_seed_is_a_config_error(small_world, fl_config, tmp_path,
+                                                                first, then, match):
+    from adfed.errors import ConfigError
+
+    Trainer(fl_config(small_world, "fl.rounds=1", first)).fit(checkpoint_dir=tmp_path)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(ConfigError, match=match):
+        Trainer(fl_config(small_world, then)).fit(checkpoint_dir=tmp_path, resume=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == before  # nothing written over
 
 
@@ -136,6 +174,24 @@ def test_uploads_hold_shared_groups_only(small_world, fl_config):
         spec = backend.ctx.scratch.table_field(table)
         ids = data.bags[spec.name][0] if spec.is_bag else data.ids[spec.name]
         assert torch.equal(res.update.sparse[table].ids, torch.from_numpy(np.unique(ids)))
+
+
+def test_a_round_model_listing_a_local_parameter_is_refused(small_world, fl_config):
+    # a server (or an HTTP peer) that sends a LOCAL name among the dense part would get
+    # that parameter's trained value back as its "delta": the phone refuses the round
+    from adfed.errors import TrainingError
+
+    cfg = fl_config(small_world)
+    backend = InProcessBackend(small_world, cfg)
+    state = initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                 strategies.create("fedavg", 1.0))
+    scratch = backend.ctx.scratch
+    local = {n: p.detach().clone() for n, p in scratch.named_parameters() if n == "user_bias.weight"}
+    assert local
+    hostile = dataclasses.replace(configure(state, cfg), dense={**state.model.dense, **local})
+    client = int(backend.ctx.population.clients[0])
+    with pytest.raises(TrainingError, match=r"lists user_bias\.weight, which are not dense_shared"):
+        backend.map(hostile, [Job(client_id=client, local=None, seed=(0,))])
 
 
 def test_local_adam_takes_sign_sized_first_steps(small_world, fl_config):
@@ -242,7 +298,7 @@ def test_a_failing_async_client_frees_its_slot_within_its_own_work(small_world, 
     population.profiles.dropout_prob[:] = 1.0  # every client fails
     st = AsyncState(clock_s=100.0)
     _dispatch(st, cfg, population, cfg.fl.async_concurrency)
-    starts = {client: start for start, _, client in st.pending}
+    assert not st.pending  # drop-outs are drawn at the start: nothing to train
     backend = InProcessBackend(dataset.path, cfg)
     state = initial_server_state(cfg, model_from_config(cfg, dataset),
                                  strategies.create(cfg.fl.strategy, cfg.fl.server_lr))
@@ -250,7 +306,43 @@ def test_a_failing_async_client_frees_its_slot_within_its_own_work(small_world, 
     assert len(st.events) == cfg.fl.async_concurrency
     for t, _, client, result in st.events:
         assert result is None  # a failure event
-        assert starts[client] <= t <= _lower_bound(population, cfg, starts[client], client)
+        assert 100.0 <= t <= _lower_bound(population, cfg, 100.0, client)
+
+
+def test_the_async_clock_never_runs_backwards(small_world, fl_config, monkeypatch):
+    """A drop-out drawn late (at the flush) could land before the clock; drawn at the
+    client's start it cannot."""
+    import heapq
+    import types
+
+    from adfed.fl import fedbuff
+    from adfed.fl.fedbuff import AsyncState, run_async_step
+    from adfed.fl.population import LocalStore, Population
+
+    popped: list[float] = []
+
+    def heappop(heap):  # the stdlib's, recording each event time the clock moves to
+        event = heapq.heappop(heap)
+        popped.append(event[0])
+        return event
+
+    monkeypatch.setattr(fedbuff, "heapq", types.SimpleNamespace(heappush=heapq.heappush, heappop=heappop))
+    cfg = fl_config(small_world, 'fl.schedule="async"', "fl.async_concurrency=20", "fl.async_buffer=5",
+                    "fl.rounds=12")
+    dataset = Dataset.open(small_world)
+    population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    population.profiles.dropout_prob[:] = 0.3
+    backend = InProcessBackend(dataset.path, cfg)
+    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
+    state = initial_server_state(cfg, model_from_config(cfg, dataset), server_opt)
+    st, store = AsyncState(), LocalStore(capacity=100)
+    failed = 0
+    for _ in range(cfg.fl.rounds):
+        state, row = run_async_step(state, st, cfg, population, backend, store, server_opt)
+        failed += row["failed"]
+        assert row["round_sim_s"] >= 0
+    assert failed > 0 and len(popped) > 50
+    assert all(b >= a for a, b in zip(popped, popped[1:], strict=False))
 
 
 def test_fl_lr_decay_start_scales_the_phones_lrs_after_start(small_world, fl_config):
@@ -276,3 +368,24 @@ def test_a_negative_fl_lr_decay_start_is_a_one_line_config_error():
 
     with pytest.raises(ConfigError, match=r"fl.lr_decay_start must be an int >= 0"):
         with_overrides(Config(), ["fl.lr_decay_start=-3"])
+
+
+def test_fedprox_anchors_the_sparse_rows_as_well_as_the_dense_part(small_world, fl_config):
+    from adfed.fl.backends import RoundModel, WorkerContext, run_job
+    from adfed.fl.rounds import client_settings
+
+    cfg = fl_config(small_world, 'fl.strategy="fedprox"', "fl.local_epochs=3", "fl.local_batch_size=4")
+    ctx = WorkerContext(str(small_world), cfg)
+    state = initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                 strategies.create("fedavg", 1.0))
+    clients = ctx.population.clients
+    client = int(clients[np.argmax(ctx.population.num_train(clients))])
+    norms = {}
+    for mu in (0.0, 50.0):  # lr x mu = 0.5: the pull halves the distance each step
+        s = dataclasses.replace(client_settings(cfg), prox_mu=mu, lr=0.01, table_lr=0.01, sparse_lr=0.01)
+        rm = RoundModel(version=0, dense=state.model.dense, tables=state.model.sparse, settings=s)
+        update = run_job(ctx, rm, Job(client_id=client, local=None, seed=(0, 1, client))).update
+        assert update.sparse
+        norms[mu] = {k: float(r.values.norm()) for k, r in update.sparse.items()}
+    for table, free in norms[0.0].items():
+        assert norms[50.0][table] < 0.5 * free, table

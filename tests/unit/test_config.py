@@ -128,7 +128,7 @@ def test_config_is_frozen() -> None:
         ('[model]\ntower = "64,32"\n', r"model\.tower must be a list; got '64,32'"),
         ('[model]\ntower = [64, "x"]\n', r"model\.tower must be an int; got 'x'"),
         ("fl = 3\n", r"fl must be a table; got 3"),
-        ("seed = -1\n", r"seed must be an int >= 0; got -1"),
+        ("seed = -1\n", r"seed must be an int in \[0, 2\*\*63\); got -1"),
         ("[fl]\nrounds = 0\n", r"fl\.rounds must be an int >= 1; got 0"),
         ("[fl]\nover_selection = 0.5\n", r"fl\.over_selection must be a float >= 1\.0; got 0\.5"),
         ("[fl]\nmax_weight = 0\n", r"fl\.max_weight must be a float > 0; got 0\.0"),
@@ -144,6 +144,9 @@ def test_config_is_frozen() -> None:
         ("[window]\nsmoothing = 0\n", r"window\.smoothing must be in \(0, 1\]; got 0\.0"),
         ("[window]\nmin_deadline_s = 700\n", r"window\.min_deadline_s must be > 0 and <= window\.max_deadline_s; got 700\.0"),
         ("[window]\nmin_clients = 0\n", r"window\.min_clients must be an int >= 1; got 0"),
+        # a sync round takes at most clients_per_round updates: it would retry forever
+        ("[fl]\nclients_per_round = 5\n",
+         r"window\.min_clients must be <= fl\.clients_per_round \(5\); lower it; got 10"),
     ],
 )
 def test_bad_toml_raises_config_error_naming_the_key(tmp_path: Path, text: str, match: str) -> None:
@@ -165,6 +168,11 @@ def test_invalid_toml_raises_config_error(tmp_path: Path) -> None:
     path = _write(tmp_path, "[fl\nrounds = \n")
     with pytest.raises(ConfigError, match=r"run\.toml is not valid TOML"):
         C.load(path)
+
+
+def test_min_clients_above_clients_per_round_is_fine_in_async_mode(tmp_path: Path) -> None:
+    cfg = C.load(_write(tmp_path, '[fl]\nclients_per_round = 5\nschedule = "async"\n'))
+    assert cfg.window.min_clients == 10 and cfg.fl.clients_per_round == 5
 
 
 def test_config_error_is_a_value_error() -> None:

@@ -114,3 +114,42 @@ def test_label_counts_sum_the_clients_training_rows_and_the_prior_sample_is_seed
     a, b = prior_sample(pop, 0), prior_sample(pop, 0)
     assert np.array_equal(a, b) and len(a) == min(PRIOR_CLIENTS, len(pop))
     assert np.all(np.diff(a) > 0) and np.isin(a, pop.clients).all()
+
+
+def test_sample_with_exclude_skips_busy_clients_and_is_seeded(small_world) -> None:
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from adfed.fl.population import Population
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    pop.profiles.online_prob[:] = 1.0
+    busy = pop.clients[::2]
+    got = pop.sample(5, np.random.default_rng(3), exclude=busy)
+    assert len(got) == 5 and len(set(got.tolist())) == 5
+    assert not np.isin(got, busy).any() and np.isin(got, pop.clients).all()
+    assert np.array_equal(got, pop.sample(5, np.random.default_rng(3), exclude=busy))
+    # every client but three busy: the three free ones, found by the full pass
+    free = pop.clients[[1, 4, 6]]
+    rest = pop.sample(10, np.random.default_rng(0), exclude=np.setdiff1d(pop.clients, free))
+    assert sorted(rest.tolist()) == sorted(free.tolist())
+    # nobody online: nobody
+    pop.profiles.online_prob[:] = 0.0
+    assert len(pop.sample(3, np.random.default_rng(0), exclude=busy)) == 0
+
+
+def test_sample_with_exclude_is_uniform_over_free_online_clients(small_world) -> None:
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from adfed.fl.population import Population
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    pop.profiles.online_prob[:] = 1.0
+    pop.profiles.online_prob[pop.clients[0]] = 0.0  # never online
+    busy = pop.clients[1:2]
+    hits = np.concatenate([pop.sample(1, np.random.default_rng(s), exclude=busy) for s in range(4000)])
+    counts = np.bincount(np.searchsorted(pop.clients, hits), minlength=len(pop))
+    assert counts[0] == 0 and counts[1] == 0
+    expected = 4000 / (len(pop) - 2)
+    assert np.all(np.abs(counts[2:] - expected) < 6 * np.sqrt(expected))

@@ -237,6 +237,29 @@ def test_out_of_range_rows_raise_instead_of_writing_outside_the_table() -> None:
     assert torch.count_nonzero(p) == 0 and torch.count_nonzero(moments) == 0
 
 
+def test_reads_outside_the_source_rows_raise_instead_of_reading_past_the_buffer() -> None:
+    # found by a review: the C loops read src[source[j]] and src[j] unchecked
+    src, ids = torch.ones(3, 2), torch.tensor([0, 1])
+    for kernel in (row_kernels.sum_rows, row_kernels.index_add):
+        with pytest.raises(IndexError, match=r"source rows must lie in \[0, 3\); got \[0, 5000\]"):
+            kernel(ids, torch.tensor([0, 5000]), src, 4)
+        with pytest.raises(IndexError, match=r"source rows must lie in \[0, 3\); got \[-1, 0\]"):
+            kernel(ids, torch.tensor([-1, 0]), src, 4)
+        with pytest.raises(ValueError, match=r"source must be shaped like ids \(2,\); got \(3,\)"):
+            kernel(ids, torch.tensor([0, 1, 2]), src, 4)
+        with pytest.raises(ValueError, match=r"src has 3 rows for 4 ids"):
+            kernel(torch.tensor([0, 1, 2, 3]), None, src, 4)
+        with pytest.raises(ValueError, match=r"ids must be 1-d"):
+            kernel(torch.zeros(2, 2, dtype=torch.int64), None, torch.ones(4, 2), 4)
+    p, moments = torch.zeros(5, 2), torch.zeros(2, 5, 2)
+    kw = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step_size": 0.1, "maximize": False}
+    for rows, values, mom in (([1, 3], torch.ones(3, 2), moments), ([1, 3, 4], torch.ones(3, 3), moments),
+                              ([1, 3, 4], torch.ones(3, 2), torch.zeros(2, 4, 2))):
+        with pytest.raises(ValueError, match=r"sparse_adam needs rows \[n\], values \[n, r\]"):
+            row_kernels.sparse_adam(torch.tensor(rows), values, p, mom, **kw)
+    assert torch.count_nonzero(p) == 0 and torch.count_nonzero(moments) == 0
+
+
 def test_bag_matches_is_the_torch_count(monkeypatch: pytest.MonkeyPatch) -> None:
     from adfed.model.layers import VocabMatch, _bag_matches
 

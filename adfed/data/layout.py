@@ -66,6 +66,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+
+#: written into ``OUT.partial`` when it is created: a leftover of a crashed writer may be
+#: removed, any other directory of that name is not ours
+_PARTIAL_MARK = ".adfed-partial"
+
+
+def _replaceable(path: Path) -> bool:
+    """An existing dataset (its manifest) or an empty directory: what --overwrite may remove."""
+    return path.is_dir() and ((path / MANIFEST).exists() or not any(path.iterdir()))
+
+
 class DatasetWriter:
     """Stream tables into the layout above.
 
@@ -87,10 +98,17 @@ class DatasetWriter:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise DataError(f"{self.out} already exists; pass --overwrite or choose another --out")
+        if self.out.exists() and not _replaceable(self.out):
+            raise DataError(f"{self.out} is not an adfed dataset (no {MANIFEST}); --overwrite replaces "
+                            f"datasets only: choose another --out or remove it yourself")
         self.tmp = self.out.with_name(self.out.name + ".partial")
         if self.tmp.exists():
+            if not (self.tmp / _PARTIAL_MARK).exists() and not _replaceable(self.tmp):
+                raise DataError(f"{self.tmp} exists and was not left by an adfed writer; "
+                                f"move it away or choose another --out")
             shutil.rmtree(self.tmp)
         (self.tmp / "impressions").mkdir(parents=True)
+        (self.tmp / _PARTIAL_MARK).touch()
         self.schema = schema
         self.generator = generator
         self.params = params
@@ -199,6 +217,7 @@ class DatasetWriter:
             **(extra or {}),
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (self.tmp / _PARTIAL_MARK).unlink()
         if self.out.exists():
             shutil.rmtree(self.out)
         self.tmp.rename(self.out)

@@ -61,6 +61,31 @@ def _check_columns(path: Path, schema: pa.Schema, fields: dict[str, tuple[str, .
             raise DataError(f"{path}: column {name!r} has type {got}; expected one of {allowed}")
 
 
+def _check_ranges(path: Path, file: pq.ParquetFile, limits: dict[str, int]) -> None:
+    """Every id of the columns in ``limits`` lies in ``[0, limit)`` and no id is null, by the
+    footer's column statistics (no data is read; a file written without them is not checked).
+
+    A null would become -2**31 and an id past the vocabulary would read another row or fail
+    deep in training; both are refused here, naming the file and the column.
+    """
+    md = file.metadata
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        for j in range(group.num_columns):
+            column = group.column(j)
+            name = column.path_in_schema.split(".")[0]
+            stats = column.statistics
+            if name not in limits or stats is None:
+                continue
+            # a list column's leaf counts empty bags as nulls: only top-level ids are checked
+            if stats.null_count and "." not in column.path_in_schema:
+                raise DataError(f"{path}: column {name!r} has {stats.null_count} null values; "
+                                f"regenerate or re-import the dataset")
+            if stats.has_min_max and (int(stats.min) < 0 or int(stats.max) >= limits[name]):
+                raise DataError(f"{path}: column {name!r} holds ids in [{stats.min}, {stats.max}], outside "
+                                f"its vocabulary [0, {limits[name]}); regenerate or re-import the dataset")
+
+
 def _open_parquet(path: Path) -> pq.ParquetFile:
     if not path.exists():
         raise DataError(f"{path}: file is missing; regenerate or re-import the dataset")
@@ -80,7 +105,9 @@ def table_to_examples(table: pa.Table, fields: tuple[FieldSpec, ...]) -> Example
         if spec.kind is FieldKind.DENSE:
             dense[spec.name] = col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         elif spec.is_bag:
-            values = col.values.to_numpy(zero_copy_only=False).astype(id_dtype(spec.vocab_size), copy=False)
+            # flatten() honours a sliced list array's offset (``values`` would be the whole
+            # child array); offsets are then rebased to 0
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(id_dtype(spec.vocab_size), copy=False)
             offsets = col.offsets.to_numpy().astype(np.int64)
             bags[spec.name] = (values, offsets - offsets[0])
         else:
@@ -120,6 +147,20 @@ class _TableCache:
             self.nbytes -= self._tables.popitem(last=False)[1].nbytes
 
 
+def damaged(path: Path, exc: Exception) -> str:
+    """The one-line message for a file whose footer opened but whose data does not read."""
+    detail = " ".join(str(exc).split())[:160]
+    return (f"{path}: cannot read its data ({detail}); the file is damaged: regenerate or re-import the "
+            f"dataset (Dataset.open(..., verify_checksums=True) compares every file with the manifest)")
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(damaged(path, exc)) from exc
+
+
 class _RowGroupFile:
     """A parquet file addressed by global row number, reading only needed row groups."""
 
@@ -137,6 +178,20 @@ class _RowGroupFile:
         return int(self.starts[-1])
 
     def read_rows(self, start: int, count: int, columns: list[str] | None = None) -> pa.Table:
+        try:
+            return self._read_rows(start, count, columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(damaged(self.path, exc)) from exc
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole file (``columns`` only)."""
+        try:
+            with self._lock:
+                return self.file.read(columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(damaged(self.path, exc)) from exc
+
+    def _read_rows(self, start: int, count: int, columns: list[str] | None) -> pa.Table:
         first = int(np.searchsorted(self.starts, start, side="right") - 1)
         last = int(np.searchsorted(self.starts, start + count - 1, side="right") - 1)
         if first != last or self._cache is None:
@@ -161,7 +216,7 @@ class Dataset:
         self.schema = Schema.from_dict(manifest["schema"])
         self.has_truth = (path / "truth").is_dir()
         self._check_tables()
-        index = pq.read_table(path / "index.parquet")
+        index = _read_table(path / "index.parquet")
         self.user_ids = index.column("user_id").to_numpy()
         n = self.schema.num_users
         self._shard = np.full(n, -1, dtype=np.int32)
@@ -173,6 +228,7 @@ class Dataset:
         num_shards = int(manifest["counts"]["shards"])
         cache = _TableCache(_CACHE_BYTES)
         self._imp = [_RowGroupFile(self._shard_path("impressions", s), cache) for s in range(num_shards)]
+        self._check_index(index)
         self._truth = (
             [_RowGroupFile(self._shard_path("truth", s), cache) for s in range(num_shards)]
             if self.has_truth
@@ -180,7 +236,7 @@ class Dataset:
         )
         self._users = _RowGroupFile(path / "users.parquet", cache)
         self.ads = table_to_examples(
-            pq.read_table(path / "ads.parquet"), self.schema.by_entity(Entity.AD)
+            _read_table(path / "ads.parquet"), self.schema.by_entity(Entity.AD)
         )
         self._user_fields = self.schema.by_entity(Entity.USER)
         self._ctx_fields = self.schema.by_entity(Entity.CONTEXT)
@@ -215,6 +271,9 @@ class Dataset:
         for key in ("schema", "counts"):
             if not isinstance(manifest.get(key), dict):
                 raise DataError(f"{mpath}: missing or malformed {key!r}; regenerate the dataset")
+        shards = manifest["counts"].get("shards")
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
+            raise DataError(f"{mpath}: counts.shards must be an int >= 0; got {shards!r}; regenerate the dataset")
         for rel, digest in manifest.get("files", {}).items():
             fpath = path / rel
             if not fpath.exists():
@@ -230,23 +289,63 @@ class Dataset:
         users = self.schema.by_entity(Entity.USER)
         ads = self.schema.by_entity(Entity.AD)
         ctx = self.schema.by_entity(Entity.CONTEXT)
-        checks: list[tuple[Path, dict[str, tuple[str, ...]]]] = [
-            (self.path / "users.parquet", {f.name: _expected_type(f) for f in users if f.name != USER_KEY}),
-            (self.path / "ads.parquet", {f.name: _expected_type(f) for f in ads}),
-            (self.path / "index.parquet", {"user_id": ("int64",), "start": ("int64",)}),
+        def vocab(fields: tuple[FieldSpec, ...]) -> dict[str, int]:
+            return {f.name: f.vocab_size for f in fields if f.kind is not FieldKind.DENSE}
+
+        index_types = {"user_id": ("int64",), "shard": ("int32", "int64"), "start": ("int64",),
+                       "count": ("int32", "int64")}
+        checks: list[tuple[Path, dict[str, tuple[str, ...]], dict[str, int]]] = [
+            (self.path / "users.parquet", {f.name: _expected_type(f) for f in users if f.name != USER_KEY},
+             vocab(tuple(f for f in users if f.name != USER_KEY))),
+            (self.path / "ads.parquet", {f.name: _expected_type(f) for f in ads}, vocab(ads)),
+            (self.path / "index.parquet", index_types, {"user_id": self.schema.num_users}),
         ]
         labels = {k: (v,) for k, v in LABEL_COLUMNS.items()}
+        imp_vocab = {USER_KEY: self.schema.num_users, AD_KEY: self.schema.num_ads, **vocab(ctx)}
         for shard in range(int(self.manifest["counts"]["shards"])):
             imp = {USER_KEY: ("int32", "int64"), AD_KEY: ("int32", "int64"), **labels}
             imp.update({f.name: _expected_type(f) for f in ctx})
-            checks.append((self._shard_path("impressions", shard), imp))
+            checks.append((self._shard_path("impressions", shard), imp, imp_vocab))
             if self.has_truth:
-                checks.append((self._shard_path("truth", shard), {k: ("float",) for k in TRUTH_COLUMNS}))
-        for fpath, fields in checks:
-            _check_columns(fpath, _open_parquet(fpath).schema_arrow, fields)
+                checks.append((self._shard_path("truth", shard), {k: ("float",) for k in TRUTH_COLUMNS}, {}))
+        rows: dict[Path, int] = {}
+        for fpath, fields, limits in checks:
+            file = _open_parquet(fpath)
+            _check_columns(fpath, file.schema_arrow, fields)
+            _check_ranges(fpath, file, limits)
+            rows[fpath] = file.metadata.num_rows
+        for fpath, need, what in ((self.path / "users.parquet", self.schema.num_users, "schema.num_users"),
+                                  (self.path / "ads.parquet", self.schema.num_ads, "schema.num_ads")):
+            if rows[fpath] < need:
+                raise DataError(f"{fpath}: {rows[fpath]} rows, fewer than the manifest's {what} = {need} "
+                                f"(one row per id); regenerate or re-import the dataset")
+        if self.has_truth:
+            for shard in range(int(self.manifest["counts"]["shards"])):
+                imp_path, truth_path = self._shard_path("impressions", shard), self._shard_path("truth", shard)
+                if rows[imp_path] != rows[truth_path]:
+                    raise DataError(f"{truth_path}: {rows[truth_path]} rows for the {rows[imp_path]} of "
+                                    f"{imp_path.name}; regenerate the dataset")
         if (self.path / "devices.parquet").exists():
             fpath = self.path / "devices.parquet"
             _check_columns(fpath, _open_parquet(fpath).schema_arrow, {k: ("float",) for k in DEVICE_COLUMNS})
+
+    def _check_index(self, index: pa.Table) -> None:
+        """Every user's rows lie inside its shard (a truncated shard or a foreign index
+        would otherwise read other users' rows or fail mid-run)."""
+        path = self.path / "index.parquet"
+        shard = index.column("shard").to_numpy().astype(np.int64)
+        start = index.column("start").to_numpy()
+        end = start + index.column("count").to_numpy()
+        if len(shard) and (shard.min() < 0 or shard.max() >= len(self._imp)):
+            raise DataError(f"{path}: shard numbers must lie in [0, {len(self._imp)}) (counts.shards); "
+                            f"got [{shard.min()}, {shard.max()}]; regenerate the dataset")
+        rows = np.array([f.num_rows for f in self._imp], dtype=np.int64)
+        bad = (start < 0) | (end > rows[shard]) if len(shard) else np.zeros(0, bool)
+        if bad.any():
+            i = int(bad.argmax())
+            raise DataError(f"{path}: user {int(index.column('user_id')[i].as_py())} has rows "
+                            f"[{int(start[i])}, {int(end[i])}) but shard {int(shard[i])} holds {int(rows[shard[i]])}; "
+                            f"regenerate the dataset")
 
     # -- access ------------------------------------------------------------------------
     @property
@@ -341,15 +440,13 @@ class Dataset:
             rows = self.rows_of_users(ids)
             if rows.any() and rows.sum() <= _SCAN_SHARE * self.num_impressions:
                 return self._joined(ids[rows > 0], with_truth=True)
-        imp = pa.concat_tables(
-            [f.file.read(columns=self._imp_columns) for f in self._imp]
-        )
-        truth = pa.concat_tables([f.file.read() for f in self._truth]) if self._truth else None
+        imp = pa.concat_tables([f.read(self._imp_columns) for f in self._imp])
+        truth = pa.concat_tables([f.read() for f in self._truth]) if self._truth else None
         if user_ids is not None:  # many users: one scan and a row mask beats many reads
             mask = np.isin(imp.column(USER_KEY).to_numpy(), user_ids)
             imp = imp.filter(pa.array(mask))
             truth = truth.filter(pa.array(mask)) if truth is not None else None
-        users = self._users.file.read(columns=[f.name for f in self._user_fields if f.name != USER_KEY])
+        users = self._users.read([f.name for f in self._user_fields if f.name != USER_KEY])
         user_rows = imp.column(USER_KEY).to_numpy().astype(np.int64)
         return self._join(imp, truth, users, user_rows)
 

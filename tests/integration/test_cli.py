@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,10 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_generate_is_deterministic(tiny_dataset: Path, tmp_path: Path) -> None:
-    # Prepare: a stale directory that --overwrite must replace
+    # Prepare: a stale dataset that --overwrite must replace
     other = tmp_path / "D2"
-    other.mkdir()
+    shutil.copytree(tiny_dataset / "impressions", other / "impressions")
+    (other / "manifest.json").write_text("{}")
     (other / "stale.txt").write_text("old")
     # Execute
     proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "3",

@@ -57,6 +57,9 @@ def _click_seconds(frame: pd.DataFrame, path: Path) -> np.ndarray:
             f"{path}: column 'click_time' must hold 'YYYY-MM-DD HH:MM:SS' times "
             f"({' '.join(str(exc).split())[:120]}); {FIX}"
         ) from exc
+    blank = when.isna().to_numpy()
+    if blank.any():  # to_datetime gives NaT for a blank cell without raising
+        raise DataError(f"{path}: column 'click_time' is blank in data row {int(blank.argmax()) + 1}; {FIX}")
     seconds: np.ndarray = when.to_numpy().astype("datetime64[s]").astype(np.int64)
     return seconds
 

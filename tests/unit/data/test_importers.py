@@ -224,6 +224,8 @@ def _write(path: Path, *lines: str) -> Path:
     ("talkingdata", [TD_HEADER, TD_ROW.replace("2017-11-07", "07/11/2017")],
      r"bad\.csv: column 'click_time' must hold 'YYYY-MM-DD HH:MM:SS'"),
     ("talkingdata", [TD_HEADER, TD_ROW[:-1] + "2"], r"column 'is_attributed' must be 0 or 1"),
+    ("talkingdata", [TD_HEADER, TD_ROW, TD_ROW.replace("2017-11-07 09:30:38", "")],
+     r"bad\.csv: column 'click_time' is blank in data row 2"),
     ("talkingdata", [TD_HEADER, TD_ROW.replace("87540", "x1")], r"column 'ip' must hold integer"),
     ("taobao", [TD_HEADER, TD_ROW], r"bad\.csv: expected 5 columns .* found 8"),
     ("taobao", ["user_id,item_id,category_id,behavior_type,timestamp", "1,2,3,pv,4"],

@@ -464,6 +464,72 @@ def test_wrong_dtype(world: World, rel: str, column: str, arrow_type: pa.DataTyp
         Dataset.open(world.path)
 
 
+def _set(column: str, index: int, value: object):  # noqa: ANN202 - an edit for _rewrite
+    def edit(t: pa.Table) -> pa.Table:
+        values = t.column(column).to_pylist()
+        values[index] = value
+        i = t.schema.get_field_index(column)
+        return t.set_column(i, column, pa.array(values, t.schema.field(i).type))
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("rel", "column", "value", "match"),
+    [
+        ("users.parquet", "age", None, r"users\.parquet: column 'age' has 1 null values"),
+        ("users.parquet", "age", 5, r"users\.parquet: column 'age' holds ids in \[\d, 5\], outside its vocabulary \[0, 5\)"),
+        ("users.parquet", "apps", [1, 30], r"column 'apps' holds ids in \[\d+, 30\], outside its vocabulary \[0, 30\)"),
+        ("ads.parquet", "advertiser", -1, r"ads\.parquet: column 'advertiser' holds ids in \[-1, \d\]"),
+        ("impressions/part-00000.parquet", "ad_id", 7, r"part-00000\.parquet: column 'ad_id' holds ids in \[\d, 7\]"),
+        ("impressions/part-00001.parquet", "hour", None, r"part-00001\.parquet: column 'hour' has 1 null"),
+        ("impressions/part-00000.parquet", "user_id", 6, r"column 'user_id' holds ids in \[\d, 6\], outside its vocabulary \[0, 6\)"),
+    ],
+)
+def test_null_or_out_of_vocabulary_ids_are_refused_at_open(world: World, rel: str, column: str, value: object,
+                                                          match: str) -> None:
+    # a null would have come back as -2**31 and an id past the vocabulary as itself
+    _rewrite(world.path / rel, _set(column, 0, value))
+    with pytest.raises(DataError, match=match):
+        Dataset.open(world.path)
+
+
+def test_an_index_or_a_table_that_does_not_fit_the_shards_is_refused(world: World) -> None:
+    _edit_manifest(world.path, lambda m: m["counts"].pop("shards"))
+    with pytest.raises(DataError, match=r"manifest\.json: counts\.shards must be an int >= 0; got None"):
+        Dataset.open(world.path)
+
+
+@pytest.mark.parametrize(
+    ("rel", "edit", "match"),
+    [
+        ("index.parquet", lambda t: t.drop_columns(["shard"]), r"index\.parquet: missing column 'shard'"),
+        ("index.parquet", lambda t: t.drop_columns(["count"]), r"index\.parquet: missing column 'count'"),
+        ("index.parquet", _set("count", 0, 99), r"index\.parquet: user 0 has rows \[0, 99\) but shard 0 holds"),
+        ("index.parquet", _set("shard", 0, 9), r"index\.parquet: shard numbers must lie in \[0, \d\)"),
+        ("users.parquet", lambda t: t.slice(0, 3), r"users\.parquet: 3 rows, fewer than the manifest's schema\.num_users = 6"),
+        ("ads.parquet", lambda t: t.slice(0, 5), r"ads\.parquet: 5 rows, fewer than the manifest's schema\.num_ads = 7"),
+        ("truth/part-00000.parquet", lambda t: t.slice(0, 1), r"truth/part-00000\.parquet: 1 rows for the \d+ of part-00000"),
+    ],
+)
+def test_malformed_index_and_short_tables_are_one_line_errors(world: World, rel: str, edit, match: str) -> None:  # noqa: ANN001
+    _rewrite(world.path / rel, edit)
+    with pytest.raises(DataError, match=match):
+        Dataset.open(world.path)
+
+
+def test_a_damaged_data_page_is_a_data_error_naming_the_file(world: World) -> None:
+    # the footer still opens; the pages do not decode
+    fpath = world.path / "impressions" / "part-00000.parquet"
+    data = bytearray(fpath.read_bytes())
+    data[4:200] = b"\x5a" * 196
+    fpath.write_bytes(bytes(data))
+    ds = Dataset.open(world.path)
+    with pytest.raises(DataError, match=r"part-00000\.parquet: cannot read its data .*the file is damaged"):
+        ds.load()
+    with pytest.raises(DataError, match=r"part-00000\.parquet: cannot read its data"):
+        ds.client(0)
+
+
 def test_checksum_mismatch_only_with_verify(world: World) -> None:
     # Prepare: a valid parquet file with other content
     _rewrite(world.path / "ads.parquet",
@@ -508,6 +574,33 @@ def test_writer_overwrite_replaces(world: World, rng: np.random.Generator) -> No
     assert ds.manifest["generator"] == "again"
     assert not ds.has_truth and not (world.path / "extra.txt").exists()
     assert ds.load().ids["ad_id"].tolist() == imp.column("ad_id").to_pylist()
+
+
+def test_writer_overwrite_replaces_datasets_only(tmp_path: Path) -> None:
+    # --out data instead of data/demo must not wipe data/
+    out = tmp_path / "data"
+    (out / "demo").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"data is not an adfed dataset \(no manifest.json\); --overwrite replaces"):
+        DatasetWriter(out, schema=SCHEMA, generator="test", params={}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["demo", "notes.txt"]
+    assert not (tmp_path / "data.partial").exists()
+    # an empty directory may be replaced
+    (tmp_path / "empty").mkdir()
+    DatasetWriter(tmp_path / "empty", schema=SCHEMA, generator="test", params={}, overwrite=True).abort()
+
+
+def test_writer_removes_its_own_leftover_partial_but_no_other(tmp_path: Path) -> None:
+    crashed = DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={})
+    assert (tmp_path / "ds.partial").is_dir()  # a crash leaves it behind
+    del crashed
+    DatasetWriter(tmp_path / "ds", schema=SCHEMA, generator="test", params={}).abort()
+    foreign = tmp_path / "x.partial"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"x.partial exists and was not left by an adfed writer"):
+        DatasetWriter(tmp_path / "x", schema=SCHEMA, generator="test", params={})
+    assert (foreign / "keep.txt").read_text() == "mine"
 
 
 def test_abort_leaves_no_trace(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -88,9 +88,14 @@ class TrainConfig:
     # ~290 steps, where decay only cost; larger worlds gain (README, "Does a bigger
     # world close the gap?")
     lr_decay_start: int = 300
+    # centralized: the test set is also scored after every 1/eval_points of all steps
+    # (the end of each epoch always is), for the learning curve (steps.csv, the PNG);
+    # 1 = epoch ends only. The scoring time is not counted as training time.
+    eval_points: int = 4
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an int >= 1", self.epochs)
+        _check(self.eval_points >= 1, "train.eval_points", "an int >= 1 (1 = epoch ends only)", self.eval_points)
         _check(self.batch_size >= 1, "train.batch_size", "an int >= 1", self.batch_size)
         _check(self.lr > 0, "train.lr", "a float > 0", self.lr)
         _check(self.sparse_lr > 0, "train.sparse_lr", "a float > 0", self.sparse_lr)

@@ -42,7 +42,7 @@ def _clean(value: Any) -> Any:
 
 
 #: what :func:`write_run` and a federated run's checkpoint put in a run directory
-RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "rounds.csv", "checkpoint.pt")
+RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.csv", "checkpoint.pt")
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -135,6 +135,50 @@ def plot_curves(
     os.replace(tmp, path)
 
 
+def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: dict[str, float]) -> None:
+    """Centralized learning curve from ``steps.csv``'s rows: test CVR AUC at the scored
+    steps (top, with the oracle's lines) and the training loss per step with a moving
+    average over 25 steps (bottom, log scale), both against the training examples seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=110, sharex=True)
+    colors = {"auc": "tab:blue", "auc_expected": "tab:green"}
+    for key, label in (("auc", "CVR AUC"), ("auc_expected", "CVR AUC, expected")):
+        pts = [(r["examples"], r[key]) for r in steps if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        if pts:
+            top.plot(*zip(*pts, strict=True), marker="o", ms=4, label=label, color=colors[key])
+    for key, label in (("auc", "oracle"), ("auc_expected", "oracle, expected")):
+        value = oracle.get(key)
+        if value is not None and math.isfinite(value):
+            top.axhline(value, ls="--", lw=1, color=colors[key], alpha=0.6, label=f"{label} {value:.3f}")
+    top.set_ylabel("test CVR AUC (clicked impressions)")
+    top.set_title("Centralized: learning curve")
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right", fontsize=8)
+    seen = np.array([r["examples"] for r in steps], dtype=np.float64)
+    loss = np.array([r["loss"] for r in steps], dtype=np.float64)
+    if len(loss):
+        bottom.plot(seen, loss, lw=0.6, alpha=0.35, color="tab:blue", label="training loss per step")
+        window = min(25, len(loss))
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        bottom.plot(seen[window - 1:], smooth, lw=1.6, color="tab:blue", label=f"mean of {window} steps")
+        bottom.legend(loc="upper right", fontsize=8)
+    bottom.set_xlabel("training examples seen")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("ESMM loss (log scale)")
+    bottom.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_run(out: Path, cfg: Config, result: Any) -> None:
     """Write a whole run directory from a :class:`adfed.trainer.TrainResult`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +188,12 @@ def write_run(out: Path, cfg: Config, result: Any) -> None:
     refs = {"oracle": summary.get("oracle_auc", float("nan"))}
     if summary.get("centralized_auc") is not None:
         refs["centralized"] = summary["centralized_auc"]
-    if result.rows_name == "epochs.csv":
+    if result.rows_name == "epochs.csv" and getattr(result, "steps", None):
+        write_rows(out / "steps.csv", result.steps)
+        plot_learning_curve(out / "plots" / "learning_curve.png", result.steps,
+                            oracle={"auc": summary.get("oracle_auc", float("nan")),
+                                    "auc_expected": summary.get("oracle_auc_expected", float("nan"))})
+    elif result.rows_name == "epochs.csv":
         plot_curves(out / "plots" / "learning_curve.png", result.rows, x="epoch",
                     ys=["auc", "ctcvr_auc"], title="Centralized: test AUC per epoch", hlines=refs)
     else:

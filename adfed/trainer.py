@@ -56,6 +56,8 @@ class TrainResult:
     rows: list[dict[str, Any]]
     rows_name: str
     model: PCVRModel
+    #: centralized: one row per training step (``steps.csv``; see :func:`fit_centralized`)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def model_from_config(cfg: Config, dataset: Dataset, *, user_rows: int | None = None) -> PCVRModel:
@@ -120,10 +122,14 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     average = weight_average(model.towers, cfg.train.ema)
     rng = np.random.default_rng([cfg.seed, 0xC3])
     rows: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    scored_at = curve_steps(len(split.train), cfg.train.batch_size, cfg.train.epochs, cfg.train.eval_points)
     start = time.perf_counter()
     train_s = 0.0
+    seen = 0
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
+        eval_s = 0.0
         model.train()
         losses = []
         for step, batch in enumerate(split.train.batches(cfg.train.batch_size, rng)):
@@ -140,10 +146,18 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
                 schedule.step()
             if average is not None:
                 average.update_parameters(model.towers)
-        epoch_s = time.perf_counter() - t0
+            seen += len(batch)
+            steps.append({"step": len(steps) + 1, "epoch": epoch, "examples": seen, "loss": losses[-1]})
+            if len(steps) in scored_at:  # a point of the learning curve (not training time)
+                t_eval = time.perf_counter()
+                point = evaluate(model if average is None else with_towers(model, average.module), test)
+                steps[-1].update({k: point[k] for k in CURVE_METRICS if k in point})
+                eval_s += time.perf_counter() - t_eval
+        epoch_s = time.perf_counter() - t0 - eval_s
         train_s += epoch_s
         scored = model if average is None else with_towers(model, average.module)
         metrics = evaluate(scored, test)
+        steps[-1].update({k: metrics[k] for k in CURVE_METRICS if k in metrics})
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics,
                "wall_time_s": time.perf_counter() - start,
                "examples_per_s": len(split.train) / max(epoch_s, 1e-9)}
@@ -164,7 +178,21 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
         "model_bytes": model_bytes(model),
         "wall_time_s": time.perf_counter() - start,
     }
-    return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=scored)
+    return TrainResult(summary=summary, rows=rows, rows_name="epochs.csv", model=scored, steps=steps)
+
+
+#: the test metrics a learning-curve point of ``steps.csv`` holds
+CURVE_METRICS = ("auc", "auc_expected", "ctcvr_auc")
+
+
+def curve_steps(train_rows: int, batch_size: int, epochs: int, points: int) -> set[int]:
+    """The steps (counted from 1 over all epochs) after which the learning curve scores the
+    test set: every ``1/points`` of all steps, rounded; epoch ends are left out (the
+    epoch's own evaluation scores them)."""
+    per_epoch = -(-train_rows // batch_size)
+    total = per_epoch * epochs
+    ends = {per_epoch * e for e in range(epochs + 1)}
+    return {round(total * k / points) for k in range(1, points)} - ends
 
 
 def lr_decay(optimizers: Sequence[torch.optim.Optimizer], start: int) -> list[LambdaLR]:

@@ -50,7 +50,8 @@ KEYS = ("auc", "auc_expected", "oracle_auc", "oracle_auc_expected", "ctr_auc", "
 def configs(base: Config) -> dict[str, Config]:
     """The configs trained at every size: ``configured`` (the base config, centralized,
     every test user) and, when it decays its learning rates, ``constant_lr``."""
-    central = with_overrides(base, ['train.mode="centralized"', "data.max_test_users=0"])
+    # only the final figures are used: no learning-curve points (train.eval_points)
+    central = with_overrides(base, ['train.mode="centralized"', "data.max_test_users=0", "train.eval_points=1"])
     runs = {"configured": central}
     if central.train.lr_decay_start:
         runs["constant_lr"] = with_overrides(central, ["train.lr_decay_start=0"])

@@ -122,6 +122,11 @@ def test_train_centralized_writes_run_dir(small_world: Path, tmp_path: Path) -> 
         rows = list(csv.DictReader(fh))
     assert len(rows) == summary["epochs"] and "auc" in rows[0]
     assert (run / "plots" / "learning_curve.png").stat().st_size > 0
+    with open(run / "steps.csv", newline="") as fh:
+        steps = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1]["auc"] != "" and float(steps[-1]["auc"]) == pytest.approx(summary["auc"])
+    assert sum(r["auc"] != "" for r in steps) == 4  # train.eval_points
     cfg = config_mod.load(run / "config.toml")
     assert cfg.train.mode == "centralized"
     assert list(cfg.model.tower) == [32, 16] and cfg.data.max_test_users == 300
@@ -189,7 +194,8 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     (run / "notes.txt").write_text("mine")
     proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, "--overwrite", *SMALL_TRAIN)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "notes.txt", "plots", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "notes.txt", "plots", "steps.csv",
+                                                     "summary.json"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["learning_curve.png"]
     # a file as --out, both flags: one-line errors before any training
     target = tmp_path / "afile"

@@ -42,6 +42,31 @@ def test_centralized_fit_rows_per_epoch(small_world: Path, dataset: Dataset) -> 
     assert s["model_bytes"] > 0 and s["train_examples"] > 0 and s["test_examples"] > 0
 
 
+def test_the_learning_curve_scores_the_test_set_at_its_points_without_changing_training(
+        small_world: Path, dataset: Dataset) -> None:
+    from adfed.trainer import curve_steps
+
+    cfg = _central(small_world, "train.epochs=2", "train.batch_size=512", "train.eval_points=3")
+    result = Trainer(cfg).fit(dataset)
+    steps = result.steps
+    per_epoch = math.ceil(result.summary["train_examples"] / 512)
+    assert [r["step"] for r in steps] == list(range(1, 2 * per_epoch + 1))
+    assert [r["epoch"] for r in steps] == [1] * per_epoch + [2] * per_epoch
+    assert steps[-1]["examples"] == 2 * result.summary["train_examples"]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    scored = [r["step"] for r in steps if "auc" in r]
+    # every third of all steps, and each epoch's end
+    assert scored == sorted({round(2 * per_epoch / 3), round(4 * per_epoch / 3), per_epoch, 2 * per_epoch})
+    assert steps[per_epoch - 1]["auc"] == result.rows[0]["auc"] and steps[-1]["auc"] == result.summary["auc"]
+    # scoring is not training: the same model as with epoch ends only
+    plain = Trainer(_central(small_world, "train.epochs=2", "train.batch_size=512", "train.eval_points=1")).fit(dataset)
+    assert [r["step"] for r in plain.steps if "auc" in r] == [per_epoch, 2 * per_epoch]
+    for (name, a), b in zip(result.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert curve_steps(0, 512, 1, 4) == set() and curve_steps(100, 512, 1, 4) == set()
+    assert curve_steps(4096, 1024, 1, 4) == {1, 2, 3}
+
+
 def test_cloud_only_variant_reads_no_private_field(small_world: Path, dataset: Dataset) -> None:
     private = {f.name for f in dataset.schema.fields if f.visibility is Visibility.PRIVATE}
     assert private, "the synthetic schema should have PRIVATE fields"

@@ -142,8 +142,10 @@ def main() -> None:
     for n in args.sizes:
         run = _measure(n, args, args.workers)
         if "baseline" in result:
-            run["speedup"] = round(run["impressions_per_s"]
-                                   / result["baseline"]["impressions_per_s"], 2)
+            # the baseline is in-process at the smallest size: a ratio at another size
+            # mixes parallelism with amortisation over size, so it is named for what it is
+            key = "speedup" if n == min(args.sizes) else "rate_vs_smallest_size_in_process"
+            run[key] = round(run["impressions_per_s"] / result["baseline"]["impressions_per_s"], 2)
         result["runs"].append(run)
         print(json.dumps(run), file=sys.stderr)
     print(json.dumps(result, indent=2))

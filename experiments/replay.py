@@ -1,18 +1,27 @@
 """Is federated training's gap the federation or the optimizer? (federated engine issue)
 
-With clients of a dozen rows, a federated round is to first order one step on a large
-batch made of whole users: FedAvg (local SGD, server lr 1) moves the model by
-``local_lr x local_epochs`` times the mean gradient of the round's rows (the small dense
-tables by ``local_table_lr x local_epochs``), i.e. SGD; FedAdam with one full-batch local
-step is Adam on the same rows. This experiment replays
-that arithmetic centrally, with no federation at all: one pass over the training rows
-in batches of ``fl.clients_per_round`` whole users (a fresh permutation of the users,
-so every user is in one batch), from the same start as a federated run (heads at the
-base rates when ``model.output_bias`` says so for federated runs), three times: SGD at
-FedAvg's effective steps (``sgd``), SGD with the tables at the towers' step as well
-(``sgd_one_lr``, FedAvg before ``fl.local_table_lr``), and Adam at ``train.lr``
-(``adam``), evaluating each every ``fl.eval_every`` steps. Each curve is what the matching federated strategy could reach
-on this data in one pass, were its rounds exact.
+With one full-batch local SGD step per phone (the defaults: ``fl.local_epochs = 1``, every
+phone's rows in one batch of ``fl.local_batch_size``) and server lr 1, a FedAvg round is
+exactly one SGD step on the round's users: the weighted mean of the phones' deltas is the
+gradient of ``sum_u (w_u / W) * L_u`` (``w_u = min(n_u, fl.max_weight)``, ``L_u`` the ESMM
+loss of user u's rows, its CTCVR term averaged over u's observed rows), the small dense
+tables at ``local_table_lr`` and the big tables' rows at ``local_sparse_lr`` (averaged
+over all phones, untouched rows counting zero, ``fl.sparse_aggregation = "all"``); each
+phone's own ``local`` rows step on its own ``L_u``, from zero. :func:`fedavg_loss` and
+the rescaled local-row gradients replay exactly that (tested against the engine's round).
+The model starts as the federated one does (heads at the base rates of the same 1,000
+sampled phones when ``model.output_bias`` says so).
+
+This experiment replays that arithmetic centrally, with no federation at all: one pass
+over the training rows in batches of ``fl.clients_per_round`` whole users (a fresh
+permutation of the users, so every user is in exactly one batch), three times: SGD at
+FedAvg's steps (``sgd``), SGD with the tables at the towers' step (``sgd_one_lr``, FedAvg
+before ``fl.local_table_lr``), and Adam at ``train.lr`` on the same objective (``adam``),
+evaluating each every ``fl.eval_every`` steps. What differs from the engine is then the
+federation alone: which users a round gets (sampling with over-selection, the window,
+drop-outs, users twice or never) and nothing else. With several local steps
+(``local_epochs > 1`` or a user with more rows than ``local_batch_size``) the replay is
+exact only to first order; ``results.json`` says which (``exact``).
 """
 
 from __future__ import annotations
@@ -21,15 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from adfed.config import Config
-from adfed.data.examples import Examples
-from adfed.data.schema import USER_KEY
+from adfed.data.examples import Batch, Examples
+from adfed.data.schema import USER_KEY, ParamGroup
 from adfed.data.store import Dataset
 from adfed.evaluation import Split, evaluate
-from adfed.model.groups import make_optimizers
-from adfed.model.pcvr import LabelCounts, ensure_finite, esmm_loss, set_output_priors_
-from adfed.trainer import model_from_config, pooled_split
+from adfed.fl.population import Population
+from adfed.fl.simulation import prior_sample
+from adfed.model.groups import group_names, make_optimizers
+from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll, ensure_finite, set_output_priors_
+from adfed.trainer import lr_decay, model_from_config, pooled_split
 from experiments import plotting
 
 
@@ -43,29 +56,98 @@ def user_batches(user_ids: np.ndarray, users_per_batch: int, rng: np.random.Gene
             for k in range(0, len(order), users_per_batch)]
 
 
-def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimizer: str,
-             lr: float, table_lr: float | None = None) -> list[dict[str, Any]]:
-    """Train one pass over ``split.train`` in user batches with ``optimizer`` ("sgd" |
-    "adam") at ``lr`` (the small dense tables at ``table_lr`` when given), scoring
-    ``test``; returns one row per evaluation: ``step``, ``users``, ``auc``,
-    ``auc_expected``."""
+def fedavg_loss(out: Output, batch: Batch, share: np.ndarray, user_of_row: np.ndarray,
+                obs: np.ndarray) -> torch.Tensor:
+    """``sum_u share_u * esmm_loss(user u's rows)``: the loss whose gradient is FedAvg's
+    weighted mean of the phones' gradients (``share_u = w_u / W``).
+
+    Parameters
+    ----------
+    share : float [U], each user's aggregation share.
+    user_of_row : int [B], each row's user as an index into ``share``.
+    obs : bool [B], ``label_observed``.
+    """
+    counts = np.bincount(user_of_row, minlength=len(share))
+    observed = np.bincount(user_of_row, weights=obs, minlength=len(share))
+    ctr_w = share[user_of_row] / counts[user_of_row]
+    ctcvr_w = np.where(obs, share[user_of_row] / np.maximum(observed[user_of_row], 1.0), 0.0)
+    ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click, reduction="none")
+    return (ctr * torch.from_numpy(ctr_w.astype(np.float32))).sum() + \
+        (ctcvr_nll(out, batch) * torch.from_numpy(ctcvr_w.astype(np.float32))).sum()
+
+
+def scale_local_rows_(model: PCVRModel, users: np.ndarray, factor: np.ndarray) -> None:
+    """Multiply the ``local`` tables' gradient rows of ``users`` by ``factor`` (``1 / share``):
+    a phone steps its own rows on its own loss, not on its share of the round's."""
+    params = dict(model.named_parameters())
+    scale = torch.ones(max(int(users.max()) + 1, 1) if len(users) else 1, dtype=torch.float32)
+    scale[torch.from_numpy(users)] = torch.from_numpy(factor.astype(np.float32))
+    for name in group_names(model, ParamGroup.LOCAL):
+        grad = params[name].grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            grad.values().mul_(scale[grad.indices()[0]].unsqueeze(1))  # a view of the coalesced values
+            params[name].grad = grad
+        else:
+            grad[: len(scale)] *= scale.unsqueeze(1)
+
+
+def replay_step(model: PCVRModel, optimizers: list[torch.optim.Optimizer], part: Examples, max_weight: float,
+                *, where: str = "replay step") -> float:
+    """One FedAvg round over the users of ``part`` (all their training rows), as one
+    centralized step: :func:`fedavg_loss`, the local rows' gradients rescaled, then every
+    optimizer's step. Returns the loss."""
+    users, user_of_row, counts = np.unique(part.ids[USER_KEY], return_inverse=True, return_counts=True)
+    weights = np.minimum(counts, max_weight).astype(np.float64)  # strategies.client_weights
+    share = weights / weights.sum()
+    batch = part.to_batch()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss = fedavg_loss(model(batch), batch, share, user_of_row, part.labels["label_observed"].astype(bool))
+    ensure_finite(loss, where=where).backward()
+    scale_local_rows_(model, users.astype(np.int64), 1.0 / share)
+    for opt in optimizers:
+        opt.step()
+    return float(loss.detach())
+
+
+def federated_start(cfg: Config, dataset: Dataset) -> PCVRModel:
+    """The model a federated run starts from: base rates from the same sampled phones,
+    ``local`` rows at zero (a phone starts its own at zero)."""
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("federated"):
-        set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
+        population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        set_output_priors_(model, population.label_counts(prior_sample(population, cfg.seed)))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in group_names(model, ParamGroup.LOCAL):
+            params[name].zero_()
+    return model
+
+
+def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimizer: str,
+             lr: float, table_lr: float | None = None, sparse_lr: float | None = None,
+             local_lr: float | None = None) -> list[dict[str, Any]]:
+    """Train one pass over ``split.train`` in user batches on :func:`fedavg_loss` with
+    ``optimizer`` ("sgd" | "adam") at ``lr`` (the small dense tables at ``table_lr``, the big
+    tables' rows at ``sparse_lr``, the ``local`` rows at ``local_lr`` when given; the phones'
+    lr schedule ``fl.lr_decay_start`` per step), scoring ``test``; returns one row per
+    evaluation: ``step``, ``users``, ``auc``, ``auc_expected``."""
+    model = federated_start(cfg, dataset)
     sparse = "sgd" if optimizer == "sgd" else "sparse_adam"
     optimizers = make_optimizers(model, lr=lr, dense_opt=optimizer, sparse_opt=sparse,  # type: ignore[arg-type]
-                                 table_lr=table_lr)
+                                 table_lr=table_lr, sparse_lr=sparse_lr, local_lr=local_lr)
+    schedules = lr_decay(optimizers, cfg.fl.lr_decay_start)
     per = cfg.fl.clients_per_round
     batches = user_batches(split.train.ids[USER_KEY], per, np.random.default_rng([cfg.seed, 0x5E9]))
     rows: list[dict[str, Any]] = []
     model.train()
     for step, rows_of_batch in enumerate(batches, start=1):
-        batch = split.train.take(rows_of_batch).to_batch()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        ensure_finite(esmm_loss(model(batch), batch), where=f"replay step {step}").backward()
-        for opt in optimizers:
-            opt.step()
+        replay_step(model, optimizers, split.train.take(rows_of_batch), cfg.fl.max_weight, where=f"replay step {step}")
+        for schedule in schedules:
+            schedule.step()
         if step % cfg.fl.eval_every == 0 or step == len(batches):
             m = evaluate(model, test)
             rows.append({"step": step, "users": min(step * per, len(batches) * per),
@@ -76,22 +158,29 @@ def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimi
 
 def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
     """The three curves (module docstring) and each one's best and last evaluation."""
-    step = base.fl.local_epochs * base.fl.server_lr
-    sgd_lr, table_lr = base.fl.local_lr * step, base.fl.local_table_lr * step
+    fl = base.fl
+    step = fl.local_epochs * fl.server_lr
+    sgd_lr, table_lr, sparse_lr = fl.local_lr * step, fl.local_table_lr * step, fl.local_sparse_lr * step
+    local_lr = fl.local_sparse_lr * fl.local_epochs  # a phone's own rows are never averaged
     split, test = pooled_split(base, dataset)
+    most = int(np.bincount(split.train.ids[USER_KEY].astype(np.int64)).max()) if len(split.train) else 0
     curves: dict[str, dict[str, Any]] = {}
-    for name, opt, lr, tlr in (("sgd", "sgd", sgd_lr, table_lr), ("sgd_one_lr", "sgd", sgd_lr, None),
-                               ("adam", "adam", base.train.lr, None)):
-        progress(f"replay: one pass with {name} (lr {lr:g}), {base.fl.clients_per_round} users per step")
-        curves[name] = {"lr": lr, "table_lr": lr if tlr is None else tlr,
-                        "rows": one_pass(base, dataset, split, test, opt, lr, tlr)}
+    for name, opt, lr, tlr, slr in (("sgd", "sgd", sgd_lr, table_lr, sparse_lr),
+                                    ("sgd_one_lr", "sgd", sgd_lr, None, sparse_lr),
+                                    ("adam", "adam", base.train.lr, None, None)):
+        progress(f"replay: one pass with {name} (lr {lr:g}), {fl.clients_per_round} users per step")
+        curves[name] = {"lr": lr, "table_lr": lr if tlr is None else tlr, "sparse_lr": lr if slr is None else slr,
+                        "rows": one_pass(base, dataset, split, test, opt, lr, tlr, slr,
+                                         local_lr if opt == "sgd" else None)}
     key = "auc_expected" if curves["sgd"]["rows"][-1]["auc_expected"] is not None else "auc"
     return {
-        "users_per_step": base.fl.clients_per_round,
+        "users_per_step": fl.clients_per_round,
         "steps": curves["sgd"]["rows"][-1]["step"],
         "compare_by": key,
-        **{name: {"lr": c["lr"], "table_lr": c["table_lr"], "final": c["rows"][-1], "best": max(c["rows"], key=lambda r: r[key]),
-                  "curve": c["rows"]} for name, c in curves.items()},
+        # one local step per phone: the sgd curve is FedAvg's rounds exactly, federation aside
+        "exact": fl.local_epochs == 1 and most <= fl.local_batch_size,
+        **{name: {"lr": c["lr"], "table_lr": c["table_lr"], "sparse_lr": c["sparse_lr"], "final": c["rows"][-1],
+                  "best": max(c["rows"], key=lambda r: r[key]), "curve": c["rows"]} for name, c in curves.items()},
     }
 
 

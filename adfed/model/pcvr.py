@@ -359,12 +359,18 @@ def esmm_loss(out: Output, batch: Batch) -> torch.Tensor:
     A scalar tensor. It is NaN when the logits are; see :func:`ensure_finite`.
     """
     ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click)
-    target = batch.click * batch.conversion
-    log_p = out.log_pctcvr
-    nll = -(target * log_p + (1.0 - target) * _log1mexp(log_p))
+    nll = ctcvr_nll(out, batch)
     mask = batch.label_observed.to(nll.dtype)
     ctcvr = (nll * mask).sum() / mask.sum().clamp(min=1.0)
     return ctr + ctcvr
+
+
+def ctcvr_nll(out: Output, batch: Batch) -> torch.Tensor:
+    """Each row's BCE(click ∧ conversion, pCTCVR) in log space, float32 [B] (every row;
+    :func:`esmm_loss` averages it over the rows whose label is observed)."""
+    target = batch.click * batch.conversion
+    log_p = out.log_pctcvr
+    return -(target * log_p + (1.0 - target) * _log1mexp(log_p))
 
 
 def embedding_penalty(model: PCVRModel, batch: Batch) -> torch.Tensor:

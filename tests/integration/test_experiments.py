@@ -23,8 +23,11 @@ def test_smoothed_averages_the_last_evaluations_only():
     rows = [{"round": 1, "auc": 0.5}, {"round": 2}, {"round": 3, "auc": 0.7},
             {"round": 4, "auc": 0.9}, {"round": 5, "auc": 0.2}]
     curve = fl_targets.smoothed(rows)
-    assert [r["round"] for r in curve] == [1, 3, 4, 5]
-    assert [r["auc"] for r in curve] == pytest.approx([0.5, 0.6, 0.7, 0.6])
+    # full windows only: a first evaluation alone is not a 3-point moving average
+    assert [r["round"] for r in curve] == [4, 5]
+    assert [r["auc"] for r in curve] == pytest.approx([0.7, 0.6])
+    assert [r["auc"] for r in fl_targets.smoothed(rows, 1)] == pytest.approx([0.5, 0.7, 0.9, 0.2])
+    assert fl_targets.smoothed(rows[:3]) == []
 
 
 def test_window_experiment_writes_results(small_world, fl_config, tmp_path):
@@ -209,3 +212,51 @@ def test_scale_experiment_refuses_a_size_that_would_not_fit_in_memory(small_worl
         scale.analyse(fl_config(small_world), Dataset.open(small_world), tmp_path / "big", lambda _: None,
                       scales=(1, 10**9))
     assert not (tmp_path / "big").exists()
+
+
+def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_config):
+    # the claim the replay experiment rests on: with one full-batch local step per phone
+    # and server lr 1, a round of the engine and a replay step are the same arithmetic
+    import numpy as np
+    import torch
+
+    from adfed.data.examples import Examples
+    from adfed.data.store import Dataset
+    from adfed.fl import strategies
+    from adfed.fl.backends import InProcessBackend, Job
+    from adfed.fl.rounds import apply_updates, configure
+    from adfed.fl.simulation import initial_server_state
+    from adfed.model.groups import make_optimizers
+    from experiments.replay import federated_start, replay_step
+
+    cfg = fl_config(small_world, "fl.local_lr=0.5", "fl.local_sparse_lr=0.7", "fl.local_table_lr=20",
+                    "fl.max_weight=12")
+    dataset = Dataset.open(small_world)
+    backend = InProcessBackend(small_world, cfg)
+    population = backend.ctx.population
+    users = population.clients[np.argsort(-population.num_train(population.clients), kind="stable")[:3]]
+    users = np.sort(np.concatenate([users, population.clients[:12]]))  # some above max_weight
+    assert population.num_train(users).max() > 12
+    # the engine: one round of these phones, all accepted
+    eval_model = federated_start(cfg, dataset)
+    server_opt = strategies.create("fedavg", 1.0)
+    state = initial_server_state(cfg, eval_model, server_opt)
+    results = backend.map(configure(state, cfg), [Job(client_id=int(u), local=None, seed=(0, int(u))) for u in users])
+    updates = [r.update for r in results]
+    after = apply_updates(state, updates, strategies.client_weights(updates, cfg.fl.max_weight), server_opt, "all")
+    # the replay: one step on the same users' training rows
+    model = federated_start(cfg, dataset)
+    fl = cfg.fl
+    optimizers = make_optimizers(model, lr=fl.local_lr, dense_opt="sgd", sparse_opt="sgd", table_lr=fl.local_table_lr,
+                                 sparse_lr=fl.local_sparse_lr, local_lr=fl.local_sparse_lr)
+    replay_step(model, optimizers, Examples.concat(population.train_data_many(users)), fl.max_weight)
+    params = dict(model.named_parameters())
+    moved = 0
+    for name, value in {**after.model.dense, **after.model.sparse}.items():
+        torch.testing.assert_close(params[name].detach(), value, atol=2e-6, rtol=1e-4, msg=name)
+        moved += int(not torch.equal(value, {**state.model.dense, **state.model.sparse}[name]))
+    assert moved > 10
+    for user, res in zip(users, results, strict=True):  # each phone's own rows
+        for name, row in res.local.items():
+            torch.testing.assert_close(params[name][int(user)].detach(), row[0], atol=2e-6, rtol=1e-4, msg=name)
+    assert any(float(row.abs().max()) > 0 for res in results for row in res.local.values())

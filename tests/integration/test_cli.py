@@ -126,7 +126,10 @@ def test_train_centralized_writes_run_dir(small_world: Path, tmp_path: Path) -> 
         steps = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1))
     assert steps[-1]["auc"] != "" and float(steps[-1]["auc"]) == pytest.approx(summary["auc"])
-    assert sum(r["auc"] != "" for r in steps) == 4  # train.eval_points
+    # train.eval_points: every quarter of all steps plus each epoch's end
+    points = {round(len(steps) * k / 4) for k in (1, 2, 3)} | {len(steps) * e // summary["epochs"]
+                                                              for e in range(1, summary["epochs"] + 1)}
+    assert sum(r["auc"] != "" for r in steps) == len(points)
     cfg = config_mod.load(run / "config.toml")
     assert cfg.train.mode == "centralized"
     assert list(cfg.model.tower) == [32, 16] and cfg.data.max_test_users == 300

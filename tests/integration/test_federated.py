@@ -389,3 +389,13 @@ def test_fedprox_anchors_the_sparse_rows_as_well_as_the_dense_part(small_world, 
         norms[mu] = {k: float(r.values.norm()) for k, r in update.sparse.items()}
     for table, free in norms[0.0].items():
         assert norms[50.0][table] < 0.5 * free, table
+
+
+@pytest.mark.parametrize(("strategy", "mu"), [("fedprox", 0.05), ("fedavg", 0.0), ("fedadam", 0.0)])
+def test_only_fedprox_sends_the_phones_a_proximal_term(small_world, fl_config, strategy, mu):
+    from adfed.fl.rounds import client_settings
+
+    cfg = fl_config(small_world, f'fl.strategy="{strategy}"', "fl.prox_mu=0.05")
+    assert client_settings(cfg).prox_mu == mu
+    assert configure(initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                          strategies.create(strategy, 1.0)), cfg).settings.prox_mu == mu

@@ -43,9 +43,21 @@ def test_centralized_fit_rows_per_epoch(small_world: Path, dataset: Dataset) -> 
 
 
 def test_the_learning_curve_scores_the_test_set_at_its_points_without_changing_training(
-        small_world: Path, dataset: Dataset) -> None:
+        small_world: Path, dataset: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from adfed import trainer
     from adfed.trainer import curve_steps
 
+    calls: list[tuple[object, dict]] = []  # (a copy of the model scored, its metrics)
+    real = trainer.evaluate
+
+    def recording(model, test):  # noqa: ANN001, ANN202 - the real evaluate, recorded
+        metrics = real(model, test)
+        calls.append((copy.deepcopy(model), metrics))
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate", recording)
     cfg = _central(small_world, "train.epochs=2", "train.batch_size=512", "train.eval_points=3")
     result = Trainer(cfg).fit(dataset)
     steps = result.steps
@@ -58,6 +70,14 @@ def test_the_learning_curve_scores_the_test_set_at_its_points_without_changing_t
     # every third of all steps, and each epoch's end
     assert scored == sorted({round(2 * per_epoch / 3), round(4 * per_epoch / 3), per_epoch, 2 * per_epoch})
     assert steps[per_epoch - 1]["auc"] == result.rows[0]["auc"] and steps[-1]["auc"] == result.summary["auc"]
+    # each point is a real evaluation of the model as it stood then: one call per point, in
+    # order, four distinct models (a point computed without scoring would not be here)
+    points = [r for r in steps if "auc" in r]
+    assert len(calls) == len(points) == 4
+    assert [r["auc"] for r in points] == [m["auc"] for _, m in calls]
+    assert len({round(r["auc"], 12) for r in points}) == 4
+    first, last = calls[0][0].state_dict(), calls[-1][0].state_dict()
+    assert any(not torch.equal(first[k], last[k]) for k in first)
     # scoring is not training: the same model as with epoch ends only
     plain = Trainer(_central(small_world, "train.epochs=2", "train.batch_size=512", "train.eval_points=1")).fit(dataset)
     assert [r["step"] for r in plain.steps if "auc" in r] == [per_epoch, 2 * per_epoch]
@@ -65,6 +85,24 @@ def test_the_learning_curve_scores_the_test_set_at_its_points_without_changing_t
         assert torch.equal(a, b), name
     assert curve_steps(0, 512, 1, 4) == set() and curve_steps(100, 512, 1, 4) == set()
     assert curve_steps(4096, 1024, 1, 4) == {1, 2, 3}
+
+
+def test_centralized_training_never_sees_a_test_row(small_world: Path, dataset: Dataset) -> None:
+    from adfed.evaluation import split_examples
+
+    result = Trainer(_central(small_world, "data.max_test_users=0")).fit(dataset)
+    s = result.summary
+    assert s["train_examples"] + s["test_examples"] == dataset.num_impressions
+    split = split_examples(dataset.load(), 0.2)
+    assert (len(split.train), len(split.test)) == (s["train_examples"], s["test_examples"])
+    # each user's test rows are its last: no test row is earlier than a train row of its user
+    train_t, test_t = split.train.labels["timestamp"], split.test.labels["timestamp"]
+    train_u, test_u = split.train.ids["user_id"], split.test.ids["user_id"]
+    last_train = {int(u): int(t) for u, t in zip(train_u, train_t, strict=True)}  # rows sorted by time
+    assert all(int(t) >= last_train.get(int(u), -1) for u, t in zip(test_u, test_t, strict=True))
+    train_keys = set(zip(train_u.tolist(), train_t.tolist(), split.train.ids["ad_id"].tolist(), strict=True))
+    test_keys = set(zip(test_u.tolist(), test_t.tolist(), split.test.ids["ad_id"].tolist(), strict=True))
+    assert not train_keys & test_keys
 
 
 def test_cloud_only_variant_reads_no_private_field(small_world: Path, dataset: Dataset) -> None:

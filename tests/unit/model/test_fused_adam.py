@@ -78,7 +78,19 @@ def test_closure_and_amsgrad_go_to_adam() -> None:
     for p in params:
         p.grad = torch.ones_like(p)
     assert opt.step(lambda: 1.5) == 1.5
-    ams = torch.optim.Adam(params, lr=0.1, amsgrad=True, fused=True)
-    ours = FusedAdam(_params(2), lr=0.1)
-    ours.param_groups[0]["amsgrad"] = True
-    assert ours._plain_groups() is None and ams.param_groups[0]["amsgrad"]
+    # a group with amsgrad goes to Adam's own step: the same bits as torch's fused amsgrad
+    def amsgrad_run(cls: Any, amsgrad: bool) -> list[torch.Tensor]:
+        params = _params(2)
+        kw = {} if cls is FusedAdam else {"fused": True}
+        opt = cls([{"params": params, "amsgrad": amsgrad}], lr=0.1, **kw)
+        gen = torch.Generator().manual_seed(9)
+        for step in range(5):
+            for p in params:  # shrinking gradients: amsgrad's running max then differs from Adam
+                p.grad = torch.randn(p.shape, generator=gen) * (5 - step)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    ours, ref = amsgrad_run(FusedAdam, True), amsgrad_run(torch.optim.Adam, True)
+    assert all(_same(a, b) for a, b in zip(ours, ref, strict=True))
+    plain = amsgrad_run(FusedAdam, False)
+    assert any(not _same(a, b) for a, b in zip(ours, plain, strict=True))  # amsgrad did act

@@ -25,6 +25,23 @@ from adfed.model.pooling import LOOKUP_MIN_READS, SORTED_MIN_READS
 BIG = 4096
 
 
+def _reference_towers(towers: Towers, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The towers from their weights: ReLU(bottom(x)), then each head's linear layers with
+    ReLU between them (the architecture ``Towers`` documents), not ``Towers.forward``."""
+    bottom = towers.bottom[0]
+    assert isinstance(bottom, torch.nn.Linear)
+    h = torch.relu(F.linear(x, bottom.weight, bottom.bias))
+    logits = []
+    for head in (towers.ctr, towers.cvr):
+        layers = [m for m in head if isinstance(m, torch.nn.Linear)]
+        z = h
+        for i, layer in enumerate(layers):
+            z = F.linear(z, layer.weight, layer.bias)
+            z = torch.relu(z) if i < len(layers) - 1 else z
+        logits.append(z.squeeze(1))
+    return logits[0], logits[1]
+
+
 def _reference_logits(model: PCVRModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     emb = model.embeddings
     pooled, scalars = [], []
@@ -49,7 +66,7 @@ def _reference_logits(model: PCVRModel, batch: Batch) -> tuple[torch.Tensor, tor
     inter = model.interaction
     dots = [(pooled[o] * pooled[a]).sum(1) for o in inter.other_fields for a in inter.ad_fields]
     x = torch.cat([*pooled, torch.stack(scalars + dots, dim=1)], dim=1)
-    ctr, cvr = model.towers(x)
+    ctr, cvr = _reference_towers(model.towers, x)
     if model.user_bias is not None:
         bias = F.embedding(batch.ids[USER_KEY], model.user_bias.weight)
         ctr, cvr = ctr + bias[:, 0], cvr + bias[:, 1]
@@ -173,9 +190,28 @@ def test_forward_parts_equals_forward_on_the_concatenated_input() -> None:
     pieces = [order[:4], order[4:9], order[9:]]
 
     got = towers.forward_parts([(x[:, cols], cols) for cols in pieces])
-    want = towers(x)
+    want = _reference_towers(towers, x)
 
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(towers(x), want)
+
+
+def test_the_bottom_layer_is_rectified() -> None:
+    # a bottom unit whose pre-activation is negative for every row contributes nothing
+    gen = torch.Generator().manual_seed(1)
+    towers = Towers(4, (3,))
+    init_parameters_(towers, gen)
+    x = torch.rand(6, 4, generator=gen)
+    base = towers(x)
+    with torch.no_grad():
+        towers.bottom[0].bias[1] = -100.0  # unit 1 off on every row
+        towers.ctr[-1].weight[0, 1] += 5.0  # so the heads' weights on it no longer matter
+        towers.cvr[-1].weight[0, 1] -= 5.0
+        off = towers(x)
+        towers.ctr[-1].weight[0, 1] -= 5.0
+        towers.cvr[-1].weight[0, 1] += 5.0
+        assert not torch.allclose(towers(x)[0], base[0])  # unit 1 did contribute before
+    torch.testing.assert_close(off, towers(x))
 
 
 def test_block_training_is_deterministic(schema: Schema, make_examples: Callable[..., Examples]) -> None:

@@ -97,6 +97,18 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as ``path`` (PNG) atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_curves(
     path: Path,
     rows: Sequence[dict[str, Any]],
@@ -127,12 +139,7 @@ def plot_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: dict[str, float]) -> None:
@@ -171,12 +178,7 @@ def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: 
     bottom.set_yscale("log")
     bottom.set_ylabel("ESMM loss (log scale)")
     bottom.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_run(out: Path, cfg: Config, result: Any) -> None:

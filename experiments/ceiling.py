@@ -61,6 +61,7 @@ from adfed.errors import DataError
 from adfed.metrics import expected_auc, paired_bootstrap_auc
 from adfed.model.pcvr import PCVRModel
 from adfed.model.predict import predict
+from adfed.rundir import save_figure
 from data_gen.generate import world_from_manifest
 from data_gen.impressions import ImpressionParts, impression_parts
 from data_gen.truth import sigmoid
@@ -274,6 +275,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"test CVR AUC ({results['test_conversions']} conversions; 95% bootstrap interval)")
     ax.set_title("experiment ceiling")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -18,12 +18,10 @@ def new_axes() -> tuple[Any, Any]:
 
 
 def save(fig: Any, ax: Any, path: Path, title: str) -> None:
-    """Title, grid and legend on ``ax``; ``fig`` written to ``path`` and closed."""
-    import matplotlib.pyplot as plt
+    """Title, grid and legend on ``ax``; ``fig`` written to ``path`` (atomically) and closed."""
+    from adfed.rundir import save_figure
 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

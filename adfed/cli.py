@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from adfed import config as config_mod
-from adfed.errors import AdfedError
+from adfed.errors import AdfedError, ConfigError
 
 app = typer.Typer(help="adfed: federated pCVR prediction across phones.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -89,6 +89,8 @@ def data_import(
 
     if small_clients not in ("drop", "group"):
         _fail(f"--small-clients must be drop or group; got {small_clients!r}")
+    if out.exists() and not overwrite:
+        _fail(f"OUT {out} already exists; pass --overwrite or choose another OUT")
     try:
         path = import_dataset(fmt, src, out, min_rows=min_rows, small_clients=small_clients,  # type: ignore[arg-type]
                               overwrite=overwrite)
@@ -173,6 +175,9 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
+        if resume and cfg.train.mode != "federated":
+            raise ConfigError("--resume continues a federated run from its checkpoint; a centralized run has "
+                              "none: pass --overwrite or choose another --out")
         rundir.prepare_out(out, resume=resume, overwrite=overwrite)
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
@@ -217,7 +222,7 @@ def experiment_run(
         for n in names:
             results = fl_targets.run(n, cfg, out, progress=lambda msg: console.print(msg))
             print(json.dumps(results, indent=2, default=str))
-    except (AdfedError, ValueError) as exc:
+    except (AdfedError, ValueError, OSError) as exc:
         _fail(str(exc))
 
 

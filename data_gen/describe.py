@@ -57,13 +57,26 @@ class _AucHistogram:
 
 def _row_groups(path: Path, shard: str,
                 truth: bool) -> Iterator[tuple[pa.Table, pa.Table | None]]:
-    """Aligned impression and truth row groups, ``_GROUPS_PER_READ`` at a time."""
-    imp = pq.ParquetFile(path / "impressions" / shard)
-    tr = pq.ParquetFile(path / "truth" / shard) if truth else None
-    for start in range(0, imp.num_row_groups, _GROUPS_PER_READ):
-        groups = list(range(start, min(start + _GROUPS_PER_READ, imp.num_row_groups)))
-        t = tr.read_row_groups(groups, columns=["p_click", "p_cvr"]) if tr is not None else None
-        yield imp.read_row_groups(groups, columns=_IMP_COLUMNS), t
+    """Aligned impression and truth row groups, ``_GROUPS_PER_READ`` at a time.
+
+    Raises
+    ------
+    DataError : a shard that does not read (truncated or damaged), naming it.
+    """
+    where = path / "impressions" / shard
+    try:
+        imp = pq.ParquetFile(where)
+        tr = pq.ParquetFile(path / "truth" / shard) if truth else None
+        for start in range(0, imp.num_row_groups, _GROUPS_PER_READ):
+            groups = list(range(start, min(start + _GROUPS_PER_READ, imp.num_row_groups)))
+            where = path / "truth" / shard
+            t = tr.read_row_groups(groups, columns=["p_click", "p_cvr"]) if tr is not None else None
+            where = path / "impressions" / shard
+            yield imp.read_row_groups(groups, columns=_IMP_COLUMNS), t
+    except (pa.ArrowException, OSError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise DataError(f"{where}: cannot be read ({detail}); the file is truncated or damaged: "
+                        f"regenerate or re-import the dataset") from exc
 
 
 def _persona_of(manifest: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:

@@ -182,6 +182,9 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         _check_same_settings(saved.get("settings"), cfg, ckpt)
         _check_same_model(saved["state"].model, state.model, ckpt)
         state, rows, async_state = saved["state"], saved["rows"], saved["async"]
+        if cfg.fl.rounds < state.round:
+            raise ConfigError(f"--resume: {ckpt} is at round {state.round}; fl.rounds ({cfg.fl.rounds}) must be at "
+                              f"least that (a resumed run continues to fl.rounds)")
         store.entries.update(saved["local"])
         store.evicted = saved["evicted"]
         wall_before = saved["wall_s"]

@@ -98,6 +98,8 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor], *, 
     KeyError : a name is not a parameter of ``model``.
     ValueError : a shape differs, or a value is not finite.
     """
+    if not tensors:  # e.g. a model without sparse_shared tables (a real import's small vocabularies)
+        return
     params = parameters(model)
     if not check:
         with torch.no_grad():

@@ -231,6 +231,42 @@ def test_train_bad_values_are_one_line_errors(small_world: Path, tmp_path: Path,
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_is_for_federated_runs_and_cannot_go_back_in_rounds(small_world: Path, tmp_path: Path) -> None:
+    run = tmp_path / "RUN"
+    fed = ["--mode", "federated", "--clients-per-round", "10", "--set", "window.min_clients=2"]
+    assert adfed("train", "--data", small_world, "--out", run, "--rounds", "2", *fed, *SMALL_TRAIN).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for args, needle in (
+        (["--mode", "centralized", "--resume"], "--resume continues a federated run from its checkpoint"),
+        ([*fed, "--rounds", "1", "--resume"], "is at round 2; fl.rounds (1) must be at least that"),
+    ):
+        proc = adfed("train", "--data", small_world, "--out", run, *args, *SMALL_TRAIN)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert needle in error_lines(proc)[0]
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_bad_outputs_of_import_describe_and_experiment_are_one_line_errors(small_world: Path, tmp_path: Path) -> None:
+    # import into an existing directory names the flag, not the Python argument
+    target = tmp_path / "exists"
+    target.mkdir()
+    proc = adfed("data", "import", "--format", "taobao", tmp_path / "none.csv", target)
+    assert proc.returncode == 2 and f"OUT {target} already exists; pass --overwrite" in error_lines(proc)[0]
+    # describe on a truncated shard names the file
+    broken = tmp_path / "broken"
+    shutil.copytree(small_world, broken)
+    shard = broken / "impressions" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = adfed("data", "describe", broken)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "part-00000.parquet: cannot be read" in error_lines(proc)[0]
+    # an experiment --out that cannot be created
+    (tmp_path / "afile").write_text("x")
+    proc = adfed("experiment", "run", "window", "--data", small_world, "--rounds", "1", "--out", tmp_path / "afile" / "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "afile" in error_lines(proc)[0]
+
+
 def test_train_with_a_directory_as_config_is_a_one_line_error(small_world: Path, tmp_path: Path) -> None:
     proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", "--config", tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -19,6 +19,7 @@ Frame columns (n rows):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ def _one_line(exc: BaseException) -> str:
 
 def _read(path: Path, what: str, fix: str, **kwargs: Any) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, **kwargs)
+        with warnings.catch_warnings():  # mixed column types: the column checks after say it in one line
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+            return pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path}: empty file, not a {what}; {fix}") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:

@@ -175,7 +175,7 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
-        if resume and cfg.train.mode != "federated":
+        if resume and not overwrite and cfg.train.mode != "federated":
             raise ConfigError("--resume continues a federated run from its checkpoint; a centralized run has "
                               "none: pass --overwrite or choose another --out")
         rundir.prepare_out(out, resume=resume, overwrite=overwrite)

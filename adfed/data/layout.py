@@ -66,7 +66,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-
 #: written into ``OUT.partial`` when it is created: a leftover of a crashed writer may be
 #: removed, any other directory of that name is not ours
 _PARTIAL_MARK = ".adfed-partial"

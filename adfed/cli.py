@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from adfed import config as config_mod
-from adfed.errors import AdfedError, ConfigError
+from adfed.errors import AdfedError
 
 app = typer.Typer(help="adfed: federated pCVR prediction across phones.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -175,10 +175,7 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
-        if resume and not overwrite and cfg.train.mode != "federated":
-            raise ConfigError("--resume continues a federated run from its checkpoint; a centralized run has "
-                              "none: pass --overwrite or choose another --out")
-        rundir.prepare_out(out, resume=resume, overwrite=overwrite)
+        rundir.prepare_out(out, resume=resume, overwrite=overwrite, federated=cfg.train.mode == "federated")
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
         with _progress() as progress:

@@ -45,20 +45,24 @@ def _clean(value: Any) -> Any:
 RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.csv", "checkpoint.pt")
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) -> None:
     """Check ``adfed train``'s ``--out`` before any training, and clear it for ``--overwrite``.
 
     A directory that already holds files is refused unless the run continues it
-    (``resume``) or replaces it (``overwrite``: the files of :data:`RUN_FILES` and
-    ``plots/`` are removed first, so no file of the old run is left beside the new one;
-    other files stay).
+    (``resume``, a federated run only: a centralized one has no checkpoint) or replaces it
+    (``overwrite``: the files of :data:`RUN_FILES` and ``plots/`` are removed first, so no
+    file of the old run is left beside the new one; other files stay).
 
     Raises
     ------
-    ConfigError : ``out`` is a file, or holds files and neither flag is given, or both are.
+    ConfigError : ``out`` is a file, or holds files and neither flag is given, or both
+        are, or ``resume`` of a centralized run.
     """
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one")
+    if resume and not federated:
+        raise ConfigError("--resume continues a federated run from its checkpoint; a centralized run has "
+                          "none: pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the run")
     if not out.is_dir() or resume or not any(out.iterdir()):
@@ -190,7 +194,7 @@ def write_run(out: Path, cfg: Config, result: Any) -> None:
     refs = {"oracle": summary.get("oracle_auc", float("nan"))}
     if summary.get("centralized_auc") is not None:
         refs["centralized"] = summary["centralized_auc"]
-    if result.rows_name == "epochs.csv" and getattr(result, "steps", None):
+    if result.rows_name == "epochs.csv" and result.steps:
         write_rows(out / "steps.csv", result.steps)
         plot_learning_curve(out / "plots" / "learning_curve.png", result.steps,
                             oracle={"auc": summary.get("oracle_auc", float("nan")),

@@ -124,6 +124,9 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     scored_at = curve_steps(len(split.train), cfg.train.batch_size, cfg.train.epochs, cfg.train.eval_points)
+    def scored_model() -> PCVRModel:  # what is evaluated and returned: the towers' average, if any
+        return model if average is None else with_towers(model, average.module)
+
     start = time.perf_counter()
     train_s = 0.0
     seen = 0
@@ -150,12 +153,12 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
             steps.append({"step": len(steps) + 1, "epoch": epoch, "examples": seen, "loss": losses[-1]})
             if len(steps) in scored_at:  # a point of the learning curve (not training time)
                 t_eval = time.perf_counter()
-                point = evaluate(model if average is None else with_towers(model, average.module), test)
+                point = evaluate(scored_model(), test)
                 steps[-1].update({k: point[k] for k in CURVE_METRICS if k in point})
                 eval_s += time.perf_counter() - t_eval
         epoch_s = time.perf_counter() - t0 - eval_s
         train_s += epoch_s
-        scored = model if average is None else with_towers(model, average.module)
+        scored = scored_model()
         metrics = evaluate(scored, test)
         steps[-1].update({k: metrics[k] for k in CURVE_METRICS if k in metrics})
         row = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics,

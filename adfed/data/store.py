@@ -147,7 +147,7 @@ class _TableCache:
             self.nbytes -= self._tables.popitem(last=False)[1].nbytes
 
 
-def damaged(path: Path, exc: Exception) -> str:
+def _damaged(path: Path, exc: Exception) -> str:
     """The one-line message for a file whose footer opened but whose data does not read."""
     detail = " ".join(str(exc).split())[:160]
     return (f"{path}: cannot read its data ({detail}); the file is damaged: regenerate or re-import the "
@@ -158,7 +158,7 @@ def _read_table(path: Path) -> pa.Table:
     try:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(damaged(path, exc)) from exc
+        raise DataError(_damaged(path, exc)) from exc
 
 
 class _RowGroupFile:
@@ -181,7 +181,7 @@ class _RowGroupFile:
         try:
             return self._read_rows(start, count, columns)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(damaged(self.path, exc)) from exc
+            raise DataError(_damaged(self.path, exc)) from exc
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole file (``columns`` only)."""
@@ -189,7 +189,7 @@ class _RowGroupFile:
             with self._lock:
                 return self.file.read(columns=columns)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(damaged(self.path, exc)) from exc
+            raise DataError(_damaged(self.path, exc)) from exc
 
     def _read_rows(self, start: int, count: int, columns: list[str] | None) -> pa.Table:
         first = int(np.searchsorted(self.starts, start, side="right") - 1)

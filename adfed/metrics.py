@@ -14,6 +14,10 @@ Which rows each metric uses (ESMM's conventions):
   weight p_click·p_cvr and as a negative with weight p_click·(1 - p_cvr): the same
   population quantity as ``auc`` without the noise of the sampled labels.
 
+Uncertainty: ``test_positives`` is the number of positives behind ``auc`` (conversions
+among the clicked, observed rows) and ``auc_ci_low`` / ``auc_ci_high`` its 95 % DeLong
+interval (:func:`auc_ci`). With few positives the AUC is noisy whatever the model.
+
 A metric that is undefined on the given rows (no rows, or a single class for AUC) is
 ``nan``, never an exception: small clients often have no positive label.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from scipy.stats import norm, rankdata
 from sklearn.metrics import log_loss, roc_auc_score
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,53 @@ def _mean(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else float("nan")
 
 
+def auc_ci(y: np.ndarray, p: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """ROC AUC with DeLong's confidence interval.
+
+    DeLong, DeLong & Clarke-Pearson (1988), "Comparing the areas under two or more
+    correlated receiver operating characteristic curves", Biometrics 44(3); computed with
+    midranks (Sun & Xu 2014, O(n log n)). Each positive's *placement* is the share of
+    negatives it outscores (ties count half), each negative's the share of positives that
+    outscore it; AUC is their mean and its variance is
+    ``var(placements of positives) / m + var(placements of negatives) / n`` (sample
+    variances; m positives, n negatives). The interval is the normal one,
+    ``auc ± z · se``, clipped to [0, 1].
+
+    Parameters
+    ----------
+    y : binary labels [n].
+    p : scores [n], any monotone scale.
+    level : coverage of the interval, in (0, 1).
+
+    Returns
+    -------
+    (auc, low, high); all ``nan`` with a single class, and ``(auc, nan, nan)`` with fewer
+    than two positives or two negatives (no variance to estimate).
+
+    Raises
+    ------
+    ValueError : ``level`` outside (0, 1), or arrays of different lengths.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be a float in (0, 1); got {level}")
+    y = _as_1d("y", y).astype(bool)
+    p = _as_1d("p", p, y.shape[0]).astype(np.float64)
+    pos, neg = p[y], p[~y]
+    m, n = pos.size, neg.size
+    if m == 0 or n == 0:
+        nan = float("nan")
+        return nan, nan, nan
+    ranks = rankdata(np.concatenate([pos, neg]))
+    v_pos = (ranks[:m] - rankdata(pos)) / n  # negatives below each positive
+    v_neg = 1.0 - (ranks[m:] - rankdata(neg)) / m  # positives above each negative
+    auc = float(v_pos.mean())
+    if m < 2 or n < 2:
+        return auc, float("nan"), float("nan")
+    se = float(np.sqrt(v_pos.var(ddof=1) / m + v_neg.var(ddof=1) / n))
+    half = float(norm.ppf(0.5 + level / 2.0)) * se
+    return auc, max(0.0, auc - half), min(1.0, auc + half)
+
+
 def expected_auc(score: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray) -> float:
     """AUC of ``score`` in expectation over the labels: row i is a positive with weight
     ``w_pos[i]`` and a negative with weight ``w_neg[i]`` (e.g. P(click ∧ conversion) and
@@ -127,7 +179,9 @@ def evaluate_predictions(
 
     Returns
     -------
-    ``auc``, ``logloss``, ``ctcvr_auc``, ``ctcvr_logloss``, ``ctr_auc``, ``ece``,
+    ``auc``, ``auc_ci_low``, ``auc_ci_high`` (95 %, :func:`auc_ci`), ``test_positives``
+    (conversions among the clicked, observed rows: the positives behind ``auc``),
+    ``logloss``, ``ctcvr_auc``, ``ctcvr_logloss``, ``ctr_auc``, ``ece``,
     ``pred_rate``, ``obs_rate``; with ``truth_p_cvr`` also ``oracle_auc`` and
     ``oracle_logloss``; with both truths also ``oracle_ctcvr_auc`` and the label-noise-free
     ``auc_expected`` / ``oracle_auc_expected`` (:func:`expected_auc` over every
@@ -149,8 +203,12 @@ def evaluate_predictions(
     y_cvr = conversion[cvr_rows].astype(np.int64)
     y_ctcvr = (click & conversion)[observed].astype(np.int64)
     pctcvr = (pctr * pcvr)[observed]
+    _, ci_low, ci_high = auc_ci(y_cvr, pcvr[cvr_rows])
     out = {
         "auc": safe_auc(y_cvr, pcvr[cvr_rows]),
+        "auc_ci_low": ci_low,
+        "auc_ci_high": ci_high,
+        "test_positives": int(y_cvr.sum()),
         "logloss": safe_logloss(y_cvr, pcvr[cvr_rows]),
         "ctcvr_auc": safe_auc(y_ctcvr, pctcvr),
         "ctcvr_logloss": safe_logloss(y_ctcvr, pctcvr),

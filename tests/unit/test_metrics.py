@@ -87,7 +87,8 @@ def test_evaluate_keys_and_perfect_cvr_predictor(rng: np.random.Generator) -> No
 
     m = evaluate_predictions(w["click"], w["conversion"], w["label_observed"], w["p_click"], perfect)
 
-    assert set(m) == {"auc", "logloss", "ctcvr_auc", "ctcvr_logloss", "ctr_auc", "ece", "pred_rate", "obs_rate"}
+    assert set(m) == {"auc", "auc_ci_low", "auc_ci_high", "test_positives", "logloss", "ctcvr_auc",
+                      "ctcvr_logloss", "ctr_auc", "ece", "pred_rate", "obs_rate"}
     assert m["auc"] == 1.0
     assert m["logloss"] == pytest.approx(-math.log(0.99))
     clicked = (w["click"] == 1) & w["label_observed"]

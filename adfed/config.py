@@ -41,12 +41,12 @@ class ModelConfig:
     variant: Literal["full", "cloud_only"] = "full"
     embedding_dim: int = 16
     # one shared hidden layer, then each head: as accurate as (128, 64) and 1.3x the
-    # training examples/s (README, Results)
+    # training examples/s (docs/results/2026-11-26-towers.md)
     tower: tuple[int, ...] = (64,)
     bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
     # ("zero"); "auto": base_rates when federated (much better there), zero when
-    # centralized (mixed there: README, Results)
+    # centralized (mixed there: docs/results/2026-11-26-fedavg-small-tables.md, "The zero start")
     output_bias: Literal["auto", "base_rates", "zero"] = "auto"
     # fields of one vocabulary (schema vocab_of: intent -> ad_category) read one table
     share_vocab_tables: bool = True
@@ -66,15 +66,16 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     mode: Literal["centralized", "federated"] = "centralized"
-    epochs: int = 1  # the user-embedding row overfits in a second epoch (README)
-    batch_size: int = 1024  # 1024 beat 2048 on worlds of seeds 1 and 2, 3 seeds each (README)
+    epochs: int = 1  # a second epoch only lost (docs/results/2026-11-26-centralized-training.md)
+    batch_size: int = 1024  # 1024 beat 2048 on worlds of seeds 1 and 2, 3 seeds each (docs/results/2026-11-26-centralized-training.md)
     lr: float = 0.01
     sparse_lr: float = 0.01
     weight_decay: float = 0.0
     # L2 on the embedding rows each batch reads (centralized and on phones); 0 = off
     embedding_l2: float = 0.0
     # lr of the per-user (LOCAL) rows, user embedding and bias, in centralized training;
-    # 0 = sparse_lr. Each row sees only its user's few dozen rows (README, Results).
+    # 0 = sparse_lr. Each row sees only its user's few dozen rows
+    # (docs/results/2026-11-26-centralized-training.md).
     user_lr: float = 0.003
     # centralized: evaluate and save an exponential moving average of the weights
     # (largest decay per step, reached after a warm-up: trainer.weight_average; 0 = off,
@@ -85,8 +86,7 @@ class TrainConfig:
     sparse_optimizer: Literal["sparse_adam", "adagrad", "sgd"] = "sparse_adam"
     # centralized: steps at the full learning rates; after step n > lr_decay_start every
     # lr is scaled by lr_decay_start / n (0 = constant). A demo-sized world's epoch is
-    # ~290 steps, where decay only cost; larger worlds gain (README, "Does a bigger
-    # world close the gap?")
+    # ~290 steps, where decay only cost; larger worlds gain (docs/results/2026-11-27-scale.md)
     lr_decay_start: int = 300
     # centralized: the test set is also scored after every 1/eval_points of all steps
     # (the end of each epoch always is), for the learning curve (steps.csv, the PNG);
@@ -113,8 +113,8 @@ class FLConfig:
     clients_per_round: int = 100
     over_selection: float = 1.3
     # one full-batch step of plain SGD per phone (FedAvg with E=1, B=all: every phone
-    # with <= 4096 training rows), lr per kind of parameter; README, "FedAvg and the
-    # small tables": the small dense tables need ~50x the towers' lr under SGD
+    # with <= 4096 training rows), lr per kind of parameter; the small dense tables need
+    # ~50x the towers' lr under SGD (docs/results/2026-11-26-fedavg-small-tables.md)
     local_epochs: int = 1
     local_batch_size: int = 4096
     local_lr: float = 2.0
@@ -122,7 +122,7 @@ class FLConfig:
     local_table_lr: float = 100.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     # rounds (async: server steps) at the full local lrs; after n > lr_decay_start, every
-    # phone lr is scaled by lr_decay_start / n (0 = constant; README, Federated)
+    # phone lr is scaled by lr_decay_start / n (0 = constant; docs/results/2026-11-27-federated.md)
     lr_decay_start: int = 0
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
@@ -133,7 +133,7 @@ class FLConfig:
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"
     async_concurrency: int = 100
-    async_buffer: int = 50  # 20 diverged (NaN) at the local lrs of the FedAvg defaults; README, Async
+    async_buffer: int = 50  # 20 diverged (NaN) at the local lrs of the FedAvg defaults; docs/results/2026-11-27-async.md
     async_max_staleness: int = 20
     backend: Literal["inprocess", "process", "ray"] = "inprocess"
     workers: int = 2

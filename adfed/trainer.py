@@ -203,8 +203,7 @@ def lr_decay(optimizers: Sequence[torch.optim.Optimizer], start: int) -> list[La
     by :func:`lr_decay_factor`; call ``step()`` on each after every optimizer step.
     An empty list when ``start`` is 0 (constant learning rates).
 
-    Chosen on worlds of 80k and 320k users (README, "Does a bigger world close the
-    gap?"): at constant rates, a 320k-user world scored 0.008 expected AUC *under* an
+    Chosen on worlds of 80k and 320k users (docs/results/2026-11-27-scale.md): at constant rates, a 320k-user world scored 0.008 expected AUC *under* an
     80k one. On demo-sized worlds (an epoch of ~290 steps) it changes nothing; decaying
     there (cosine over the epoch) cost 0.015.
     """
@@ -226,7 +225,8 @@ class WeightAverage(AveragedModel):
     The first update copies the weights; update n (from 1) then moves the average by
     ``1 - min(decay, (1 + n) / (10 + n))`` toward them, so early steps are not held
     back by the initial weights. Centralized training averages the towers
-    (:func:`with_towers`); chosen on the worlds of seeds 1 and 2 (README, Results).
+    (:func:`with_towers`); chosen on the worlds of seeds 1 and 2
+    (docs/results/2026-11-26-centralized-training.md).
 
     After the first update, an update is one ``torch._foreach_lerp_`` over the parameter
     lists of that first call (``AveragedModel.update_parameters`` collects and groups

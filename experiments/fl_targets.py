@@ -122,7 +122,7 @@ def window(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dic
         "auc_wait_all": wait_all.summary["auc"],
         "auc_adaptive": adaptive.summary["auc"],
         "auc_loss": wait_all.summary["auc"] - adaptive.summary["auc"],
-        # the target is judged on expected AUC where the dataset has truth (README, Window)
+        # the target is judged on expected AUC where the dataset has truth (docs/results/2026-11-27-window.md)
         "auc_expected_wait_all": wait_all.summary.get("auc_expected"),
         "auc_expected_adaptive": adaptive.summary.get("auc_expected"),
         "auc_expected_loss": (wait_all.summary["auc_expected"] - adaptive.summary["auc_expected"]

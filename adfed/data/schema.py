@@ -6,7 +6,7 @@ context) and which :class:`ParamGroup` its embedding table belongs to. The synth
 world (``data_gen/``) and the real-data importers both describe their datasets with a
 ``Schema``; it is stored in ``manifest.json`` and the model is built from it.
 
-Table layout shared by every dataset (see README "Dataset"):
+Table layout shared by every dataset (see docs/data.md):
 
 - ``users.parquet``: ``user_id`` + every USER field (row ``i`` holds ``user_id == i``).
 - ``ads.parquet``: ``ad_id`` + every AD field + ``bid`` (row ``i`` holds ``ad_id == i``).
@@ -82,7 +82,7 @@ class FieldSpec:
     entity : the table that carries the column.
     group : the ParamGroup of this field's embedding table.
     max_len : maximum list length for MULTI_HOT / SEQUENCE, 1 otherwise.
-    description : one line for the README and ``adfed data describe``.
+    description : one line for docs/data.md and ``adfed data describe``.
     vocab_of : the name of another field whose ids this field's ids are (the same
         vocabulary: a user's ``intent`` bag holds ``ad_category`` ids), or ``""``. A model
         may then read both fields from one table (``model.share_vocab_tables``).

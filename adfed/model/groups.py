@@ -221,7 +221,7 @@ def dense_param_groups(model: PCVRModel, lr: float, table_lr: float | None = Non
     Measured on the demo data: under one SGD learning rate these tables move 2-24x less
     per step than under Adam while the towers' output layers move 3-100x more, and one
     lr cannot fix both; giving the tables their own (~50x larger) lr is what lets
-    FedAvg's plain SGD match Adam. See README, "FedAvg and the small tables".
+    FedAvg's plain SGD match Adam. See docs/results/2026-11-26-fedavg-small-tables.md.
     """
     named = parameters(model).items()
     split = table_lr is not None

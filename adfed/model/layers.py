@@ -84,13 +84,14 @@ class FieldEmbeddings(nn.Module):
         membership and count: ``<sum of intent embeddings, e_category>`` is a sum of one
         term per intent, where a mean divides it by the number of intents. Measured on
         worlds other than the demo's (seeds 1 and 2): +0.055 and +0.013 CVR AUC over
-        ``"mean"`` (README). Sum and sqrtn are the mean times the length (or its root).
+        ``"mean"`` (docs/results/2026-11-26-centralized-training.md). Sum and sqrtn are the mean times the length (or its root).
     share_vocab : a field whose schema ``vocab_of`` names another field read here, both
         DENSE_SHARED, reads that field's table instead of having its own (see
         :attr:`shared`). ``intent`` then reads ``ad_category``'s rows, so
         ``<sum of intent embeddings, e_category>`` holds ``|e_category|²`` exactly when
         the ad's category is among the intents: membership, which two separate rank-D
-        tables can only approximate. Measured on worlds other than the demo's (README).
+        tables can only approximate. Measured on worlds other than the demo's
+        (docs/results/2026-11-26-centralized-training.md).
 
     Notes
     -----
@@ -395,7 +396,8 @@ class VocabMatch(nn.Module):
     offsets. The dot interaction sees the same pair only through embeddings: with 24
     categories in 16 dimensions the rows cannot be orthogonal, so ``<sum of intents,
     category>`` mixes membership with the other intents' similarity; the count states it
-    exactly, for two parameters per pair (README, "Centralized": +0.005 to +0.006 expected AUC).
+    exactly, for two parameters per pair (+0.005 to +0.006 expected AUC:
+    docs/results/2026-11-27-vocab-match.md).
     Weights start at zero, so an untrained match changes nothing.
 
     Parameters

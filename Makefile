@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/adfed data generate --users 20000 --ads 10000 --seed 0 --out $(DEMO_DATA) --overwrite
 	$(BIN)/adfed data describe $(DEMO_DATA)
 	$(BIN)/adfed train --mode centralized --data $(DEMO_DATA) --out $(DEMO_RUN)/centralized --seed 0 --overwrite
-	$(BIN)/adfed train --mode federated --data $(DEMO_DATA) --out $(DEMO_RUN)/federated --seed 0 --rounds 200 --set fl.eval_every=25 --overwrite
+	$(BIN)/adfed train --mode federated --data $(DEMO_DATA) --out $(DEMO_RUN)/federated --seed 0 --rounds 200 --set fl.eval_every=25 --overwrite --reference $(DEMO_RUN)/centralized
+	$(BIN)/adfed compare $(DEMO_RUN)/centralized $(DEMO_RUN)/federated
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

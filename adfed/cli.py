@@ -158,10 +158,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue a federated run from OUT's checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (its run files and plots).")] = False,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="A centralized run directory: its AUC is drawn on this run's plots.")] = None,
 ) -> None:
     """Train the pCVR model centralized or federated and write a run directory.
 
     OUT must be new or empty unless --resume (continue its federated run) or --overwrite.
+    Ends with a results table and the run directory (stderr); stdout gets the main
+    figures as JSON.
     """
     from adfed import rundir
     from adfed.trainer import Trainer
@@ -175,6 +179,10 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
+        ref = _read_summary(reference) if reference else None
+        cfg, extra = _clamp_clients(cfg, dataset, flag=clients_per_round is not None)
+        if ref is not None:
+            extra.update(reference_run=str(reference), reference_auc=ref.get("auc"))
         rundir.prepare_out(out, resume=resume, overwrite=overwrite, federated=cfg.train.mode == "federated")
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
@@ -187,12 +195,130 @@ def train(
                 progress.update(task, completed=row.get(unit, 0), info=info)
 
             result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
-        rundir.write_run(out, cfg, result)
+        summary = rundir.write_run(out, cfg, result, reference=ref, extra=extra)
     except (AdfedError, ValueError, OSError) as exc:
         _fail(str(exc))
-    summary = result.summary
     keys = ("mode", "auc", "auc_expected", "oracle_auc", "ctcvr_auc", "logloss", "rounds", "sim_time_s", "wall_time_s")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2), flush=True)
+    console.print(_results_table([(out.name or str(out), summary)], title="results"))
+    _warn_noisy([(str(out), summary)])
+    console.print(f"run directory: {out}  (summary.json, config.toml, plots/)", highlight=False, soft_wrap=True)
+
+
+def _clamp_clients(cfg: config_mod.Config, dataset: Any, *, flag: bool) -> tuple[config_mod.Config, dict[str, Any]]:
+    """``cfg`` with ``fl.clients_per_round`` at most the clients that have training rows
+    (a warning says so; the requested value goes to summary.json as
+    ``clients_per_round_requested``), and ``window.min_clients`` at most that."""
+    from adfed.data.store import num_train_rows
+
+    population = int((num_train_rows(dataset.rows_per_user(), cfg.data.test_fraction) > 0).sum())
+    asked = cfg.fl.clients_per_round
+    if cfg.train.mode != "federated" or asked <= population or population == 0:
+        return cfg, {}
+    name = "--clients-per-round" if flag else "fl.clients_per_round"
+    console.print(f"[yellow]warning:[/yellow] {name} {asked} is more than the {population} clients with "
+                  f"training rows in {cfg.data.path}; using {population}", highlight=False, soft_wrap=True)
+    items = [f"fl.clients_per_round={population}"]
+    if cfg.window.min_clients > population:
+        console.print(f"[yellow]warning:[/yellow] window.min_clients {cfg.window.min_clients} lowered to "
+                      f"{population} with it", highlight=False, soft_wrap=True)
+        items.append(f"window.min_clients={population}")
+    return config_mod.with_overrides(cfg, items), {"clients_per_round_requested": asked}
+
+
+def _read_summary(run: Path) -> dict[str, Any]:
+    path = run / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found; is {run} a run directory (adfed train --out)?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror})") from exc
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a run summary (a JSON object)")
+    return summary
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def _fmt_auc(s: dict[str, Any]) -> str | None:
+    auc, low, high = s.get("auc"), s.get("auc_ci_low"), s.get("auc_ci_high")
+    if not isinstance(auc, (int, float)):
+        return None
+    ci = f" [{low:.3f}, {high:.3f}]" if all(isinstance(v, float) and v == v for v in (low, high)) else ""
+    return f"{auc:.4f}{ci}"
+
+
+def _num(key: str, fmt: str = "{:.4f}") -> Any:
+    return lambda s: fmt.format(s[key]) if isinstance(s.get(key), (int, float)) else None
+
+
+#: the rows of the results table: label, summary -> cell (None: not known)
+RESULT_ROWS: list[tuple[str, Any]] = [
+    ("mode", lambda s: s.get("mode")),
+    ("CVR AUC [95% CI]", _fmt_auc),
+    ("expected CVR AUC", _num("auc_expected")),
+    ("CVR oracle", _num("oracle_auc")),
+    ("CTCVR AUC", _num("ctcvr_auc")),
+    ("CTCVR oracle", _num("oracle_ctcvr_auc")),
+    ("test conversions", lambda s: None if s.get("test_positives") is None else
+        f"{s['test_positives']}" + (" (noisy AUC)" if s.get("auc_noisy") else "")),
+    ("epochs", _num("epochs", "{}")),
+    ("rounds", _num("rounds", "{}")),
+    ("clients per round", _num("clients_per_round", "{}")),
+    ("upload per client", lambda s: _fmt_bytes(s["bytes_up_per_client"])
+        if isinstance(s.get("bytes_up_per_client"), (int, float)) else None),
+    ("download per client", lambda s: _fmt_bytes(s["bytes_down_per_client"])
+        if isinstance(s.get("bytes_down_per_client"), (int, float)) else None),
+    ("simulated time", _num("sim_time_s", "{:.0f} s")),
+    ("wall time", _num("wall_time_s", "{:.1f} s")),
+]
+
+
+def _results_table(runs: list[tuple[str, dict[str, Any]]], *, title: str) -> Table:
+    """One column per run, one row per figure of :data:`RESULT_ROWS` any run has."""
+    table = Table(title=title)
+    table.add_column("")
+    for name, _ in runs:
+        table.add_column(name, justify="right")
+    for label, cell in RESULT_ROWS:
+        cells = [cell(summary) for _, summary in runs]
+        if any(c is not None for c in cells):
+            table.add_row(label, *[c if c is not None else "-" for c in cells])
+    return table
+
+
+def _warn_noisy(runs: list[tuple[str, dict[str, Any]]]) -> None:
+    from adfed.rundir import NOISY_POSITIVES
+
+    for name, s in runs:
+        if s.get("auc_noisy"):
+            ci = _fmt_auc(s) or "?"
+            console.print(f"[yellow]warning:[/yellow] {name}: only {s.get('test_positives')} test conversions "
+                          f"(fewer than {NOISY_POSITIVES}): its CVR AUC {ci} (95% CI) is noisy; more test "
+                          f"users (a bigger dataset; data.max_test_users=0 scores all) narrow it",
+                          highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (adfed train --out), side by side.")],
+) -> None:
+    """Print the results of finished runs side by side (e.g. centralized vs federated)."""
+    try:
+        summaries = [(run.name or str(run), _read_summary(run)) for run in runs]
+    except ValueError as exc:
+        _fail(str(exc))
+    Console().print(_results_table(summaries, title="results"))
+    _warn_noisy([(str(run), s) for run, (_, s) in zip(runs, summaries, strict=True)])
 
 
 experiment_app = typer.Typer(help="Run the experiments that produce the README's tables.",

@@ -83,11 +83,25 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write(out / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
 
 
-def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write dict rows as CSV (columns: union of keys in first-seen order)."""
+#: columns an evaluation adds to a round's row (sync or async), in the order rounds.csv
+#: keeps them; they follow the round's other columns whichever round was scored first
+EVAL_COLUMNS = ("auc", "auc_expected", "ctcvr_auc", "logloss", "eval_s")
+
+
+def row_columns(rows: Sequence[dict[str, Any]], last: Sequence[str] = ()) -> list[str]:
+    """The union of the rows' keys in first-seen order, except that those of ``last``
+    come at the end in ``last``'s order (so the header does not depend on which row first
+    held them)."""
     columns: list[str] = []
     for row in rows:
-        columns.extend(k for k in row if k not in columns)
+        columns.extend(k for k in row if k not in columns and k not in last)
+    present = {k for row in rows for k in row}
+    return columns + [k for k in last if k in present]
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]], last: Sequence[str] = ()) -> None:
+    """Write dict rows as CSV (columns: :func:`row_columns`; a missing value is empty)."""
+    columns = row_columns(rows, last)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -113,37 +127,78 @@ def save_figure(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(
+#: the AUC series of a run's plots: row key -> (legend, colour)
+AUC_SERIES = {
+    "auc": ("CVR AUC (test clicks)", "tab:blue"),
+    "auc_expected": ("expected CVR AUC (all test impressions, truth-weighted)", "tab:green"),
+    "ctcvr_auc": ("CTCVR AUC (test impressions: click and conversion)", "tab:orange"),
+}
+#: the oracle lines: summary key -> (legend, colour of the curve it bounds)
+ORACLE_LINES = {
+    "oracle_auc": ("CVR oracle (true p_cvr)", "tab:blue"),
+    "oracle_auc_expected": ("expected CVR oracle", "tab:green"),
+    "oracle_ctcvr_auc": ("CTCVR oracle (true p_click x p_cvr)", "tab:orange"),
+}
+#: runs with fewer test conversions (positives of the CVR AUC) get ``auc_noisy``
+NOISY_POSITIVES = 50
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_auc(
     path: Path,
     rows: Sequence[dict[str, Any]],
     *,
     x: str,
-    ys: Sequence[str],
+    xlabel: str,
     title: str,
-    hlines: dict[str, float] | None = None,
-) -> None:
-    """Line plot of ``ys`` against ``x`` from dict rows, saved as PNG."""
+    summary: dict[str, Any],
+    reference: dict[str, float] | None = None,
+    integer_x: bool = False,
+) -> list[str]:
+    """Test AUCs of ``rows`` against ``x`` (PNG): the CVR, expected CVR and CTCVR curves
+    that the rows hold, each oracle of ``summary`` as a dashed line of its curve's colour,
+    and ``reference`` (a centralized run's ``auc`` / ``auc_expected``) as dotted lines.
+    Every line is named in words in the legend, below the axes; returns its labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for y in ys:
-        pts = [(r[x], r[y]) for r in rows if r.get(y) is not None and r.get(x) is not None]
-        pts = [(a, b) for a, b in pts if isinstance(b, (int, float)) and math.isfinite(b)]
+    fig, ax = plt.subplots(figsize=(7.0, 5.2), dpi=110)
+    for key, (label, color) in AUC_SERIES.items():
+        pts = [(r[x], r[key]) for r in rows if _finite(r.get(key)) and _finite(r.get(x))]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=y)
-    for label, value in (hlines or {}).items():
-        if value is not None and math.isfinite(value):
-            ax.axhline(value, ls="--", lw=1, color="grey")
-            ax.annotate(f"{label} {value:.3f}", (0.01, value), xycoords=("axes fraction", "data"),
-                        fontsize=8, va="bottom", color="grey")
-    ax.set_xlabel(x)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color, label=label)
+    for key, (label, color) in ORACLE_LINES.items():
+        if _finite(summary.get(key)):
+            ax.axhline(summary[key], ls="--", lw=1, color=color, alpha=0.7, label=f"{label}: {summary[key]:.3f}")
+    for key, label in (("auc", "centralized CVR AUC"), ("auc_expected", "centralized expected CVR AUC")):
+        value = (reference or {}).get(key)
+        if value is not None and _finite(value):
+            ax.axhline(value, ls=":", lw=1.5, color=AUC_SERIES[key][1], label=f"{label}: {value:.3f}")
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test AUC (0.5 = chance)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    labels = ax.get_legend_handles_labels()[1]
+    if labels:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7, frameon=False)
     save_figure(fig, path)
+    return labels
+
+
+def _sim_time_axis(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Rows with ``sim_time`` in hours (long runs) or seconds, and its axis label."""
+    last = max((r["sim_time_s"] for r in rows if _finite(r.get("sim_time_s"))), default=0.0)
+    scale, unit = (3600.0, "hours") if last > 7200 else (1.0, "seconds")
+    out = [{**r, "sim_time": r["sim_time_s"] / scale} for r in rows if _finite(r.get("sim_time_s"))]
+    return out, f"simulated time since the first round ({unit})"
 
 
 def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: dict[str, float]) -> None:
@@ -162,7 +217,7 @@ def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: 
         pts = [(r["examples"], r[key]) for r in steps if isinstance(r.get(key), float) and math.isfinite(r[key])]
         if pts:
             top.plot(*zip(*pts, strict=True), marker="o", ms=4, label=label, color=colors[key])
-    for key, label in (("auc", "oracle"), ("auc_expected", "oracle, expected")):
+    for key, label in (("auc", "CVR oracle (true p_cvr)"), ("auc_expected", "expected CVR oracle")):
         value = oracle.get(key)
         if value is not None and math.isfinite(value):
             top.axhline(value, ls="--", lw=1, color=colors[key], alpha=0.6, label=f"{label} {value:.3f}")
@@ -185,27 +240,43 @@ def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: 
     save_figure(fig, path)
 
 
-def write_run(out: Path, cfg: Config, result: Any) -> None:
-    """Write a whole run directory from a :class:`adfed.trainer.TrainResult`."""
+def finish_summary(summary: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary a run directory records: the trainer's, ``extra`` (e.g. the requested
+    value of a clamped setting) and ``auc_noisy``: True when the test set holds fewer
+    than :data:`NOISY_POSITIVES` conversions, the positives of the CVR AUC."""
+    out = {**summary, **(extra or {})}
+    positives = out.get("test_positives")
+    if isinstance(positives, int):
+        out["auc_noisy"] = positives < NOISY_POSITIVES
+    return out
+
+
+def write_run(out: Path, cfg: Config, result: Any, *, reference: dict[str, float] | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a whole run directory from a :class:`adfed.trainer.TrainResult`; returns the
+    summary written (:func:`finish_summary`). ``reference``: a centralized run's summary
+    (its ``auc`` and ``auc_expected`` are drawn on the federated plots)."""
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg)
-    write_rows(out / result.rows_name, result.rows)
-    summary = result.summary
-    refs = {"oracle": summary.get("oracle_auc", float("nan"))}
-    if summary.get("centralized_auc") is not None:
-        refs["centralized"] = summary["centralized_auc"]
+    summary = finish_summary(result.summary, extra)
     if result.rows_name == "epochs.csv" and result.steps:
+        write_rows(out / result.rows_name, result.rows)
         write_rows(out / "steps.csv", result.steps)
         plot_learning_curve(out / "plots" / "learning_curve.png", result.steps,
                             oracle={"auc": summary.get("oracle_auc", float("nan")),
                                     "auc_expected": summary.get("oracle_auc_expected", float("nan"))})
     elif result.rows_name == "epochs.csv":
-        plot_curves(out / "plots" / "learning_curve.png", result.rows, x="epoch",
-                    ys=["auc", "ctcvr_auc"], title="Centralized: test AUC per epoch", hlines=refs)
+        write_rows(out / result.rows_name, result.rows)
+        plot_auc(out / "plots" / "learning_curve.png", result.rows, x="epoch", xlabel="epoch",
+                 title="Centralized: test AUC per epoch", summary=summary, integer_x=True)
     else:
+        write_rows(out / result.rows_name, result.rows, last=EVAL_COLUMNS)
         evaluated = [r for r in result.rows if r.get("auc") is not None]
-        plot_curves(out / "plots" / "auc_vs_round.png", evaluated, x="round",
-                    ys=["auc", "ctcvr_auc"], title="Federated: test AUC per round", hlines=refs)
-        plot_curves(out / "plots" / "auc_vs_sim_time.png", evaluated, x="sim_time_s",
-                    ys=["auc"], title="Federated: test AUC vs simulated time (s)", hlines=refs)
+        plot_auc(out / "plots" / "auc_vs_round.png", evaluated, x="round", xlabel="federated round",
+                 title="Federated: test AUC per round", summary=summary, reference=reference,
+                 integer_x=True)
+        timed, xlabel = _sim_time_axis(evaluated)
+        plot_auc(out / "plots" / "auc_vs_sim_time.png", timed, x="sim_time", xlabel=xlabel,
+                 title="Federated: test AUC vs simulated time", summary=summary, reference=reference)
     write_summary(out, summary)
+    return summary

@@ -492,6 +492,12 @@ def split_by_time(user_ids: np.ndarray, test_fraction: float) -> tuple[np.ndarra
     group_start = np.repeat(starts, counts)
     group_count = np.repeat(counts, counts)
     pos = np.arange(n) - group_start
-    n_test = np.floor(group_count * test_fraction + 0.5).astype(np.int64)
-    is_test = pos >= group_count - n_test
+    is_test = pos >= num_train_rows(group_count, test_fraction)
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def num_train_rows(counts: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Training rows of users with ``counts`` rows under :func:`split_by_time` (int64):
+    the last ``floor(count * test_fraction + 0.5)`` rows of each are test rows."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return counts - np.floor(counts * test_fraction + 0.5).astype(np.int64)

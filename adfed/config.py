@@ -139,10 +139,19 @@ class FLConfig:
     workers: int = 2
     eval_every: int = 5
     local_cache: int = 100_000  # clients whose `local` group is kept in memory
+    # the client update pipeline: transforms applied in order between local training and
+    # upload (adfed.fl.pipeline: names(); "identity" sends the update as trained)
+    update_pipeline: tuple[str, ...] = ("identity",)
+    # torch threads of the server's aggregation step (1: a 100-client round aggregated
+    # ~20x faster than with 2 on this 2-core machine; docs/benchmarks.md, "Threads")
+    server_threads: int = 1
 
     def __post_init__(self) -> None:
+        _check(len(self.update_pipeline) >= 1, "fl.update_pipeline",
+               'a non-empty list of transform names (["identity"] sends updates as trained)',
+               self.update_pipeline)
         for key in ("rounds", "clients_per_round", "local_epochs", "local_batch_size",
-                    "async_concurrency", "async_buffer", "workers", "eval_every"):
+                    "async_concurrency", "async_buffer", "workers", "eval_every", "server_threads"):
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, f"fl.{key}", "an int >= 1", value)
         _check(self.over_selection >= 1.0, "fl.over_selection", "a float >= 1.0", self.over_selection)
@@ -180,6 +189,17 @@ class WindowConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RobustConfig:
+    # the server's aggregator, by name in the registry of adfed.fl.aggregators ("mean":
+    # the weighted mean of dense deltas and the per-row mean of sparse rows)
+    aggregator: str = "mean"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.aggregator), "robust.aggregator", 'an aggregator name (e.g. "mean")',
+               self.aggregator)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration of a run (DESIGN.md "Contracts")."""
 
@@ -189,6 +209,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     fl: FLConfig = dataclasses.field(default_factory=FLConfig)
     window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
+    robust: RobustConfig = dataclasses.field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)

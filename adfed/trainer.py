@@ -11,7 +11,6 @@ model); writing the run directory is the caller's job (:mod:`adfed.rundir`).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,49 +28,22 @@ from adfed.config import Config
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.evaluation import Split, evaluate, split_examples, test_users
+from adfed.fl.simulation import fit_federated
+from adfed.model.assembly import model_from_config
 from adfed.model.groups import lr_decay_factor, make_optimizers, model_bytes
 from adfed.model.pcvr import (
     LabelCounts,
     PCVRModel,
-    build_model,
     embedding_penalty,
     ensure_finite,
     esmm_loss,
     set_output_priors_,
 )
+from adfed.result import TrainResult
 
 logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What a training run produced.
-
-    ``rows`` are per epoch (centralized, ``rows_name="epochs.csv"``) or per round
-    (federated, ``rows_name="rounds.csv"``).
-    """
-
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    rows_name: str
-    model: PCVRModel
-    #: centralized: one row per training step (``steps.csv``; see :func:`fit_centralized`)
-    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
-def model_from_config(cfg: Config, dataset: Dataset, *, user_rows: int | None = None) -> PCVRModel:
-    return build_model(
-        dataset.schema,
-        variant=cfg.model.variant,
-        embedding_dim=cfg.model.embedding_dim,
-        tower=cfg.model.tower,
-        user_rows=user_rows,
-        seed=cfg.seed,
-        bag_pooling=cfg.model.bag_pooling,
-        share_vocab=cfg.model.share_vocab_tables,
-        vocab_match=cfg.model.vocab_match,
-    )
+__all__ = ["TrainResult", "Trainer", "fit_centralized", "model_from_config"]
 
 
 class Trainer:
@@ -92,8 +64,6 @@ class Trainer:
         dataset = dataset or Dataset.open(self.cfg.data.path)
         if self.cfg.train.mode == "centralized":
             return fit_centralized(self.cfg, dataset, on_step=on_step)
-        from adfed.fl.simulation import fit_federated
-
         return fit_federated(self.cfg, dataset, checkpoint_dir=checkpoint_dir, resume=resume,
                              on_step=on_step)
 
@@ -228,7 +198,7 @@ class WeightAverage(AveragedModel):
     (:func:`with_towers`); chosen on the worlds of seeds 1 and 2
     (docs/results/2026-11-26-centralized-training.md).
 
-    After the first update, an update is one ``torch._foreach_lerp_`` over the parameter
+    After the first update, an update is one ``Tensor.lerp_`` per tensor over the parameter
     lists of that first call (``AveragedModel.update_parameters`` collects and groups
     them again at every call: about 0.3 ms more, 2-3 % of a step at batch 1024). The
     lists hold ``module``'s parameter tensors, which the optimizers update in place; a
@@ -246,7 +216,9 @@ class WeightAverage(AveragedModel):
     def _lerp(self, averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor],
               n_averaged: torch.Tensor | int) -> None:
         n = float(n_averaged)
-        torch._foreach_lerp_(list(averaged), list(current), 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
+        weight = 1.0 - min(self.decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current, strict=True):
+            avg.lerp_(cur, weight)
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:

@@ -100,7 +100,7 @@ def replay_step(model: PCVRModel, optimizers: list[torch.optim.Optimizer], part:
     centralized step: :func:`fedavg_loss`, the local rows' gradients rescaled, then every
     optimizer's step. Returns the loss."""
     users, user_of_row, counts = np.unique(part.ids[USER_KEY], return_inverse=True, return_counts=True)
-    weights = np.minimum(counts, max_weight).astype(np.float64)  # strategies.client_weights
+    weights = np.minimum(counts, max_weight).astype(np.float64)  # server.server_weights
     share = weights / weights.sum()
     batch = part.to_batch()
     for opt in optimizers:

@@ -1,8 +1,9 @@
 """Execution backends for client updates: in-process, process pool, Ray.
 
-Every backend runs the same :func:`run_job` on a worker context that owns an opened
-dataset and a scratch model; results come back in job order, so aggregation sees the
-same sequence whatever the backend. Client updates run single-threaded
+Every backend runs the same :func:`run_job` (a phone's side of a round: decode what it
+downloads, train, transform, encode what it uploads) on a worker context that owns an
+opened dataset and a scratch model; results come back in job order, so the server sees
+the same sequence whatever the backend. Client updates run single-threaded
 (:func:`adfed.fl.client.client_update`), which makes them bitwise identical across
 in-process and process-pool backends.
 """
@@ -22,103 +23,107 @@ import torch
 from adfed.config import Config
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset
+from adfed.errors import DataError
+from adfed.fl import pipeline
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
-from adfed.fl.types import ClientSettings, SparseRows, Update
-from adfed.fl.wire import Entry, encoded_size, tensor_layout, update_size
-from adfed.model.groups import check_round_tensors
+from adfed.fl.types import ClientSettings, SparseRows
+from adfed.fl.wire import Envelope, WireSpec, decode_model, decode_rows, encode_rows, encode_update
+from adfed.model.assembly import model_from_config
 
 
 @dataclasses.dataclass(frozen=True)
-class RoundModel:
-    """The global model as sent in one round (tables are read, never written, by workers)."""
+class Offer:
+    """What the server sends the phones of one round (or async server step).
 
+    ``model`` is the encoded ``dense_shared`` part (:func:`~adfed.fl.wire.encode_model`,
+    made once per version and sent to every phone as is); ``tables`` are the server's
+    ``sparse_shared`` tables, from which the row service answers each phone's request
+    for the rows its data reads (read, never written, by workers); ``spec`` is what
+    payloads are checked against.
+    """
+
+    round: int
     version: int
-    dense: dict[str, torch.Tensor]
-    tables: dict[str, torch.Tensor]
     settings: ClientSettings
+    model: bytes
+    tables: dict[str, torch.Tensor]
+    spec: WireSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
+    """One phone's work: ``phone`` is what its local store holds (its ``local`` group and
+    the update pipeline's state; None: nothing yet)."""
+
     client_id: int
-    local: dict[str, torch.Tensor] | None
+    phone: dict[str, torch.Tensor] | None
     seed: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientResult:
-    update: Update
-    local: dict[str, torch.Tensor]
-    bytes_down: int  # dense model + the rows this client needs, serialized
-    bytes_up: int  # the serialized update
-    bytes_up_dense: int  # tensor bytes of its dense_shared part (within bytes_up)
-    bytes_up_sparse: int  # tensor bytes of its sparse_shared ids and rows (within bytes_up)
+    """What a phone did: the encoded upload, its new local store entry, the bytes it
+    downloaded (model + its rows, as encoded) and how many examples it trained on
+    (the phone's own count, for simulated compute time; the server reads the reported
+    count from the payload)."""
+
+    client_id: int
+    payload: bytes
+    phone: dict[str, torch.Tensor]
+    bytes_down: int
+    num_examples: int
 
 
 class WorkerContext:
-    """What a worker keeps between jobs: the dataset and a scratch model."""
+    """What a worker keeps between jobs: the dataset, a scratch model, the update
+    pipeline, and the decoded model of the current version."""
 
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
-        from adfed.trainer import model_from_config
-
         dataset = Dataset.open(data_path)
         self.population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
         self.scratch = model_from_config(cfg, dataset, user_rows=1)
-        # (version, download bytes of the dense part, wire layout of a dense delta)
-        self._dense_wire: tuple[int, int, list[Entry]] = (-1, 0, [])
-        self._checked: tuple[int, int] = (-1, 0)
+        self.pipeline = pipeline.build(cfg)
+        self._model: tuple[tuple[int, int], dict[str, torch.Tensor]] = ((-1, -1), {})
 
-    def check(self, model: RoundModel) -> None:
-        """Check the round's dense part and tables once per version (not per client)."""
-        key = (model.version, id(model.dense))
-        if self._checked != key:
-            check_round_tensors(model.dense, f"round model {model.version}")
-            check_round_tensors(model.tables, f"round model {model.version}")
-            self._checked = key
-
-    def dense_bytes(self, model: RoundModel) -> int:
-        return self._dense(model)[1]
-
-    def dense_delta_layout(self, model: RoundModel) -> list[Entry]:
-        """The wire layout of a dense delta of ``model`` (its dense part's, as ``dense/*``)."""
-        return self._dense(model)[2]
-
-    def _dense(self, model: RoundModel) -> tuple[int, int, list[Entry]]:
-        if self._dense_wire[0] != model.version:
-            self._dense_wire = (model.version, encoded_size(model.dense), tensor_layout(model.dense, "dense/"))
-        return self._dense_wire
+    def dense(self, offer: Offer) -> dict[str, torch.Tensor]:
+        """The offer's model, decoded (and validated) once per round and version."""
+        key = (offer.round, offer.version)
+        if self._model[0] != key:
+            envelope, dense = decode_model(offer.model, offer.spec)
+            if (envelope.round, envelope.model_version) != key:
+                raise DataError(f"the model payload is for round {envelope.round} / model "
+                                f"{envelope.model_version}; the offer is for {key[0]} / {key[1]}")
+            self._model = (key, dense)
+        return self._model[1]
 
 
-def run_job(ctx: WorkerContext, model: RoundModel, job: Job, data: Examples | None = None) -> ClientResult:
-    """Download (dense + needed rows), train, and encode one client's update.
+def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = None) -> ClientResult:
+    """One phone's round: download the model and the rows it needs (both decoded from
+    their wire bytes), train, run the update pipeline, encode the upload.
 
     ``data`` is the client's training data when the caller has already read it
     (:meth:`Population.train_data_many`); otherwise it is read here.
     """
     if data is None:
         data = ctx.population.train_data(job.client_id)
-    ctx.check(model)
+    dense = ctx.dense(offer)
+    codec = ctx.pipeline.codec
     ids = needed_rows(ctx.scratch, data)
-    rows = {t: SparseRows(i, model.tables[t][i]) for t, i in ids.items()}
-    task = ClientTask(client_id=job.client_id, version=model.version, settings=model.settings,
-                      dense=model.dense, rows=rows, local=job.local, seed=job.seed, checked=True)
+    served = {t: SparseRows(i, offer.tables[t][i]) for t, i in ids.items()}
+    rows_payload = encode_rows(served, Envelope("rows", offer.round, offer.version, codec, job.client_id))
+    _, rows = decode_rows(rows_payload, offer.spec)
+    task = ClientTask(client_id=job.client_id, version=offer.version, settings=offer.settings,
+                      dense=dense, rows=rows, local=job.phone, seed=job.seed, checked=True)
     update, local = client_update(ctx.scratch, task, data)
-    rows_down = {f"{t}.ids": r.ids for t, r in rows.items()} | {f"{t}.rows": r.values for t, r in rows.items()}
-    bytes_down = ctx.dense_bytes(model) + encoded_size(rows_down)
-    sparse_bytes = sum(_nbytes(r.ids) + _nbytes(r.values) for r in update.sparse.values())
-    return ClientResult(update=update, local=local, bytes_down=bytes_down,
-                        bytes_up=update_size(update, ctx.dense_delta_layout(model)),
-                        bytes_up_dense=sum(_nbytes(t) for t in update.dense.values()),
-                        bytes_up_sparse=sparse_bytes)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    update, kept = ctx.pipeline.apply(update, np.random.default_rng([*job.seed, 0x919E]), job.phone)
+    payload = encode_update(update, Envelope("update", offer.round, offer.version, codec, job.client_id))
+    return ClientResult(client_id=job.client_id, payload=payload, phone={**local, **kept},
+                        bytes_down=len(offer.model) + len(rows_payload), num_examples=len(data))
 
 
 class Backend(Protocol):
-    def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]: ...
+    def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]: ...
 
     def close(self) -> None: ...
 
@@ -129,12 +134,12 @@ class InProcessBackend:
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
         self.ctx = WorkerContext(data_path, cfg)
 
-    def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
+    def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # once per round, not once per client (see client_update)
         try:
             datas = self.ctx.population.train_data_many(np.array([j.client_id for j in jobs], dtype=np.int64))
-            return [run_job(self.ctx, model, job, data) for job, data in zip(jobs, datas, strict=True)]
+            return [run_job(self.ctx, offer, job, data) for job, data in zip(jobs, datas, strict=True)]
         finally:
             torch.set_num_threads(threads)
 
@@ -151,10 +156,10 @@ def _init_worker(data_path: str, cfg: Config) -> None:
     _WORKER = WorkerContext(data_path, cfg)
 
 
-def _run_in_worker(model: RoundModel, job: Job) -> ClientResult:
+def _run_in_worker(offer: Offer, job: Job) -> ClientResult:
     if _WORKER is None:  # pragma: no cover - initializer always runs first
         raise RuntimeError("worker context not initialised")
-    return run_job(_WORKER, model, job)
+    return run_job(_WORKER, offer, job)
 
 
 class ProcessBackend:
@@ -166,9 +171,9 @@ class ProcessBackend:
         self.pool = ProcessPoolExecutor(max_workers=cfg.fl.workers, mp_context=ctx,
                                         initializer=_init_worker, initargs=(str(data_path), cfg))
 
-    def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
+    def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
         chunk = max(1, len(jobs) // (4 * self.workers))
-        return list(self.pool.map(_run_in_worker, [model] * len(jobs), jobs, chunksize=chunk))
+        return list(self.pool.map(_run_in_worker, [offer] * len(jobs), jobs, chunksize=chunk))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -195,15 +200,15 @@ class RayBackend:
                 torch.set_num_threads(1)
                 self.ctx = WorkerContext(path, config)
 
-            def run(self, model: RoundModel, jobs: list[Job]) -> list[ClientResult]:
-                return [run_job(self.ctx, model, j) for j in jobs]
+            def run(self, offer: Offer, jobs: list[Job]) -> list[ClientResult]:
+                return [run_job(self.ctx, offer, j) for j in jobs]
 
         # ray.remote turns the class into an ActorClass; mypy still sees the plain class
         self.actors = [_Actor.remote(str(data_path), cfg)  # type: ignore[attr-defined]
                        for _ in range(cfg.fl.workers)]
 
-    def map(self, model: RoundModel, jobs: Sequence[Job]) -> list[ClientResult]:
-        ref = self.ray.put(model)
+    def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
+        ref = self.ray.put(offer)
         n = len(self.actors)
         parts = [list(jobs[i::n]) for i in range(n)]
         futures = [a.run.remote(ref, p) for a, p in zip(self.actors, parts, strict=True)]

@@ -180,8 +180,7 @@ def client_update(
         params = parameters(scratch)
         names = list(task.dense)
         with torch.no_grad():
-            diffs = torch._foreach_sub([params[k] for k in names], [task.dense[k] for k in names])
-        dense_delta = dict(zip(names, diffs, strict=True))
+            dense_delta = {k: params[k] - task.dense[k] for k in names}
         sparse_delta = {}
         for table in sparse_tables(scratch):
             rows = task.rows.get(table)

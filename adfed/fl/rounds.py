@@ -1,38 +1,57 @@
-"""One synchronous round as explicit steps: select, configure, train, upload, close, aggregate.
+"""Sync rounds in simulation: the server's round machine (:mod:`adfed.fl.server`) driven
+by simulated time.
 
-Each step is a small function so that the HTTP service can run the same sequence with
-real devices; :func:`run_sync_round` chains them for the simulation. The server state is
-never mutated: :func:`apply_updates` returns a new one.
+One round: select clients (with over-selection), offer them the encoded model, let the
+backend run the phones (decode, train, transform, encode), time each phone from its real
+payload sizes and device profile, feed the uploads to the machine in arrival order
+(:func:`~adfed.fl.server.accept` decodes each), then aggregate when the round closed
+with enough uploads, or retry. The HTTP service drives the same machine with real
+requests; only the clock differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from adfed.config import Config
-from adfed.fl import devices, strategies
-from adfed.fl.backends import Backend, ClientResult, Job, RoundModel
+from adfed.fl import devices, server, strategies
+from adfed.fl.aggregators import Aggregator
+from adfed.fl.backends import Backend, ClientResult, Job, Offer
+from adfed.fl.pipeline import Pipeline
 from adfed.fl.population import LocalStore, Population
-from adfed.fl.types import ClientSettings, GlobalState, SparseRows, Update
-from adfed.fl.window import WindowState, close_round, next_state
+from adfed.fl.server import ServerState, SyncRound
+from adfed.fl.types import ClientSettings, Update
+from adfed.fl.window import next_state
+from adfed.fl.wire import Envelope, WireSpec, encode_model
 from adfed.model.groups import lr_decay_factor
+
+#: salts of the per-round RNG streams (with seed and round)
+SELECT_SALT, AGGREGATE_SALT = 0x5EC, 0xA66
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerState:
-    """Everything the server carries from round to round."""
+class Engine:
+    """The built components a simulated round runs with (sync and async alike)."""
 
-    model: GlobalState
-    opt_state: dict[str, Any]
-    window: WindowState
-    round: int = 0
-    sim_time_s: float = 0.0
+    cfg: Config
+    population: Population
+    backend: Backend
+    aggregator: Aggregator
+    server_opt: strategies.ServerOptimizer
+    pipeline: Pipeline
+    spec: WireSpec
+
+    def aggregate(self, state: ServerState, updates: Sequence[Update], weights: np.ndarray,
+                  step: int) -> ServerState:
+        rng = np.random.default_rng([self.cfg.seed, step, AGGREGATE_SALT])
+        return server.aggregate(state, updates, weights, self.aggregator, self.server_opt, rng,
+                                threads=self.cfg.fl.server_threads)
 
 
 def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
@@ -54,129 +73,105 @@ def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.
     return population.sample(k, rng)
 
 
-def configure(state: ServerState, cfg: Config) -> RoundModel:
-    return RoundModel(version=state.model.version, dense=state.model.dense,
-                      tables=state.model.sparse, settings=client_settings(cfg, state.round))
+def make_offer(state: ServerState, engine: Engine, round_no: int) -> Offer:
+    """The round's offer: the model encoded once, the settings of ``state.round`` rounds done."""
+    g = state.model
+    model = encode_model(g.dense, Envelope("model", round_no, g.version, engine.pipeline.codec))
+    return Offer(round=round_no, version=g.version, settings=client_settings(engine.cfg, state.round),
+                 model=model, tables=g.sparse, spec=engine.spec)
 
 
 def jobs_for(clients: np.ndarray, store: LocalStore, seed_prefix: tuple[int, ...]) -> list[Job]:
-    return [Job(client_id=int(c), local=store.get(int(c)), seed=(*seed_prefix, int(c))) for c in clients]
+    return [Job(client_id=int(c), phone=store.get(int(c)), seed=(*seed_prefix, int(c))) for c in clients]
 
 
-def apply_updates(
-    state: ServerState,
-    updates: Sequence[Update],
-    weights: np.ndarray,
-    server_opt: strategies.ServerOptimizer,
-    sparse_over: str,
-) -> ServerState:
-    """New server state after aggregating ``updates`` with ``weights`` (pure).
-
-    ``sparse_over`` is ``fl.sparse_aggregation`` (see :func:`strategies.aggregate_sparse`).
-    """
-    g = state.model
-    delta = strategies.weighted_mean([u.dense for u in updates], weights)
-    dense, opt_state = server_opt.apply(g.dense, delta, state.opt_state)
-    tables = dict(g.sparse)
-    for name, table in g.sparse.items():
-        parts = [u.sparse.get(name, SparseRows(torch.zeros(0, dtype=torch.int64),
-                                               torch.zeros(0, table.shape[1]))) for u in updates]
-        mean = strategies.aggregate_sparse(parts, weights, sparse_over)
-        if len(mean.ids):
-            new = table.clone()
-            new.index_add_(0, mean.ids, mean.values.to(table.dtype))
-            tables[name] = new
-    model = GlobalState(dense=dense, sparse=tables, version=g.version + 1)
-    return dataclasses.replace(state, model=model, opt_state=opt_state)
+def rules(cfg: Config) -> server.RoundRules:
+    return server.RoundRules(target=cfg.fl.clients_per_round, min_clients=cfg.window.min_clients,
+                             max_retries=cfg.window.max_retries)
 
 
-@dataclasses.dataclass(frozen=True)
-class Attempt:
-    """What happened to the clients selected in one attempt at a round."""
-
-    selected: np.ndarray
-    results: list[ClientResult]  # trained (non-failed) clients, in selection order
-    completion_s: np.ndarray  # per trained client
-    accepted: np.ndarray  # bool per trained client: aggregated
-    failed: int
-    end_s: float
-
-
-def attempt_round(
-    state: ServerState, cfg: Config, population: Population, backend: Backend,
-    store: LocalStore, rng: np.random.Generator, seed_prefix: tuple[int, ...],
-) -> Attempt:
-    """Select, train, time and close one attempt at a round (no aggregation)."""
-    selected = select(population, cfg, rng)
-    failed = devices.failures(population.profiles, selected, rng)
-    trained = selected[~failed]
-    results = backend.map(configure(state, cfg), jobs_for(trained, store, seed_prefix))
-    completion = devices.round_trip_s(
-        population.profiles, trained,
+def simulated_times(population: Population, cfg: Config, results: Sequence[ClientResult]) -> np.ndarray:
+    """Each phone's simulated seconds from the offer to its upload done, from the bytes it
+    really downloaded and uploaded, its examples and its device profile."""
+    clients = np.array([r.client_id for r in results], dtype=np.int64)
+    return devices.round_trip_s(
+        population.profiles, clients,
         bytes_down=np.array([r.bytes_down for r in results], dtype=np.float64),
-        bytes_up=np.array([r.bytes_up for r in results], dtype=np.float64),
-        examples=np.array([r.update.num_examples * cfg.fl.local_epochs for r in results], dtype=np.float64),
+        bytes_up=np.array([len(r.payload) for r in results], dtype=np.float64),
+        examples=np.array([r.num_examples * cfg.fl.local_epochs for r in results], dtype=np.float64),
     )
-    on_time, end = close_round(cfg.window, state.window, completion)
-    # Over-selection: the round takes the first `clients_per_round` arrivals.
-    order = np.argsort(completion, kind="stable")
-    accepted = np.zeros(len(trained), dtype=bool)
-    take = [i for i in order if on_time[i]][: cfg.fl.clients_per_round]
-    accepted[take] = True
-    if len(take) == cfg.fl.clients_per_round and len(take) < len(trained):
-        end = float(completion[take[-1]])
-    return Attempt(selected=selected, results=results, completion_s=completion, accepted=accepted,
-                   failed=int(failed.sum()), end_s=end)
 
 
-def run_sync_round(
-    state: ServerState, cfg: Config, population: Population, backend: Backend,
-    store: LocalStore, server_opt: strategies.ServerOptimizer,
-) -> tuple[ServerState, dict[str, Any]]:
-    """One sync round with retries; returns the new state and the round's CSV row.
+def run_attempt(rnd: SyncRound, state: ServerState, engine: Engine, store: LocalStore,
+                offer: Offer) -> tuple[SyncRound, list[ClientResult]]:
+    """Select, offer, train and deliver one attempt; returns the closed attempt.
 
     ``store`` (the phones' local storage) is updated in place for every client that
     finished training, on time or late: their phone keeps its new local state.
     """
-    rnd = state.round + 1
-    sim_start = state.sim_time_s
-    row: dict[str, Any] = {"round": rnd, "deadline_s": state.window.deadline_s}
-    # discarded: on time, but in an attempt that was retried (too few arrivals)
-    totals = {"selected": 0, "arrived": 0, "late": 0, "failed": 0, "discarded": 0, "retries": 0}
-    window = state.window
-    for attempt in range(cfg.window.max_retries + 1):
-        rng = np.random.default_rng([cfg.seed, rnd, attempt, 0x5EC])
-        att = attempt_round(dataclasses.replace(state, window=window), cfg, population, backend,
-                            store, rng, (cfg.seed, rnd, attempt))
-        for res in att.results:
-            store.put_inplace(res.update.client_id, res.local)
-        state = dataclasses.replace(state, sim_time_s=state.sim_time_s + att.end_s)
-        window = next_state(cfg.window, window, att.completion_s)
-        totals["selected"] += len(att.selected)
-        totals["failed"] += att.failed
-        totals["late"] += int((~att.accepted).sum())
-        accepted = [r for r, ok in zip(att.results, att.accepted, strict=True) if ok]
-        if len(accepted) >= cfg.window.min_clients:
-            updates = [r.update for r in accepted]
-            weights = strategies.client_weights(updates, cfg.fl.max_weight)
-            if weights.sum() > 0:
-                state = apply_updates(state, updates, weights, server_opt, cfg.fl.sparse_aggregation)
-            totals["arrived"] = len(accepted)
-            row.update(_byte_stats(accepted))
-            row["train_loss"] = float(np.mean([u.metrics["loss"] for u in updates]))
+    cfg, population = engine.cfg, engine.population
+    rng = np.random.default_rng([cfg.seed, rnd.expect.round, rnd.attempt, SELECT_SALT])
+    selected = select(population, cfg, rng)
+    rnd = server.offer(rnd, selected)
+    failed = devices.failures(population.profiles, selected, rng)
+    for client in selected[failed].tolist():
+        rnd = server.drop(rnd, client)
+    trained = selected[~failed]
+    results = engine.backend.map(offer, jobs_for(trained, store, (cfg.seed, rnd.expect.round, rnd.attempt)))
+    for res in results:
+        store.put_inplace(res.client_id, res.phone)
+    arrive = simulated_times(population, cfg, results)
+    for i in np.argsort(arrive, kind="stable").tolist():
+        rnd = server.accept(rnd, results[i].client_id, results[i].payload, float(arrive[i]),
+                            engine.spec, engine.pipeline)
+    if rnd.phase is server.Phase.OPEN:  # nobody arrived
+        rnd = server.close(rnd, server.deadline_or(rnd, 0.0))
+    return rnd, results
+
+
+def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tuple[ServerState, dict[str, Any]]:
+    """One sync round with retries; returns the new state and the round's CSV row."""
+    cfg = engine.cfg
+    rnd = server.open_round(state, rules(cfg), engine.pipeline.codec)
+    offer = make_offer(state, engine, rnd.expect.round)
+    row: dict[str, Any] = {"round": rnd.expect.round, "deadline_s": state.window.deadline_s}
+    sim_start, sim_s, window = state.sim_time_s, state.sim_time_s, state.window
+    while True:
+        rnd, results = run_attempt(rnd, state, engine, store, offer)
+        sim_s += rnd.end_s
+        window = next_state(cfg.window, window, np.array(rnd.arrivals_s, dtype=np.float64))
+        if server.enough(rnd):
+            rnd = server.finish(rnd)
+            updates = server.updates_in_offer_order(rnd)
+            weights = server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
+            state = engine.aggregate(state, updates, weights, rnd.expect.round)
+            row.update(byte_stats(rnd.uploads, {r.client_id: r.bytes_down for r in results}))
+            row["train_loss"] = float(np.mean([u.metrics.get("loss", math.nan) for u in updates]))
             break
-        totals["discarded"] += len(accepted)
-        totals["retries"] += 1
-    row.update(totals)
-    row["round_sim_s"] = state.sim_time_s - sim_start
-    row["sim_time_s"] = state.sim_time_s
-    return dataclasses.replace(state, window=window, round=rnd), row
+        retry = server.can_retry(rnd)
+        rnd = server.discard(rnd)
+        if not retry:
+            break
+        rnd = server.retry(rnd, window.deadline_s)
+    row.update(dataclasses.asdict(rnd.counts))
+    row["round_sim_s"] = sim_s - sim_start
+    row["sim_time_s"] = sim_s
+    return dataclasses.replace(state, window=window, round=rnd.expect.round, sim_time_s=sim_s), row
 
 
-def _byte_stats(results: Sequence[ClientResult]) -> dict[str, float]:
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def byte_stats(uploads: Sequence[server.Upload], bytes_down: Mapping[int, int]) -> dict[str, float]:
+    """Mean bytes per aggregated client: up (``len()`` of its payload) and down (model +
+    its rows, as encoded), and the tensor bytes of the dense and sparse parts of its upload."""
+    if not uploads:
+        return {}
     return {
-        "bytes_up": float(np.mean([r.bytes_up for r in results])),
-        "bytes_down": float(np.mean([r.bytes_down for r in results])),
-        "bytes_up_dense": float(np.mean([r.bytes_up_dense for r in results])),
-        "bytes_up_sparse": float(np.mean([r.bytes_up_sparse for r in results])),
+        "bytes_up": float(np.mean([u.bytes_up for u in uploads])),
+        "bytes_down": float(np.mean([bytes_down[u.update.client_id] for u in uploads])),
+        "bytes_up_dense": float(np.mean([sum(_nbytes(t) for t in u.update.dense.values()) for u in uploads])),
+        "bytes_up_sparse": float(np.mean([sum(_nbytes(r.ids) + _nbytes(r.values) for r in u.update.sparse.values())
+                                          for u in uploads])),
     }

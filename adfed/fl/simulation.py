@@ -1,23 +1,27 @@
 """Federated training driver: rounds (sync or async), evaluation, checkpoints, summary.
 
 ``fit_federated`` is what ``Trainer(cfg).fit()`` runs for ``train.mode = "federated"``.
-Each round's server state, the phones' local storage and the rows so far are
-checkpointed atomically to ``checkpoint_dir/checkpoint.pt`` when a directory is given;
+It builds the engine's components (population, backend, aggregator, server optimizer,
+update pipeline, wire spec) and drives sync rounds (:mod:`adfed.fl.rounds`) or async
+steps (:mod:`adfed.fl.fedbuff`). Each round's server state, the phones' local storage
+and the rows so far are checkpointed atomically to
+``checkpoint_dir/checkpoint.safetensors`` (:mod:`adfed.fl.checkpoint`: no pickle) when a
+directory is given;
 ``resume=True`` continues from it to the same final model as an uninterrupted run
 (all randomness is derived from (seed, round, client), never from carried RNG state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from adfed.config import Config
 from adfed.data.examples import Examples
@@ -25,18 +29,23 @@ from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
 from adfed.errors import ConfigError
 from adfed.evaluation import evaluate, split_examples, test_users
-from adfed.fl import strategies
-from adfed.fl.backends import create_backend
+from adfed.fl import aggregators, checkpoint, pipeline, strategies
+from adfed.fl.backends import Backend, create_backend
+from adfed.fl.checkpoint import CHECKPOINT, Checkpoint
 from adfed.fl.fedbuff import AsyncState, run_async_step
 from adfed.fl.population import LocalStore, Population
-from adfed.fl.rounds import ServerState, run_sync_round
+from adfed.fl.rounds import Engine, run_sync_round
+from adfed.fl.server import ServerState
 from adfed.fl.types import GlobalState
 from adfed.fl.window import initial_state
-from adfed.model.groups import get_dense, group_names, model_bytes, set_dense_inplace
+from adfed.fl.wire import WireSpec
+from adfed.model.assembly import assemble_global_inplace, model_from_config
+from adfed.model.groups import get_dense, model_bytes
 from adfed.model.pcvr import PCVRModel, set_output_priors_
+from adfed.result import TrainResult
 
 logger = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "fit_federated", "initial_server_state", "load_global_inplace"]
 
 
 #: Phones asked for their label counts before round 1 (see :func:`prior_sample`).
@@ -65,23 +74,7 @@ def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.S
 
 def load_global_inplace(model: PCVRModel, state: ServerState, store: LocalStore) -> None:
     """Write the global model and the phones' local rows into a full-size eval model."""
-    set_dense_inplace(model, state.model.dense)
-    set_dense_inplace(model, state.model.sparse)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in group_names(model, ParamGroup.LOCAL):
-            params[name].zero_()
-            if store.entries:
-                users = torch.tensor(list(store.entries.keys()), dtype=torch.int64)
-                rows = torch.cat([e[name] for e in store.entries.values()])
-                params[name][users] = rows
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path / CHECKPOINT)
+    assemble_global_inplace(model, state.model.dense, state.model.sparse, store.entries)
 
 
 def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> None:
@@ -150,11 +143,29 @@ def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], m
     }
 
 
-def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None = None,
-                  resume: bool = False, on_step: Any = None) -> Any:
-    """Run ``cfg.fl.rounds`` rounds (sync) or server steps (async); see module doc."""
-    from adfed.trainer import TrainResult, model_from_config
+def build_engine(cfg: Config, dataset: Dataset, population: Population, state: ServerState,
+                 backend: Backend, server_opt: strategies.ServerOptimizer) -> Engine:
+    """The components a run's rounds use, built from ``cfg``."""
+    return Engine(cfg=cfg, population=population, backend=backend, aggregator=aggregators.build(cfg),
+                  server_opt=server_opt, pipeline=pipeline.build(cfg),
+                  spec=WireSpec.of(state.model.dense, state.model.sparse))
 
+
+def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
+    if ckpt is None or not ckpt.exists():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
+    saved = checkpoint.load(ckpt)
+    _check_same_settings(saved.settings, cfg, ckpt)
+    _check_same_model(saved.state.model, fresh.model, ckpt)
+    if cfg.fl.rounds < saved.state.round:
+        raise ConfigError(f"--resume: {ckpt} is at round {saved.state.round}; fl.rounds ({cfg.fl.rounds}) must be "
+                          f"at least that (a resumed run continues to fl.rounds)")
+    return saved
+
+
+def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None = None,
+                  resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run ``cfg.fl.rounds`` rounds (sync) or server steps (async); see module doc."""
     population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
     if len(population) == 0:
         raise ConfigError(f"data.path {dataset.path} has no client with training rows")
@@ -176,27 +187,19 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     wall_before = 0.0
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if resume:
-        if ckpt is None or not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
-        saved = torch.load(ckpt, weights_only=False)
-        _check_same_settings(saved.get("settings"), cfg, ckpt)
-        _check_same_model(saved["state"].model, state.model, ckpt)
-        state, rows, async_state = saved["state"], saved["rows"], saved["async"]
-        if cfg.fl.rounds < state.round:
-            raise ConfigError(f"--resume: {ckpt} is at round {state.round}; fl.rounds ({cfg.fl.rounds}) must be at "
-                              f"least that (a resumed run continues to fl.rounds)")
-        store.entries.update(saved["local"])
-        store.evicted = saved["evicted"]
-        wall_before = saved["wall_s"]
+        saved = _restore(ckpt, cfg, state)
+        state, rows, async_state, wall_before = saved.state, saved.rows, saved.async_state, saved.wall_s
+        store = dataclasses.replace(saved.store, capacity=cfg.fl.local_cache)
     start = time.perf_counter()
     backend = create_backend(cfg.fl.backend, dataset.path, cfg)
     final: dict[str, float] = {}
     try:
+        engine = build_engine(cfg, dataset, population, state, backend, server_opt)
         while state.round < cfg.fl.rounds:
             if cfg.fl.schedule == "sync":
-                state, row = run_sync_round(state, cfg, population, backend, store, server_opt)
+                state, row = run_sync_round(state, engine, store)
             else:
-                state, row = run_async_step(state, async_state, cfg, population, backend, store, server_opt)
+                state, async_state, row = run_async_step(state, async_state, engine, store)
             if state.round % cfg.fl.eval_every == 0 or state.round == cfg.fl.rounds:
                 t_eval = time.perf_counter()
                 load_global_inplace(eval_model, state, store)
@@ -206,10 +209,10 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
             row["wall_time_s"] = wall_before + time.perf_counter() - start
             rows.append(row)
             logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
-            if ckpt is not None:
-                _save_checkpoint(ckpt.parent, {"state": state, "rows": rows, "async": async_state,
-                                               "local": dict(store.entries), "evicted": store.evicted,
-                                               "wall_s": row["wall_time_s"], "settings": _resume_settings(cfg)})
+            if checkpoint_dir is not None:
+                checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
+                                                           store=store, wall_s=row["wall_time_s"],
+                                                           settings=_resume_settings(cfg)))
             if on_step:
                 on_step(row)
     finally:

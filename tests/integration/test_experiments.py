@@ -222,10 +222,11 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
 
     from adfed.data.examples import Examples
     from adfed.data.store import Dataset
-    from adfed.fl import strategies
+    from adfed.fl import server, strategies
     from adfed.fl.backends import InProcessBackend, Job
-    from adfed.fl.rounds import apply_updates, configure
-    from adfed.fl.simulation import initial_server_state
+    from adfed.fl.rounds import make_offer
+    from adfed.fl.simulation import build_engine, initial_server_state
+    from adfed.fl.wire import decode_update
     from adfed.model.groups import make_optimizers
     from experiments.replay import federated_start, replay_step
 
@@ -241,9 +242,12 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
     eval_model = federated_start(cfg, dataset)
     server_opt = strategies.create("fedavg", 1.0)
     state = initial_server_state(cfg, eval_model, server_opt)
-    results = backend.map(configure(state, cfg), [Job(client_id=int(u), local=None, seed=(0, int(u))) for u in users])
-    updates = [r.update for r in results]
-    after = apply_updates(state, updates, strategies.client_weights(updates, cfg.fl.max_weight), server_opt, "all")
+    engine = build_engine(cfg, dataset, population, state, backend, server_opt)
+    offer = make_offer(state, engine, 1)
+    results = backend.map(offer, [Job(client_id=int(u), phone=None, seed=(0, int(u))) for u in users])
+    updates = [decode_update(r.payload, engine.spec)[1] for r in results]
+    weights = server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
+    after = engine.aggregate(state, updates, weights, 1)
     # the replay: one step on the same users' training rows
     model = federated_start(cfg, dataset)
     fl = cfg.fl
@@ -257,6 +261,6 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
         moved += int(not torch.equal(value, {**state.model.dense, **state.model.sparse}[name]))
     assert moved > 10
     for user, res in zip(users, results, strict=True):  # each phone's own rows
-        for name, row in res.local.items():
+        for name, row in res.phone.items():
             torch.testing.assert_close(params[name][int(user)].detach(), row[0], atol=2e-6, rtol=1e-4, msg=name)
-    assert any(float(row.abs().max()) > 0 for res in results for row in res.local.values())
+    assert any(float(row.abs().max()) > 0 for res in results for row in res.phone.values())

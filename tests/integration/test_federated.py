@@ -8,15 +8,37 @@ import numpy as np
 import pytest
 import torch
 
+from adfed.config import Config
 from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
-from adfed.fl import strategies
-from adfed.fl.backends import InProcessBackend, Job
-from adfed.fl.rounds import configure
+from adfed.errors import DataError
+from adfed.fl import pipeline, strategies
+from adfed.fl.backends import ClientResult, InProcessBackend, Job, Offer
+from adfed.fl.rounds import client_settings
+from adfed.fl.server import ServerState
 from adfed.fl.simulation import CHECKPOINT, initial_server_state
-from adfed.fl.wire import encode_update
+from adfed.fl.types import Update
+from adfed.fl.wire import Envelope, WireSpec, decode_update, encode_model
 from adfed.model.groups import group_names, sparse_tables
 from adfed.trainer import Trainer, model_from_config
+
+
+def _offer(cfg: Config, state: ServerState, *, dense: dict[str, torch.Tensor] | None = None,
+           spec: WireSpec | None = None, **settings: float) -> Offer:
+    """The offer of round ``state.round + 1``, as the server encodes it (tests may swap in
+    another dense part, spec or settings)."""
+    g = state.model
+    dense = g.dense if dense is None else dense
+    spec = spec or WireSpec.of(g.dense, g.sparse)
+    codec = pipeline.build(cfg).codec
+    model = encode_model(dense, Envelope("model", state.round + 1, g.version, codec))
+    return Offer(round=state.round + 1, version=g.version,
+                 settings=dataclasses.replace(client_settings(cfg, state.round), **settings),
+                 model=model, tables=g.sparse, spec=spec)
+
+
+def _update(res: ClientResult, offer: Offer) -> Update:
+    return decode_update(res.payload, offer.spec)[1]
 
 
 def _final_params(result) -> dict[str, torch.Tensor]:
@@ -159,21 +181,23 @@ def test_uploads_hold_shared_groups_only(small_world, fl_config):
     model = model_from_config(cfg, ds)
     state = initial_server_state(cfg, model, strategies.create("fedavg", 1.0))
     client = int(backend.ctx.population.clients[0])
+    offer = _offer(cfg, state)
     # Execute
-    (res,) = backend.map(configure(state, cfg), [Job(client_id=client, local=None, seed=(0,))])
+    (res,) = backend.map(offer, [Job(client_id=client, phone=None, seed=(0,))])
+    update = _update(res, offer)
     # Assert: LOCAL parameters never leave; sparse rows are exactly the touched ones
     local_names = set(group_names(backend.ctx.scratch, ParamGroup.LOCAL))
-    assert local_names and not local_names & set(res.update.dense)
-    assert not local_names & set(res.update.sparse)
-    assert set(res.local) == local_names
-    payload = encode_update(res.update)
-    assert all(name.encode() not in payload for name in local_names)
-    assert res.bytes_up == len(payload)
+    assert local_names and not local_names & set(update.dense)
+    assert not local_names & set(update.sparse)
+    assert set(res.phone) == local_names  # the identity pipeline keeps no state
+    assert all(name.encode() not in res.payload for name in local_names)
+    assert update.client_id == client and update.base_version == state.model.version
     data = backend.ctx.population.train_data(client)
+    assert update.num_examples == res.num_examples == len(data)
     for table in sparse_tables(backend.ctx.scratch):
         spec = backend.ctx.scratch.table_field(table)
         ids = data.bags[spec.name][0] if spec.is_bag else data.ids[spec.name]
-        assert torch.equal(res.update.sparse[table].ids, torch.from_numpy(np.unique(ids)))
+        assert torch.equal(update.sparse[table].ids, torch.from_numpy(np.unique(ids)))
 
 
 def test_a_round_model_listing_a_local_parameter_is_refused(small_world, fl_config):
@@ -188,10 +212,11 @@ def test_a_round_model_listing_a_local_parameter_is_refused(small_world, fl_conf
     scratch = backend.ctx.scratch
     local = {n: p.detach().clone() for n, p in scratch.named_parameters() if n == "user_bias.weight"}
     assert local
-    hostile = dataclasses.replace(configure(state, cfg), dense={**state.model.dense, **local})
+    dense = {**state.model.dense, **local}
+    hostile = _offer(cfg, state, dense=dense, spec=WireSpec.of(dense, state.model.sparse))
     client = int(backend.ctx.population.clients[0])
     with pytest.raises(TrainingError, match=r"lists user_bias\.weight, which are not dense_shared"):
-        backend.map(hostile, [Job(client_id=client, local=None, seed=(0,))])
+        backend.map(hostile, [Job(client_id=client, phone=None, seed=(0,))])
 
 
 def test_local_adam_takes_sign_sized_first_steps(small_world, fl_config):
@@ -202,15 +227,17 @@ def test_local_adam_takes_sign_sized_first_steps(small_world, fl_config):
     backend = InProcessBackend(small_world, cfg)
     state = initial_server_state(cfg, model_from_config(cfg, ds), strategies.create("fedavg", 1.0))
     client = int(backend.ctx.population.clients[0])
+    offer = _offer(cfg, state)
     # Execute
-    (res,) = backend.map(configure(state, cfg), [Job(client_id=client, local=None, seed=(0,))])
+    (res,) = backend.map(offer, [Job(client_id=client, phone=None, seed=(0,))])
+    update = _update(res, offer)
     # Assert: Adam's first step moves a parameter by lr * g / (|g| + eps), at most lr;
     # plain SGD at lr 0.001 would move most of them by far less (parameters with a zero
     # gradient, such as rows of small tables the batch does not read, stay put)
-    moved = torch.cat([d.flatten() for d in res.update.dense.values()]).abs()
+    moved = torch.cat([d.flatten() for d in update.dense.values()]).abs()
     assert float(moved.max()) <= 0.001 * (1 + 1e-4)
     assert float((moved[moved > 0] > 0.0009).float().mean()) > 0.9
-    rows = torch.cat([r.values.flatten() for r in res.update.sparse.values()]).abs()
+    rows = torch.cat([r.values.flatten() for r in update.sparse.values()]).abs()
     assert float(rows.max()) <= 0.001 * (1 + 1e-4) and float(rows.max()) > 0.0009
 
 
@@ -224,8 +251,9 @@ def test_local_table_lr_scales_only_the_small_dense_tables(small_world, fl_confi
         backend = InProcessBackend(small_world, cfg)
         state = initial_server_state(cfg, model_from_config(cfg, ds), strategies.create("fedavg", 1.0))
         client = int(backend.ctx.population.clients[0])
-        (res,) = backend.map(configure(state, cfg), [Job(client_id=client, local=None, seed=(0,))])
-        return res.update, backend.ctx.scratch
+        offer = _offer(cfg, state)
+        (res,) = backend.map(offer, [Job(client_id=client, phone=None, seed=(0,))])
+        return _update(res, offer), backend.ctx.scratch
 
     # Execute
     (slow, scratch), (fast, _) = one_update(0.1), one_update(1.0)
@@ -242,19 +270,19 @@ def test_local_table_lr_scales_only_the_small_dense_tables(small_world, fl_confi
 
 
 def test_a_non_finite_round_model_is_refused_before_any_client_trains(small_world, fl_config):
-    # Prepare: a round model whose dense part holds a NaN (checked once per version now,
-    # not per client)
+    # Prepare: a round model whose dense part holds a NaN (the phone decodes and checks
+    # the model payload once per version, not per client)
     cfg = fl_config(small_world)
     backend = InProcessBackend(small_world, cfg)
     state = initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
                                  strategies.create("fedavg", 1.0))
-    model = configure(state, cfg)
-    name = next(iter(model.dense))
-    bad = dataclasses.replace(model, dense={**model.dense, name: torch.full_like(model.dense[name], float("nan"))})
+    name = next(iter(state.model.dense))
+    bad = _offer(cfg, state, dense={**state.model.dense,
+                                    name: torch.full_like(state.model.dense[name], float("nan"))})
     client = int(backend.ctx.population.clients[0])
     # Execute / Assert
-    with pytest.raises(ValueError, match=f"round model .*parameter {name} is not finite"):
-        backend.map(bad, [Job(client_id=client, local=None, seed=(0,))])
+    with pytest.raises(DataError, match=f"model payload.*{name} holds NaN or infinite values"):
+        backend.map(bad, [Job(client_id=client, phone=None, seed=(0,))])
 
 
 def test_local_state_persists_between_rounds(small_world, fl_config):
@@ -288,57 +316,63 @@ def test_federated_heads_start_at_the_sampled_phones_base_rates(small_world, fl_
     assert ctr_bias < -1.0  # a click rate of a few percent
 
 
+def _engine(cfg, dataset, population, state, backend):  # noqa: ANN001, ANN202
+    from adfed.fl.simulation import build_engine
+
+    return build_engine(cfg, dataset, population, state, backend,
+                        strategies.create(cfg.fl.strategy, cfg.fl.server_lr))
+
+
 def test_a_failing_async_client_frees_its_slot_within_its_own_work(small_world, fl_config):
-    from adfed.fl.fedbuff import AsyncState, _dispatch, _flush, _lower_bound
+    from adfed.fl.fedbuff import AsyncState, _lower_bound, dispatch, flush
     from adfed.fl.population import LocalStore, Population
 
     cfg = fl_config(small_world, 'fl.schedule="async"', "fl.async_concurrency=15")
     dataset = Dataset.open(small_world)
     population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
     population.profiles.dropout_prob[:] = 1.0  # every client fails
-    st = AsyncState(clock_s=100.0)
-    _dispatch(st, cfg, population, cfg.fl.async_concurrency)
-    assert not st.pending  # drop-outs are drawn at the start: nothing to train
     backend = InProcessBackend(dataset.path, cfg)
     state = initial_server_state(cfg, model_from_config(cfg, dataset),
                                  strategies.create(cfg.fl.strategy, cfg.fl.server_lr))
-    _flush(st, state, cfg, population, backend, LocalStore(capacity=10))
+    engine = _engine(cfg, dataset, population, state, backend)
+    st = dispatch(AsyncState(clock_s=100.0), engine, cfg.fl.async_concurrency)
+    assert not st.pending  # drop-outs are drawn at the start: nothing to train
+    st = flush(st, state, engine, LocalStore(capacity=10))
     assert len(st.events) == cfg.fl.async_concurrency
-    for t, _, client, result in st.events:
-        assert result is None  # a failure event
-        assert 100.0 <= t <= _lower_bound(population, cfg, 100.0, client)
+    for e in st.events:
+        assert e.payload is None  # a failure event
+        assert 100.0 <= e.at_s <= _lower_bound(population, engine, 100.0, e.client)
 
 
 def test_the_async_clock_never_runs_backwards(small_world, fl_config, monkeypatch):
     """A drop-out drawn late (at the flush) could land before the clock; drawn at the
     client's start it cannot."""
-    import heapq
-    import types
-
     from adfed.fl import fedbuff
     from adfed.fl.fedbuff import AsyncState, run_async_step
     from adfed.fl.population import LocalStore, Population
 
     popped: list[float] = []
+    pop = fedbuff._pop
 
-    def heappop(heap):  # the stdlib's, recording each event time the clock moves to
-        event = heapq.heappop(heap)
-        popped.append(event[0])
-        return event
+    def recording_pop(*args):  # noqa: ANN002, ANN202 - the engine's, recording each time the clock moves to
+        st, event = pop(*args)
+        popped.append(event.at_s)
+        return st, event
 
-    monkeypatch.setattr(fedbuff, "heapq", types.SimpleNamespace(heappush=heapq.heappush, heappop=heappop))
+    monkeypatch.setattr(fedbuff, "_pop", recording_pop)
     cfg = fl_config(small_world, 'fl.schedule="async"', "fl.async_concurrency=20", "fl.async_buffer=5",
                     "fl.rounds=12")
     dataset = Dataset.open(small_world)
     population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
     population.profiles.dropout_prob[:] = 0.3
     backend = InProcessBackend(dataset.path, cfg)
-    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
-    state = initial_server_state(cfg, model_from_config(cfg, dataset), server_opt)
+    state = initial_server_state(cfg, model_from_config(cfg, dataset),
+                                 strategies.create(cfg.fl.strategy, cfg.fl.server_lr))
+    engine = _engine(cfg, dataset, population, state, backend)
     st, store = AsyncState(), LocalStore(capacity=100)
     failed = 0
     for _ in range(cfg.fl.rounds):
-        state, row = run_async_step(state, st, cfg, population, backend, store, server_opt)
+        state, st, row = run_async_step(state, st, engine, store)
         failed += row["failed"]
         assert row["round_sim_s"] >= 0
     assert failed > 0 and len(popped) > 50
@@ -346,8 +380,6 @@ def test_the_async_clock_never_runs_backwards(small_world, fl_config, monkeypatc
 
 
 def test_fl_lr_decay_start_scales_the_phones_lrs_after_start(small_world, fl_config):
-    from adfed.fl.rounds import client_settings
-
     cfg = fl_config(small_world, "fl.lr_decay_start=2", "fl.local_lr=1.5", "fl.local_sparse_lr=0.5",
                     "fl.local_table_lr=40")
     for done, f in ((0, 1.0), (2, 1.0), (4, 0.5), (8, 0.25)):
@@ -371,8 +403,7 @@ def test_a_negative_fl_lr_decay_start_is_a_one_line_config_error():
 
 
 def test_fedprox_anchors_the_sparse_rows_as_well_as_the_dense_part(small_world, fl_config):
-    from adfed.fl.backends import RoundModel, WorkerContext, run_job
-    from adfed.fl.rounds import client_settings
+    from adfed.fl.backends import WorkerContext, run_job
 
     cfg = fl_config(small_world, 'fl.strategy="fedprox"', "fl.local_epochs=3", "fl.local_batch_size=4")
     ctx = WorkerContext(str(small_world), cfg)
@@ -382,9 +413,8 @@ def test_fedprox_anchors_the_sparse_rows_as_well_as_the_dense_part(small_world, 
     client = int(clients[np.argmax(ctx.population.num_train(clients))])
     norms = {}
     for mu in (0.0, 50.0):  # lr x mu = 0.5: the pull halves the distance each step
-        s = dataclasses.replace(client_settings(cfg), prox_mu=mu, lr=0.01, table_lr=0.01, sparse_lr=0.01)
-        rm = RoundModel(version=0, dense=state.model.dense, tables=state.model.sparse, settings=s)
-        update = run_job(ctx, rm, Job(client_id=client, local=None, seed=(0, 1, client))).update
+        offer = _offer(cfg, state, prox_mu=mu, lr=0.01, table_lr=0.01, sparse_lr=0.01)
+        update = _update(run_job(ctx, offer, Job(client_id=client, phone=None, seed=(0, 1, client))), offer)
         assert update.sparse
         norms[mu] = {k: float(r.values.norm()) for k, r in update.sparse.items()}
     for table, free in norms[0.0].items():
@@ -393,9 +423,7 @@ def test_fedprox_anchors_the_sparse_rows_as_well_as_the_dense_part(small_world, 
 
 @pytest.mark.parametrize(("strategy", "mu"), [("fedprox", 0.05), ("fedavg", 0.0), ("fedadam", 0.0)])
 def test_only_fedprox_sends_the_phones_a_proximal_term(small_world, fl_config, strategy, mu):
-    from adfed.fl.rounds import client_settings
-
     cfg = fl_config(small_world, f'fl.strategy="{strategy}"', "fl.prox_mu=0.05")
     assert client_settings(cfg).prox_mu == mu
-    assert configure(initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
-                                          strategies.create(strategy, 1.0)), cfg).settings.prox_mu == mu
+    assert _offer(cfg, initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                            strategies.create(strategy, 1.0))).settings.prox_mu == mu

@@ -1,4 +1,4 @@
-"""Aggregation and server optimizers: a contract suite over every registered strategy."""
+"""Server optimizers: a contract suite over every registered strategy."""
 
 from __future__ import annotations
 
@@ -7,19 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from adfed.fl import strategies
-from adfed.fl.strategies import (
-    ServerAdaptive,
-    ServerSGD,
-    aggregate_sparse,
-    client_weights,
-    weighted_mean,
-)
-from adfed.fl.types import SparseRows, Update
+from adfed.fl.strategies import ServerAdaptive, ServerSGD
+from adfed.fl.types import Update
 
 ALL = strategies.names()
 
@@ -131,170 +122,6 @@ def test_server_sgd_scales_by_lr() -> None:
     assert new["w"].tolist() == [2.0, 0.0]
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    delta=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3)),
-                     elements=st.floats(-100, 100, width=32)),
-    counts=st.lists(st.integers(1, 500), min_size=1, max_size=6),
-    max_weight=st.floats(1.0, 1000.0),
-)
-def test_fedavg_of_identical_updates_is_that_update(delta: np.ndarray, counts: list[int], max_weight: float) -> None:
-    # Prepare
-    t = torch.from_numpy(delta)
-    updates = [_update(n, {"w": t.clone()}, client_id=i) for i, n in enumerate(counts)]
-    params = {"w": torch.zeros_like(t)}
-    opt = strategies.create("fedavg", 1.0)
-
-    # Execute
-    mean = weighted_mean([u.dense for u in updates], client_weights(updates, max_weight))
-    new_params, _ = opt.apply(params, mean, opt.init(params))
-
-    # Assert
-    torch.testing.assert_close(mean["w"], t, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(new_params["w"], t, rtol=1e-6, atol=1e-5)
-
-
-# -- weights and dense mean ------------------------------------------------------------------
-
-def test_client_weights_cap_and_clip() -> None:
-    # Prepare
-    updates = [_update(n) for n in (10, 0, -5, 200, 10_000)]
-
-    # Execute
-    w = client_weights(updates, max_weight=200.0)
-
-    # Assert
-    assert w.dtype == np.float64
-    assert w.tolist() == [10.0, 0.0, 0.0, 200.0, 200.0]
-
-
-def test_client_weights_of_nobody() -> None:
-    assert client_weights([], 10.0).shape == (0,)
-    assert client_weights([_update(0), _update(-1)], 10.0).tolist() == [0.0, 0.0]
-
-
-def test_weighted_mean_matches_numpy(rng: np.random.Generator) -> None:
-    # Prepare
-    k = 5
-    arrays = [{"a": rng.normal(size=(3, 2)), "b": rng.normal(size=4)} for _ in range(k)]
-    tensors = [{n: torch.from_numpy(v.astype(np.float32)) for n, v in d.items()} for d in arrays]
-    weights = np.array([1.0, 0.0, 3.0, 2.5, 7.0])
-
-    # Execute
-    mean = weighted_mean(tensors, weights)
-
-    # Assert
-    for name in ("a", "b"):
-        stacked = np.stack([d[name].astype(np.float32).astype(np.float64) for d in arrays])
-        want = np.tensordot(weights / weights.sum(), stacked, axes=1)
-        np.testing.assert_allclose(mean[name].numpy(), want, rtol=1e-6, atol=1e-6)
-        assert mean[name].dtype == torch.float32
-
-
-def test_weighted_mean_zero_total_weight_raises() -> None:
-    tensors = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
-    with pytest.raises(ValueError, match="total weight is zero"):
-        weighted_mean(tensors, np.zeros(2))
-
-
-def test_weighted_mean_of_nothing_raises() -> None:
-    with pytest.raises(ValueError, match="at least one update"):
-        weighted_mean([], np.zeros(0))
-
-
-def test_weighted_mean_rejects_mismatched_lengths() -> None:
-    tensors = [{"w": torch.ones(2)}, {"w": torch.zeros(2)}]
-    with pytest.raises(ValueError, match=r"2 updates but 3 weights"):
-        weighted_mean(tensors, np.ones(3))
-
-
-# -- sparse rows -----------------------------------------------------------------------------
-
-def test_aggregate_sparse_means_over_contributing_clients_only() -> None:
-    # Prepare: rows 1 and 3 shared, 5 only client b, 7 only client a (weight 0: ignored),
-    # 9 only client c (weight 0)
-    a = SparseRows(torch.tensor([1, 3, 7]), torch.tensor([[1.0, 0.0], [2.0, 2.0], [5.0, 5.0]]))
-    b = SparseRows(torch.tensor([1, 5]), torch.tensor([[4.0, 3.0], [-1.0, 1.0]]))
-    c = SparseRows(torch.tensor([3, 9]), torch.tensor([[8.0, 8.0], [9.0, 9.0]]))
-    weights = np.array([1.0, 2.0, 0.0])
-    a_only_3 = SparseRows(torch.tensor([3]), torch.tensor([[2.0, 2.0]]))
-
-    # Execute
-    out = aggregate_sparse([a, b, c], weights)
-    out2 = aggregate_sparse([a_only_3, b], np.array([1.0, 3.0]))
-
-    # Assert
-    assert out.ids.tolist() == [1, 3, 5, 7]
-    expected = [
-        [(1 * 1.0 + 2 * 4.0) / 3, (1 * 0.0 + 2 * 3.0) / 3],  # a and b
-        [2.0, 2.0],  # only a (c has weight 0): not diluted by b's weight
-        [-1.0, 1.0],  # only b
-        [5.0, 5.0],  # only a
-    ]
-    torch.testing.assert_close(out.values, torch.tensor(expected))
-    assert out.values.dtype == torch.float32
-    assert out2.ids.tolist() == [1, 3, 5]
-    torch.testing.assert_close(out2.values, torch.tensor([[4.0, 3.0], [2.0, 2.0], [-1.0, 1.0]]))
-
-
-def test_aggregate_sparse_over_all_equals_dense_fedavg_of_the_full_table() -> None:
-    # Prepare: the same rows as full [10, 2] tables with zeros where a client touched nothing
-    a = SparseRows(torch.tensor([1, 3]), torch.tensor([[1.0, 0.0], [2.0, 2.0]]))
-    b = SparseRows(torch.tensor([1, 5]), torch.tensor([[4.0, 3.0], [-1.0, 1.0]]))
-    c = SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2))
-    weights = np.array([1.0, 2.0, 1.0])
-    dense = []
-    for part in (a, b, c):
-        full = torch.zeros(10, 2)
-        full[part.ids] = part.values
-        dense.append({"t": full})
-
-    # Execute
-    out = aggregate_sparse([a, b, c], weights, over="all")
-    ref = weighted_mean(dense, weights)["t"]
-
-    # Assert: same values on the touched rows, and untouched rows are absent (zero delta)
-    assert out.ids.tolist() == [1, 3, 5]
-    torch.testing.assert_close(out.values, ref[out.ids])
-    assert float(ref[[0, 2, 4, 6, 7, 8, 9]].abs().sum()) == 0.0
-    with pytest.raises(ValueError, match="sparse_aggregation"):
-        aggregate_sparse([a], np.array([1.0]), over="some")
-
-
-def test_aggregate_sparse_empty_inputs() -> None:
-    # Prepare
-    empty = SparseRows(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3))
-    some = SparseRows(torch.tensor([2]), torch.ones(1, 3))
-
-    # Execute
-    none = aggregate_sparse([], np.zeros(0))
-    all_empty = aggregate_sparse([empty, empty], np.ones(2))
-    all_zero_weight = aggregate_sparse([some], np.zeros(1))
-
-    # Assert
-    assert none.ids.numel() == 0 and none.values.shape[0] == 0
-    assert all_empty.ids.numel() == 0 and all_empty.values.shape == (0, 3)
-    assert all_zero_weight.ids.numel() == 0 and all_zero_weight.values.shape == (0, 3)
-    assert all_empty.ids.dtype == torch.int64
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.data())
-def test_aggregate_sparse_of_identical_rows_is_those_rows(data: st.DataObject) -> None:
-    # Prepare
-    ids = sorted(data.draw(st.sets(st.integers(0, 50), min_size=1, max_size=8)))
-    values = data.draw(hnp.arrays(np.float32, (len(ids), 2), elements=st.floats(-10, 10, width=32)))
-    weights = np.array(data.draw(st.lists(st.floats(0.5, 100.0), min_size=1, max_size=5)))
-    part = SparseRows(torch.tensor(ids), torch.from_numpy(values))
-
-    # Execute
-    out = aggregate_sparse([part] * len(weights), weights)
-
-    # Assert
-    assert out.ids.tolist() == ids
-    torch.testing.assert_close(out.values, torch.from_numpy(values), rtol=1e-5, atol=1e-5)
-
-
 # -- FedAdam / FedYogi / FedAdagrad by hand --------------------------------------------------
 
 def test_fedadam_one_step_by_hand() -> None:
@@ -383,12 +210,6 @@ def test_unknown_name_lists_known_names() -> None:
 def test_fedprox_is_proximal_and_fedavg_is_not() -> None:
     assert "fedprox" in strategies.PROXIMAL and "fedavg" not in strategies.PROXIMAL
     assert strategies.PROXIMAL <= set(ALL)
-
-
-def test_aggregate_sparse_rejects_mismatched_lengths() -> None:
-    part = SparseRows(torch.tensor([1]), torch.ones(1, 2))
-    with pytest.raises(ValueError, match=r"1 parts but 2 weights"):
-        aggregate_sparse([part], np.ones(2))
 
 
 def test_create_passes_tau_to_the_adaptive_optimizers() -> None:

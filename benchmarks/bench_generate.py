@@ -70,9 +70,9 @@ def _breakdown(ads: int, chunk_users: int, out: Path, chunks: int = 12, reps: in
     """
     sys.path.insert(0, str(ROOT))
     from adfed.data.layout import DatasetWriter
+    from data_gen.calibrate import build_world
     from data_gen.generate import GENERATOR, chunk_tables
     from data_gen.params import WorldParams
-    from data_gen.world import build_world
 
     params = WorldParams(num_users=chunks * chunk_users, num_ads=ads)
     world = build_world(params, 0)

@@ -4,7 +4,8 @@ Every user's data is a pure function of ``(params, seed, user_id)`` (counter-bas
 random numbers, :mod:`data_gen.rng`), so any subset of any population can be
 materialised alone. Entry points:
 
-- :func:`data_gen.world.build_world` — global tables of ``(WorldParams, seed)``;
+- :func:`data_gen.calibrate.build_world` — global tables of ``(WorldParams, seed)``,
+  truth calibrated;
 - :func:`data_gen.users.users_table`, :func:`data_gen.devices.devices_table`,
   :func:`data_gen.impressions.impressions_tables`, :func:`data_gen.requests.requests_table`,
   :func:`data_gen.ads.ads_table` — pure table builders for any user ids;

@@ -1,10 +1,11 @@
-"""Calibrate a world's truth on a fixed pseudo-population.
+"""Build a world: draw its tables, then calibrate its truth on a fixed pseudo-population.
 
 The pseudo-population are users with ids ``2**62 + i``, far above any real user id, so
 calibration is deterministic for ``(params, seed)`` and never reuses a real user's
 random numbers. It sets the standardisation of the private features and the two
 intercepts (to :data:`data_gen.truth.TARGET_CLICK_RATE` and
-:data:`data_gen.truth.TARGET_CVR`).
+:data:`data_gen.truth.TARGET_CVR`). Calibration draws users and impressions, so it sits
+above :mod:`data_gen.world` (tables only), not inside it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from data_gen.impressions import draw_impressions, impression_logits
+from data_gen.params import WorldParams
 from data_gen.truth import (
     TARGET_CLICK_RATE,
     TARGET_CVR,
@@ -27,13 +29,24 @@ from data_gen.truth import (
     user_truth_features,
 )
 from data_gen.users import user_state
+from data_gen.world import World, draw_world
 
 if TYPE_CHECKING:
     from data_gen.users import UserState
-    from data_gen.world import World
 
 CALIBRATION_USERS = 4096
 PSEUDO_USER_BASE = 2**62
+
+
+def build_world(params: WorldParams, seed: int) -> World:
+    """Build the global tables of world ``(params, seed)`` and calibrate its truth.
+
+    The truth intercepts are calibrated on a fixed pseudo-population (user ids above
+    any real one) so that the click rate and the conversion rate among clicks land near
+    the values documented in :mod:`data_gen.truth`, whatever the sizes.
+    """
+    world = draw_world(params, seed)
+    return dataclasses.replace(world, truth=calibrate(world))
 
 
 def _solve_bias(rate: Callable[[float], float], target: float) -> float:

@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 
 from adfed.data.layout import MANIFEST
 from adfed.errors import DataError
+from data_gen.generate import world_from_manifest
+from data_gen.users import personas
 
 _BINS = 1 << 16
 _LOGIT_RANGE = 20.0
@@ -81,9 +83,6 @@ def _row_groups(path: Path, shard: str,
 
 def _persona_of(manifest: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:
     """``(user_ids -> persona, number of personas)`` for a data_gen world, else None."""
-    from data_gen.generate import world_from_manifest
-    from data_gen.users import personas
-
     world = world_from_manifest(manifest)
     if world is None:
         return None

@@ -26,13 +26,14 @@ import pyarrow as pa
 
 from adfed.data.layout import DatasetWriter
 from data_gen.ads import ads_table
+from data_gen.calibrate import build_world
 from data_gen.devices import devices_from_state
 from data_gen.impressions import impressions_from_state
 from data_gen.params import WorldParams
 from data_gen.requests import requests_from_state
 from data_gen.truth import user_truth_features
 from data_gen.users import user_state, users_table_from_state
-from data_gen.world import World, build_world
+from data_gen.world import World
 
 logger = logging.getLogger(__name__)
 

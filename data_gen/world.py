@@ -8,6 +8,8 @@ Per-user values are drawn elsewhere with the counter-based :mod:`data_gen.rng`.
 
 Building a world is cheap (well under a second for a million ads); every worker process
 builds its own copy from ``(params, seed)`` rather than receiving it pickled.
+:func:`draw_world` draws the tables; :func:`data_gen.calibrate.build_world` then
+calibrates the truth on users and impressions, which this module does not depend on.
 """
 
 from __future__ import annotations
@@ -197,12 +199,11 @@ def _context(p: WorldParams) -> dict[str, Any]:
             "network": rng.LookupTable(rng.make_cdf(net))}
 
 
-def build_world(params: WorldParams, seed: int) -> World:
-    """Build the global tables of world ``(params, seed)`` and calibrate its truth.
+def draw_world(params: WorldParams, seed: int) -> World:
+    """The global tables of world ``(params, seed)``, truth not yet calibrated.
 
-    The truth intercepts are calibrated on a fixed pseudo-population (user ids above
-    any real one) so that the click rate and the conversion rate among clicks land near
-    the values documented in :mod:`data_gen.truth`, whatever the sizes.
+    Its truth intercepts and feature standardisation are placeholders; use
+    :func:`data_gen.calibrate.build_world` for the world that data is drawn from.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be an int >= 0; got {seed!r}")
@@ -225,8 +226,4 @@ def build_world(params: WorldParams, seed: int) -> World:
         [np.broadcast_to(app_bias, (len(shift), len(app_bias))),
          intent_bias[None, :] + shift[:, None]], axis=1).astype(np.float32)
     truth = build_truth_tables(philox(seed, _PART_TRUTH), params, ads)
-    world = World(params=params, seed=seed, schema=build_schema(params), truth=truth,
-                  **tables)
-    from data_gen.calibrate import calibrate  # needs users/impressions, which need World
-
-    return dataclasses.replace(world, truth=calibrate(world))
+    return World(params=params, seed=seed, schema=build_schema(params), truth=truth, **tables)

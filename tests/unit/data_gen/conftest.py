@@ -15,10 +15,11 @@ import pyarrow as pa
 import pytest
 
 from data_gen.ads import ads_table
+from data_gen.calibrate import build_world
 from data_gen.impressions import impressions_tables
 from data_gen.params import WorldParams
 from data_gen.users import users_table
-from data_gen.world import World, build_world
+from data_gen.world import World
 
 SEED = 11
 NUM_USERS = 20_000

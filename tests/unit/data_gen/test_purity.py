@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_gen.calibrate import build_world
 from data_gen.devices import devices_table
 from data_gen.impressions import impression_parts, impressions_tables
 from data_gen.params import WorldParams
 from data_gen.requests import requests_table
 from data_gen.users import users_table
-from data_gen.world import World, build_world
+from data_gen.world import World
 
 
 @pytest.fixture(scope="module")

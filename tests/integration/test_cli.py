@@ -1,4 +1,9 @@
-"""The ``adfed`` command end to end, as real subprocesses (what a user types)."""
+"""The ``adfed`` command end to end.
+
+Most tests run it in-process with typer's ``CliRunner`` (fast: no interpreter start, no
+re-import of torch); ``test_console_script_*`` run the installed console script as real
+subprocesses, so that its exit codes and stderr as a user sees them stay covered.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +16,38 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from adfed import config as config_mod
+from adfed.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_DATA = Path(os.environ.get("ADFED_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
 TALKINGDATA_CSV = REAL_DATA / "talkingdata_adtracking" / "train_sample.csv"
 SMALL_TRAIN = ["--set", "data.max_test_users=300", "--set", "model.tower=[32,16]"]
+TINY_GENERATE = ["data", "generate", "--users", "300", "--ads", "100", "--seed", "3"]
 
 
-def adfed(*args: str | Path, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def adfed(*args: str | Path) -> Result:
+    """Run ``adfed ARGS`` in this process; stdout and stderr are captured apart."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    # an exception that escaped the command (a traceback for a user) is never a clean exit
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return result
+
+
+def adfed_process(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``adfed ARGS`` as a user does: the installed console script, a new process."""
+    script = Path(sys.executable).with_name("adfed")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "adfed.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "adfed.cli", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
-    )
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+def error_lines(run: Result | subprocess.CompletedProcess) -> list[str]:
+    return [line for line in run.stderr.splitlines() if line.startswith("error:")]
 
 
 def tree(path: Path) -> dict[str, tuple[int, int]]:
@@ -37,13 +55,41 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+# -- the console script, as real processes ----------------------------------------------
+
+def test_console_script_help_and_a_one_line_error(tmp_path: Path) -> None:
+    proc = adfed_process("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+    proc = adfed_process("train", "--data", "/nonexistent", "--out", tmp_path / "run")
+    assert proc.returncode == 2
+    (err,) = error_lines(proc)
+    assert "manifest.json" in err and "/nonexistent" in err
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_console_script_generates_and_trains(tiny_dataset: Path, tmp_path: Path) -> None:
+    # generate with the default worker processes: the same files as the in-process, one-worker run
+    data = tmp_path / "D"
+    proc = adfed_process(*TINY_GENERATE, "--out", data)
+    assert proc.returncode == 0, proc.stderr
+    files = json.loads((data / "manifest.json").read_text())["files"]
+    assert files and files == json.loads((tiny_dataset / "manifest.json").read_text())["files"]
+    run = tmp_path / "RUN"
+    proc = adfed_process("train", "--mode", "centralized", "--data", data, "--out", run, *SMALL_TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mode"] == "centralized"
+    assert json.loads((run / "summary.json").read_text())["mode"] == "centralized"
+
+
 # -- data ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli_gen") / "D"
-    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "3", "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    result = adfed(*TINY_GENERATE, "--out", out, "--workers", "1")
+    assert result.exit_code == 0, result.stderr
     assert (out / "manifest.json").exists()
     return out
 
@@ -55,10 +101,9 @@ def test_generate_is_deterministic(tiny_dataset: Path, tmp_path: Path) -> None:
     (other / "manifest.json").write_text("{}")
     (other / "stale.txt").write_text("old")
     # Execute
-    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "3",
-                 "--out", other, "--overwrite")
+    result = adfed(*TINY_GENERATE, "--out", other, "--overwrite", "--workers", "1")
     # Assert
-    assert proc.returncode == 0, proc.stderr
+    assert result.exit_code == 0, result.stderr
     a = json.loads((tiny_dataset / "manifest.json").read_text())["files"]
     b = json.loads((other / "manifest.json").read_text())["files"]
     assert a and a == b
@@ -67,19 +112,19 @@ def test_generate_is_deterministic(tiny_dataset: Path, tmp_path: Path) -> None:
 
 def test_generate_refuses_existing_dir(tiny_dataset: Path) -> None:
     before = tree(tiny_dataset)
-    proc = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "4",
+    result = adfed("data", "generate", "--users", "300", "--ads", "100", "--seed", "4",
                  "--out", tiny_dataset)
-    assert proc.returncode == 2
-    errors = error_lines(proc)
-    assert len(errors) == 1 and str(tiny_dataset) in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert result.exit_code == 2
+    errors = error_lines(result)
+    assert len(errors) == 1 and str(tiny_dataset) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
     assert tree(tiny_dataset) == before
 
 
 def test_describe_json(tiny_dataset: Path) -> None:
-    proc = adfed("data", "describe", tiny_dataset, "--json")
-    assert proc.returncode == 0, proc.stderr
-    stats = json.loads(proc.stdout)
+    result = adfed("data", "describe", tiny_dataset, "--json")
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
     assert 0.0 < stats["click_rate"] < 1.0
     assert 0.0 <= stats["cvr_among_clicks"] <= 1.0
     assert stats["impressions"] > 0 and stats["ads"] == 100
@@ -89,17 +134,17 @@ def test_describe_json(tiny_dataset: Path) -> None:
 @pytest.mark.skipif(not TALKINGDATA_CSV.exists(), reason=f"no real data at {TALKINGDATA_CSV}")
 def test_import_talkingdata(tmp_path: Path) -> None:
     out = tmp_path / "td"
-    proc = adfed("data", "import", "--format", "talkingdata", TALKINGDATA_CSV, out, "--min-rows", "5")
-    assert proc.returncode == 0, proc.stderr
+    result = adfed("data", "import", "--format", "talkingdata", TALKINGDATA_CSV, out, "--min-rows", "5")
+    assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"] and manifest["counts"]["shards"] >= 1
     assert not (out / "truth").exists()
 
 
 def test_import_unknown_format(tmp_path: Path) -> None:
-    proc = adfed("data", "import", "--format", "nope", tmp_path / "src.csv", tmp_path / "out")
-    assert proc.returncode == 2
-    (err,) = error_lines(proc)
+    result = adfed("data", "import", "--format", "nope", tmp_path / "src.csv", tmp_path / "out")
+    assert result.exit_code == 2
+    (err,) = error_lines(result)
     assert "'nope'" in err
     for known in ("talkingdata", "taobao", "aliccp"):
         assert known in err
@@ -110,9 +155,9 @@ def test_import_unknown_format(tmp_path: Path) -> None:
 
 def test_train_centralized_writes_run_dir(small_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "RUN"
-    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
-    assert proc.returncode == 0, proc.stderr
-    printed = json.loads(proc.stdout)
+    result = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
     assert printed["mode"] == "centralized"
     summary = json.loads((run / "summary.json").read_text())
     for key in ("mode", "auc", "logloss", "ctcvr_auc", "oracle_auc", "model_bytes", "wall_time_s", "seed"):
@@ -138,10 +183,10 @@ def test_train_centralized_writes_run_dir(small_world: Path, tmp_path: Path) -> 
 
 def test_train_federated_writes_run_dir(small_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "RUNF"
-    proc = adfed("train", "--mode", "federated", "--data", small_world, "--out", run,
+    result = adfed("train", "--mode", "federated", "--data", small_world, "--out", run,
                  "--rounds", "2", "--clients-per-round", "10", "--set", "window.min_clients=2",
                  *SMALL_TRAIN)
-    assert proc.returncode == 0, proc.stderr
+    assert result.exit_code == 0, result.stderr
     with open(run / "rounds.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
@@ -173,30 +218,30 @@ def test_train_federated_writes_run_dir(small_world: Path, tmp_path: Path) -> No
     ids=["unknown-key", "bad-mode"],
 )
 def test_train_bad_config(small_world: Path, tmp_path: Path, args: list[str], needle: str) -> None:
-    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
-    assert proc.returncode == 2
-    (err,) = error_lines(proc)
+    result = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
+    assert result.exit_code == 2
+    (err,) = error_lines(result)
     assert needle in err
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "RUN"
     fed = ["--mode", "federated", "--rounds", "1", "--clients-per-round", "10", "--set", "window.min_clients=2"]
-    assert adfed("train", "--data", small_world, "--out", run, *fed, *SMALL_TRAIN).returncode == 0
+    assert adfed("train", "--data", small_world, "--out", run, *fed, *SMALL_TRAIN).exit_code == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert "checkpoint.pt" in before and "rounds.csv" in before
     # a second run into it: refused, the first run untouched
-    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
-    assert proc.returncode == 2
-    (err,) = error_lines(proc)
-    assert f"--out {run} already holds files; pass --overwrite" in err and "Traceback" not in proc.stderr
+    result = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
+    assert result.exit_code == 2
+    (err,) = error_lines(result)
+    assert f"--out {run} already holds files; pass --overwrite" in err and "Traceback" not in result.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     # --overwrite replaces it: no file of the federated run is left beside the centralized one
     (run / "notes.txt").write_text("mine")
-    proc = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, "--overwrite", *SMALL_TRAIN)
-    assert proc.returncode == 0, proc.stderr
+    result = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, "--overwrite", *SMALL_TRAIN)
+    assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "notes.txt", "plots", "steps.csv",
                                                      "summary.json"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["learning_curve.png"]
@@ -205,9 +250,9 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     target.write_text("x")
     for args, needle in (([], f"--out {target} is a file"),
                          (["--resume", "--overwrite"], "pass one")):
-        proc = adfed("train", "--data", small_world, "--out", target, *args, *SMALL_TRAIN)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr
-        assert needle in error_lines(proc)[0]
+        result = adfed("train", "--data", small_world, "--out", target, *args, *SMALL_TRAIN)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr
+        assert needle in error_lines(result)[0]
     assert target.read_text() == "x"
 
 
@@ -224,9 +269,9 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
 )
 def test_train_bad_values_are_one_line_errors(small_world: Path, tmp_path: Path, args: list[str],
                                               needle: str) -> None:
-    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (err,) = error_lines(proc)
+    result = adfed("train", "--data", small_world, "--out", tmp_path / "run", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    (err,) = error_lines(result)
     assert needle in err
     assert not (tmp_path / "run").exists()
 
@@ -234,15 +279,15 @@ def test_train_bad_values_are_one_line_errors(small_world: Path, tmp_path: Path,
 def test_resume_is_for_federated_runs_and_cannot_go_back_in_rounds(small_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "RUN"
     fed = ["--mode", "federated", "--clients-per-round", "10", "--set", "window.min_clients=2"]
-    assert adfed("train", "--data", small_world, "--out", run, "--rounds", "2", *fed, *SMALL_TRAIN).returncode == 0
+    assert adfed("train", "--data", small_world, "--out", run, "--rounds", "2", *fed, *SMALL_TRAIN).exit_code == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     for args, needle in (
         (["--mode", "centralized", "--resume"], "--resume continues a federated run from its checkpoint"),
         ([*fed, "--rounds", "1", "--resume"], "is at round 2; fl.rounds (1) must be at least that"),
     ):
-        proc = adfed("train", "--data", small_world, "--out", run, *args, *SMALL_TRAIN)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert needle in error_lines(proc)[0]
+        result = adfed("train", "--data", small_world, "--out", run, *args, *SMALL_TRAIN)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+        assert needle in error_lines(result)[0]
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
@@ -250,41 +295,41 @@ def test_bad_outputs_of_import_describe_and_experiment_are_one_line_errors(small
     # import into an existing directory names the flag, not the Python argument
     target = tmp_path / "exists"
     target.mkdir()
-    proc = adfed("data", "import", "--format", "taobao", tmp_path / "none.csv", target)
-    assert proc.returncode == 2 and f"OUT {target} already exists; pass --overwrite" in error_lines(proc)[0]
+    result = adfed("data", "import", "--format", "taobao", tmp_path / "none.csv", target)
+    assert result.exit_code == 2 and f"OUT {target} already exists; pass --overwrite" in error_lines(result)[0]
     # describe on a truncated shard names the file
     broken = tmp_path / "broken"
     shutil.copytree(small_world, broken)
     shard = broken / "impressions" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[:1000])
-    proc = adfed("data", "describe", broken)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "part-00000.parquet: cannot be read" in error_lines(proc)[0]
+    result = adfed("data", "describe", broken)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "part-00000.parquet: cannot be read" in error_lines(result)[0]
     # an experiment --out that cannot be created
     (tmp_path / "afile").write_text("x")
-    proc = adfed("experiment", "run", "window", "--data", small_world, "--rounds", "1", "--out", tmp_path / "afile" / "x")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "afile" in error_lines(proc)[0]
+    result = adfed("experiment", "run", "window", "--data", small_world, "--rounds", "1", "--out", tmp_path / "afile" / "x")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "afile" in error_lines(result)[0]
 
 
 def test_train_with_a_directory_as_config_is_a_one_line_error(small_world: Path, tmp_path: Path) -> None:
-    proc = adfed("train", "--data", small_world, "--out", tmp_path / "run", "--config", tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (err,) = error_lines(proc)
+    result = adfed("train", "--data", small_world, "--out", tmp_path / "run", "--config", tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    (err,) = error_lines(result)
     assert f"config file {tmp_path} cannot be read" in err
 
 
 def test_train_missing_dataset(tmp_path: Path) -> None:
-    proc = adfed("train", "--data", "/nonexistent", "--out", tmp_path / "run")
-    assert proc.returncode == 2
-    (err,) = error_lines(proc)
+    result = adfed("train", "--data", "/nonexistent", "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    (err,) = error_lines(result)
     assert "manifest.json" in err and "/nonexistent" in err
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("cmd", [["train"], ["data", "generate"], ["experiment", "run"]],
                          ids=lambda c: " ".join(c))
 def test_help(cmd: list[str]) -> None:
-    proc = adfed(*cmd, "--help")
-    assert proc.returncode == 0, proc.stderr
-    assert "Usage" in proc.stdout
+    result = adfed(*cmd, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "Usage" in result.stdout

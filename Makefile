@@ -37,6 +37,7 @@ experiments: $(STAMP)
 	test -f $(DEMO_DATA)/manifest.json || $(BIN)/adfed data generate --users 20000 --ads 10000 --seed 0 --out $(DEMO_DATA)
 	$(BIN)/adfed experiment run all --data $(DEMO_DATA) --out runs/experiments
 
+# ruff + mypy; not part of `make test` (CI runs both: .ci/run).
 lint: $(STAMP)
 	$(BIN)/ruff check adfed data_gen serving experiments tests benchmarks
 	$(BIN)/mypy adfed data_gen serving experiments benchmarks

@@ -95,13 +95,14 @@ class WorldParams:
     def _check_ranges(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("num_os", self.num_os >= 2, ">= 2"),
-            ("num_apps", self.num_apps >= self.num_app_categories, ">= num_app_categories"),
+            ("num_apps", self.num_apps >= self.num_app_categories,
+             f">= num_app_categories ({self.num_app_categories})"),
             ("num_ads", self.num_ads >= self.candidates_per_request,
-             ">= candidates_per_request"),
+             f">= candidates_per_request ({self.candidates_per_request}, the ads of a rerank request)"),
             ("impressions_median", self.impressions_median >= 1.0, ">= 1"),
             ("impressions_sigma", 0.0 <= self.impressions_sigma <= 3.0, "in [0, 3]"),
             ("max_impressions", self.max_impressions >= self.impressions_median,
-             ">= impressions_median"),
+             f">= impressions_median ({self.impressions_median})"),
             ("ad_zipf_exponent", 0.0 <= self.ad_zipf_exponent <= 3.0, "in [0, 3]"),
             ("unobserved_fraction", 0.0 <= self.unobserved_fraction < 0.9, "in [0, 0.9)"),
             ("residual_sd", 0.0 <= self.residual_sd <= 3.0, "in [0, 3]"),

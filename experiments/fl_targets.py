@@ -162,6 +162,7 @@ def asynchronous(base: Config, dataset: Dataset, out: Path, progress: Progress) 
 
 
 def model_ceiling(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
+    ceiling.world_of(dataset)  # an import has no world to regenerate: say so before training
     central = _run(with_overrides(base, ['train.mode="centralized"', "data.max_test_users=0"]),
                    dataset, out / "centralized", progress)
     return {"centralized_summary_auc": central.summary["auc"],

@@ -86,7 +86,7 @@ def _order_rows(
     if len(grouped_from) == 0:
         raise DataError(
             f"no user has >= {min_rows} rows (largest has {int(counts.max())}); "
-            "lower min_rows or use small_clients='group'"
+            "lower min_rows (--min-rows) or group small users (--small-clients group)"
         )
     client = client_of_user[inverse.reshape(-1)]
     kept = np.flatnonzero(client >= 0)

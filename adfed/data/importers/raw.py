@@ -19,6 +19,7 @@ Frame columns (n rows):
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -89,8 +90,50 @@ class RawImport:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200]
+    """The exception's text on one line, shortened at a word boundary."""
+    return textwrap.shorten(str(exc), 200, placeholder=" ...")
+
+
+#: suffixes pandas decompresses: their last byte says nothing about the CSV's last row
+_COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")
+
+
+def _ends_mid_row(path: Path) -> bool:
+    """True when the (uncompressed) file's last byte is not a line break."""
+    if path.suffix.lower() in _COMPRESSED or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) not in (b"\n", b"\r")
+
+
+def check_last_row(frame: pd.DataFrame, path: Path, what: str, fix: str) -> None:
+    """A :class:`DataError` when the file ends mid-row and its last row lacks fields (a cut
+    off download): otherwise the cut row would surface as a confusing blank or non-number
+    in some column."""
+    if len(frame) and frame.iloc[-1].isna().any() and _ends_mid_row(path):
+        have = int(frame.iloc[-1].notna().sum())
+        raise DataError(f"{path}: the last row (data row {len(frame)}) is cut off: it has {have} of "
+                        f"{frame.shape[1]} fields and the file ends without a line break (an interrupted "
+                        f"download or copy?); this {what} is incomplete: {fix}")
+
+
+def resolve_source(src: Path, names: tuple[str, ...], fix: str) -> Path:
+    """``src`` itself when it is a file; in a directory, the one of ``names`` it holds.
+
+    Raises
+    ------
+    DataError : ``src`` is missing, or a directory holding none or several of ``names``.
+    """
+    if not src.is_dir():
+        return src
+    found = [src / n for n in names if (src / n).is_file()]
+    if len(found) == 1:
+        return found[0]
+    listed = " or ".join(names)
+    if not found:
+        raise DataError(f"{src}: directory holds no {listed}; {fix}")
+    raise DataError(f"{src}: directory holds {' and '.join(p.name for p in found)}; give one file")
 
 
 def _read(path: Path, what: str, fix: str, **kwargs: Any) -> pd.DataFrame:
@@ -138,6 +181,7 @@ def read_csv(
         frame.columns = [normalize(str(c)) for c in frame.columns]
     if len(frame) == 0:
         raise DataError(f"{path}: no data rows in this {what}; {fix}")
+    check_last_row(frame, path, what, fix)
     return frame
 
 

@@ -1,6 +1,6 @@
 """TalkingData AdTracking (Kaggle 2018): mobile-ad clicks and the app installs they led to.
 
-Source: ``train.csv`` or the official 100,000-row ``train_sample.csv``; columns ``ip, app,
+Source: ``train.csv`` or the official 100,000-row ``train_sample.csv`` (or a directory holding one); columns ``ip, app,
 device, os, channel, click_time, attributed_time, is_attributed``. Some copies write the
 header as ``..ip,...`` (leading dots): dots are stripped from every column name.
 
@@ -28,6 +28,7 @@ from adfed.data.importers.raw import (
     int_column,
     local_hour_weekday,
     read_csv,
+    resolve_source,
 )
 from adfed.data.schema import Entity, FieldKind
 from adfed.errors import DataError
@@ -50,16 +51,16 @@ FIELDS = (
 
 
 def _click_seconds(frame: pd.DataFrame, path: Path) -> np.ndarray:
-    try:
-        when = pd.to_datetime(frame["click_time"], format=TIME_FORMAT, errors="raise")
-    except (ValueError, TypeError) as exc:
-        raise DataError(
-            f"{path}: column 'click_time' must hold 'YYYY-MM-DD HH:MM:SS' times "
-            f"({' '.join(str(exc).split())[:120]}); {FIX}"
-        ) from exc
-    blank = when.isna().to_numpy()
-    if blank.any():  # to_datetime gives NaT for a blank cell without raising
-        raise DataError(f"{path}: column 'click_time' is blank in data row {int(blank.argmax()) + 1}; {FIX}")
+    raw = frame["click_time"]
+    when = pd.to_datetime(raw, format=TIME_FORMAT, errors="coerce")
+    failed = when.isna().to_numpy()
+    if failed.any():  # the first failure, whole (to_datetime's own message is long)
+        row = int(failed.argmax())
+        value = raw.iloc[row]
+        if pd.isna(value) or not str(value).strip():
+            raise DataError(f"{path}: column 'click_time' is blank in data row {row + 1}; {FIX}")
+        raise DataError(f"{path}: column 'click_time' must hold 'YYYY-MM-DD HH:MM:SS' times; data row "
+                        f"{row + 1} holds {str(value)!r}; {FIX}")
     seconds: np.ndarray = when.to_numpy().astype("datetime64[s]").astype(np.int64)
     return seconds
 
@@ -70,10 +71,10 @@ def load(src: Path) -> RawImport:
     Raises
     ------
     DataError
-        ``src`` is a directory or unreadable, a column is missing, an id is not an
+        ``src`` is unreadable or a directory without train.csv / train_sample.csv, a column is missing, an id is not an
         integer, ``click_time`` does not parse, or ``is_attributed`` is not 0/1.
     """
-    path = Path(src)
+    path = resolve_source(Path(src), ("train.csv", "train_sample.csv"), FIX)
     frame = read_csv(path, what="TalkingData CSV", fix=FIX,
                      columns=[*ID_COLUMNS, "click_time", "is_attributed"],
                      normalize=lambda c: c.lstrip("."))

@@ -1,6 +1,6 @@
 """Taobao UserBehavior (Tianchi 649): page views and the purchases that followed.
 
-Source: ``UserBehavior.csv`` (no header; ``user_id, item_id, category_id,
+Source: ``UserBehavior.csv``, or a directory holding it (no header; ``user_id, item_id, category_id,
 behavior_type, timestamp``; behaviour one of ``pv, cart, fav, buy``; unix seconds).
 
 There is no impression log, so samples are made from the event stream:
@@ -30,6 +30,7 @@ from adfed.data.importers.raw import (
     int_column,
     local_hour_weekday,
     read_csv,
+    resolve_source,
 )
 from adfed.data.schema import Entity, FieldKind
 from adfed.errors import DataError
@@ -101,10 +102,10 @@ def load(src: Path) -> RawImport:
     Raises
     ------
     DataError
-        ``src`` is unreadable, has the wrong number of columns or a header row, holds a
+        ``src`` is unreadable (or a directory without UserBehavior.csv), has the wrong number of columns or a header row, holds a
         non-integer id or an unknown ``behavior_type``, or has no page views.
     """
-    path = Path(src)
+    path = resolve_source(Path(src), ("UserBehavior.csv",), FIX)
     frame = _read(path)
     samples, stats = _samples(frame)
     if len(samples) == 0:

@@ -264,7 +264,7 @@ def test_bad_arguments_and_destinations(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no \.csv files"):
         import_dataset("aliccp", tmp_path, tmp_path / "out")
     src = _write(tmp_path / "a.csv", ALI_COLS, ALI_ROW, ALI_ROW)
-    with pytest.raises(DataError, match=r"no user has >= 3 rows .*small_clients='group'"):
+    with pytest.raises(DataError, match=r"no user has >= 3 rows .*--small-clients group"):
         import_dataset("aliccp", src, tmp_path / "out", min_rows=3, small_clients="drop")
     with pytest.raises(ValueError, match="small_clients must be 'drop' or 'group'"):
         import_dataset("aliccp", src, tmp_path / "out", small_clients="merge")  # type: ignore[arg-type]

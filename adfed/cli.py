@@ -53,7 +53,7 @@ def _progress() -> Progress:
 def data_generate(
     out: Annotated[Path, typer.Option(help="Output dataset directory.")],
     users: Annotated[int, typer.Option(help="Number of users (phones) in the population.")] = 20_000,
-    ads: Annotated[int, typer.Option(help="Number of ads.")] = 5_000,
+    ads: Annotated[int, typer.Option(help="Number of ads (the demo's 10,000 by default).")] = 10_000,
     seed: Annotated[int, typer.Option(help="World seed: same seed and sizes give byte-identical files.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (output does not depend on it).")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
@@ -64,6 +64,9 @@ def data_generate(
 
     try:
         params = WorldParams(num_users=users, num_ads=ads)
+    except ValueError as exc:  # name the flags typed, not the dataclass fields
+        _fail(str(exc).replace("WorldParams.num_users", "--users").replace("WorldParams.num_ads", "--ads"))
+    try:
         if out.exists() and not overwrite:
             _fail(f"--out {out} already exists; pass --overwrite or choose another --out")
         with _progress() as progress:
@@ -78,7 +81,9 @@ def data_generate(
 @data_app.command("import")
 def data_import(
     fmt: Annotated[str, typer.Option("--format", help="Source format: talkingdata | taobao | aliccp.")],
-    src: Annotated[Path, typer.Argument(help="Source file or directory.")],
+    src: Annotated[Path, typer.Argument(
+        help="Source CSV file, or a directory holding it (talkingdata: train.csv or train_sample.csv; "
+             "taobao: UserBehavior.csv; aliccp: its split CSVs).")],
     out: Annotated[Path, typer.Argument(help="Output dataset directory.")],
     min_rows: Annotated[int, typer.Option(help="Clients with fewer rows are dropped or grouped.")] = 1,
     small_clients: Annotated[str, typer.Option(help="drop | group: what to do with small clients.")] = "group",
@@ -89,6 +94,8 @@ def data_import(
 
     if small_clients not in ("drop", "group"):
         _fail(f"--small-clients must be drop or group; got {small_clients!r}")
+    if min_rows < 1:
+        _fail(f"--min-rows must be an int >= 1; got {min_rows}")
     if out.exists() and not overwrite:
         _fail(f"OUT {out} already exists; pass --overwrite or choose another OUT")
     try:
@@ -105,9 +112,11 @@ def data_describe(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Print a dataset's statistics (rates, rows per user, oracle AUC when truth exists)."""
+    from adfed.data.store import check_files_present, read_manifest
     from data_gen.describe import describe
 
     try:
+        check_files_present(path, read_manifest(path))
         stats = describe(path)
     except (AdfedError, ValueError) as exc:
         _fail(str(exc))
@@ -133,6 +142,26 @@ def data_describe(
         for p in personas:
             ptable.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()])
         out.print(ptable)
+
+
+@data_app.command("verify")
+def data_verify(path: Annotated[Path, typer.Argument(help="Dataset directory.")]) -> None:
+    """Check every file of a dataset against the sha256 in its manifest.json.
+
+    Prints one line per missing, changed or unlisted file and exits 1, or one ok line.
+    """
+    from adfed.data.store import verify_files
+
+    try:
+        problems = verify_files(path)
+    except (AdfedError, ValueError) as exc:
+        _fail(str(exc))
+    if problems:
+        for line in problems:
+            console.print(f"[red]mismatch:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"ok: all {len(manifest['files'])} files of {path} match the sha256 in its manifest.json")
 
 
 # -- train -----------------------------------------------------------------------------
@@ -339,6 +368,8 @@ def experiment_run(
     """Run an experiment: several trainings, results.json, a comparison plot."""
     from experiments import fl_targets
 
+    if name != "all" and name not in fl_targets.EXPERIMENTS:
+        _fail(f"unknown experiment {name!r}; known: all, {', '.join(sorted(fl_targets.EXPERIMENTS))}")
     names = sorted(fl_targets.EXPERIMENTS) if name == "all" else [name]
     try:
         cfg = _resolve_config(config_file, sets or [], {"data.path": data, "seed": seed, "fl.rounds": rounds})

@@ -1,134 +1,306 @@
-"""The wire format of updates and models: safetensors bytes with a metadata dict.
+"""The wire format of updates, the broadcast model and downloaded rows.
 
-Every byte figure adfed reports is the exact ``len()`` of these payloads, not an estimate:
-the simulation gets it from :func:`encoded_size` (the same header, without copying the
-tensor data), which the tests check against real encodings.
-Keys: ``dense/<param>`` for dense deltas, ``sparse/<table>/ids`` and
-``sparse/<table>/values`` for row deltas; metadata carries client id, example count and
-base version and the client's metrics as JSON (strings, as safetensors requires).
+A payload is safetensors bytes (``safetensors.torch.save``): an 8-byte little-endian
+header length, a JSON header (tensor entries and a ``__metadata__`` map of strings) and
+the raw tensor data. Keys: ``dense/<param>`` for ``dense_shared`` tensors,
+``sparse/<table>/ids`` (int64 [R], sorted, unique) and ``sparse/<table>/values`` [R, D]
+for rows of ``sparse_shared`` tables. Metadata: the :class:`Envelope` (kind, round,
+model_version, codec, client_id) and, for updates, num_examples, metrics (JSON) and
+groups (the parameter groups present, comma-joined). Every byte figure adfed reports is
+the ``len()`` of these payloads.
+
+The decoders never trust a payload: its length is checked against
+:attr:`WireSpec.max_bytes` and its header length against its length before anything is
+parsed, the header is checked against the spec before a byte of tensor data is read, and
+every failure is a one-line :class:`~adfed.errors.DataError`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import struct
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from adfed.errors import DataError
 from adfed.fl.types import SparseRows, Update
+from adfed.fl.wirespec import (
+    KNOWN_CODECS,
+    Entry,
+    Envelope,
+    WireSpec,
+    meta_int,
+    read_header,
+    show,
+    wire_tag,
+)
 
-#: safetensors' dtype tags, and the order it lays tensors out in (higher rank first, then
-#: by name); only the dtypes adfed puts on the wire.
-_DTYPES = {torch.int64: ("I64", 3), torch.float64: ("F64", 2), torch.float32: ("F32", 1),
-           torch.int32: ("I32", 0)}
+__all__ = ["KNOWN_CODECS", "Envelope", "WireSpec", "decode_model", "decode_rows", "decode_update",
+           "encode_model", "encode_rows", "encode_update"]
+
+_DENSE, _SPARSE, _IDS, _VALUES = "dense/", "sparse/", "/ids", "/values"
+_GROUPS = ("dense_shared", "sparse_shared")
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+# ---- encoding ---------------------------------------------------------------------------------
+
+def _meta(envelope: Envelope, kind: str) -> dict[str, str]:
+    if envelope.kind != kind:
+        raise ValueError(f"encode_{kind} needs an envelope of kind {kind!r}; got {envelope.kind!r}")
+    return envelope.metadata()
 
 
-#: One tensor of a payload, for :func:`encoded_size`: its place in safetensors' order
-#: (dtype rank descending, then name), its header entry's length without the two
-#: offsets, and its byte size.
-Entry = tuple[tuple[int, str], int, int]
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t``, C order, as a buffer; no copy when it is contiguous."""
+    t = t.detach().contiguous() if t.requires_grad or not t.is_contiguous() else t
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().data  # numpy has no bfloat16
 
 
-def tensor_layout(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> list[Entry]:
-    """The :data:`Entry` of each tensor, named ``prefix + key``; no data is read.
+def _save(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """The bytes ``safetensors.torch.save(tensors, metadata=meta)`` would write (its header
+    layout, its tensor order, padded to 8 bytes), written directly: one copy, without its
+    per-tensor numpy/ctypes round trip (~50 us per tensor). Tests check that
+    ``safetensors.torch.load`` reads them."""
+    flat = sorted((-t.element_size(), key, t) for key, t in tensors.items())  # alignment desc, then name
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for _, key, t in flat:
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": wire_tag(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([len(text).to_bytes(8, "little"), text, *(_raw(t) for *_, t in flat)])
 
-    A layout depends only on names, dtypes and shapes: a caller that sends tensors of
-    one layout many times (every client's dense delta of a round) computes it once.
-    """
-    out: list[Entry] = []
-    for key, t in tensors.items():
-        try:
-            tag, rank = _DTYPES[t.dtype]
-        except KeyError:
-            raise ValueError(f"dtype {t.dtype} is not a wire dtype; use one of {list(_DTYPES)}") from None
-        name = prefix + key
-        out.append(((-rank, name), _entry_len(name, tag, tuple(t.shape)), t.numel() * t.element_size()))
+
+def _rows_tensors(rows: Mapping[str, SparseRows]) -> dict[str, torch.Tensor]:
+    out = {}
+    for table, r in rows.items():
+        out[_SPARSE + table + _IDS] = r.ids
+        out[_SPARSE + table + _VALUES] = r.values
     return out
 
 
-def layout_size(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> int:
-    """``len()`` of the payload of tensors with these entries (see :func:`encoded_size`)."""
-    order = sorted(entries)
-    text = 2 + max(len(order) - 1, 0)  # braces, commas between entries
-    if metadata is not None:
-        meta = json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False)
-        text += len(meta.encode()) - 2 + (1 if order else 0)
-    offset = 0
-    for _, entry_len, size in order:
-        text += entry_len + len(str(offset)) + len(str(offset + size))
-        offset += size
-    return 8 + -(-text // 8) * 8 + offset
+def encode_update(update: Update, envelope: Envelope) -> bytes:
+    """One client's upload as bytes.
 
+    ``envelope`` (kind ``"update"``) must name the update's client and base version.
+    A metric that is not a finite number (the NaN loss of a client that ran no step) is
+    left out: the wire carries measured numbers only.
 
-def encoded_size(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """``len(encode_tensors(tensors, metadata))``, computed from names, dtypes and shapes.
-
-    The payload is an 8-byte header length, the header (compact JSON, padded with spaces
-    to a multiple of 8) and the raw tensor bytes. The header's length is summed entry by
-    entry: each entry's text but its two offsets is cached (a client's dense entries are
-    the same every round), the offsets' digits are counted.
+    Raises
+    ------
+    ValueError : the envelope disagrees with the update, num_examples < 0, or a tensor
+        has a dtype the wire does not carry.
     """
-    return layout_size(tensor_layout(tensors), metadata)
+    meta = _meta(envelope, "update")
+    if (update.client_id, update.base_version) != (envelope.client_id, envelope.model_version):
+        raise ValueError(f"update of client {update.client_id}, version {update.base_version}: the envelope "
+                         f"says client {envelope.client_id}, version {envelope.model_version}")
+    if update.num_examples < 0:
+        raise ValueError(f"update of client {update.client_id}: num_examples must be >= 0; got {update.num_examples}")
+    metrics = {k: float(v) for k, v in update.metrics.items() if math.isfinite(v)}
+    groups = [g for g, part in zip(_GROUPS, (update.dense, update.sparse), strict=True) if part]
+    meta |= {"num_examples": str(update.num_examples), "metrics": json.dumps(metrics), "groups": ",".join(groups)}
+    dense = {_DENSE + k: v for k, v in update.dense.items()}
+    return _save(dense | _rows_tensors(update.sparse), meta)
 
 
-@functools.lru_cache(maxsize=4096)
-def _entry_len(name: str, dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of ``"name":{"dtype":..,"shape":[..],"data_offsets":[a,b]}`` without a and b."""
-    entry = {name: {"dtype": dtype, "shape": list(shape), "data_offsets": []}}
-    return len(json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode()) - 2 + 1
+def encode_model(dense: Mapping[str, torch.Tensor], envelope: Envelope) -> bytes:
+    """The broadcast ``dense_shared`` tensors as bytes (envelope kind ``"model"``)."""
+    return _save({_DENSE + k: v for k, v in dense.items()}, _meta(envelope, "model"))
 
 
-def _sparse_parts(update: Update) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for table, rows in update.sparse.items():
-        tensors[f"sparse/{table}/ids"] = rows.ids
-        tensors[f"sparse/{table}/values"] = rows.values
-    return tensors
+def encode_rows(rows: Mapping[str, SparseRows], envelope: Envelope) -> bytes:
+    """Rows of ``sparse_shared`` tables one phone downloads, as bytes (kind ``"rows"``)."""
+    return _save(_rows_tensors(rows), _meta(envelope, "rows"))
 
 
-def _update_meta(update: Update) -> dict[str, str]:
-    return {"client_id": str(update.client_id), "num_examples": str(update.num_examples),
-            "base_version": str(update.base_version), "metrics": json.dumps(update.metrics)}
+# ---- decoding: the metadata -------------------------------------------------------------------
+
+def _where(env: Envelope) -> str:
+    if env.client_id >= 0:
+        return f"{env.kind} payload from client {env.client_id}"
+    return f"{env.kind} payload of round {env.round}"
 
 
-def _update_parts(update: Update) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return {f"dense/{k}": v for k, v in update.dense.items()} | _sparse_parts(update), _update_meta(update)
-
-
-def encode_update(update: Update) -> bytes:
-    return encode_tensors(*_update_parts(update))
-
-
-def update_size(update: Update, dense_layout: Sequence[Entry] | None = None) -> int:
-    """``len(encode_update(update))`` without encoding.
-
-    ``dense_layout``: ``tensor_layout(update.dense, "dense/")`` when the caller has it
-    (every dense delta of a round has the round model's layout); computed if None.
-    """
-    dense = tensor_layout(update.dense, "dense/") if dense_layout is None else dense_layout
-    return layout_size([*dense, *tensor_layout(_sparse_parts(update))], _update_meta(update))
-
-
-def decode_update(payload: bytes) -> Update:
-    """Inverse of :func:`encode_update`; malformed bytes raise DataError."""
+def _metrics(where: str, meta: dict[str, str]) -> dict[str, float]:
+    text = meta.get("metrics")
+    if text is None:
+        raise DataError(f"{where}: metadata metrics is missing; send a JSON object, '{{}}' for none")
     try:
-        tensors = st_load(payload)
-        (header_len,) = struct.unpack("<Q", payload[:8])
-        meta = json.loads(payload[8 : 8 + header_len]).get("__metadata__", {})
-        dense = {k[len("dense/") :]: v for k, v in tensors.items() if k.startswith("dense/")}
-        tables = {k.split("/")[1] for k in tensors if k.startswith("sparse/")}
-        sparse = {t: SparseRows(tensors[f"sparse/{t}/ids"], tensors[f"sparse/{t}/values"]) for t in tables}
-        return Update(client_id=int(meta["client_id"]), dense=dense, sparse=sparse,
-                      num_examples=int(meta["num_examples"]), base_version=int(meta["base_version"]),
-                      metrics={k: float(v) for k, v in json.loads(meta.get("metrics", "{}")).items()})
-    except Exception as exc:  # safetensors raises its own error type for bad bytes
-        raise DataError(f"update payload is malformed: {exc}") from exc
+        obj = json.loads(text)
+        ok = isinstance(obj, dict) and all(type(v) in (int, float) and math.isfinite(float(v)) for v in obj.values())
+    except (ValueError, RecursionError, OverflowError):
+        ok = False
+    if not ok:
+        raise DataError(f"{where}: metadata metrics must be a JSON object of finite numbers; got {show(text)}")
+    return {k: float(v) for k, v in obj.items()}
+
+
+def _groups(where: str, meta: dict[str, str], present: list[str]) -> None:
+    text = meta.get("groups")
+    if text is None:
+        raise DataError(f"{where}: metadata groups is missing; encode updates with adfed.fl.wire")
+    if text.split(",") != present and not (text == "" and not present):
+        raise DataError(f"{where}: metadata groups is {show(text)} but the payload carries {','.join(present) or 'none'}"
+                        f"; list the groups present, in the order {','.join(_GROUPS)}")
+
+
+# ---- decoding: the tensors ----------------------------------------------------------------------
+
+def _split(where: str, entries: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, tuple[Entry, Entry]]]:
+    """Entries by dense name, and (ids, values) entries by table."""
+    dense, ids, values = {}, {}, {}
+    for key, e in entries.items():
+        if key.startswith(_DENSE):
+            dense[key[len(_DENSE) :]] = e
+        elif key.startswith(_SPARSE) and key.endswith(_IDS):
+            ids[key[len(_SPARSE) : -len(_IDS)]] = e
+        elif key.startswith(_SPARSE) and key.endswith(_VALUES):
+            values[key[len(_SPARSE) : -len(_VALUES)]] = e
+        else:
+            raise DataError(f"{where}: tensor {show(key)} is neither dense/<param> nor sparse/<table>/ids|values")
+    for table in sorted(ids.keys() ^ values.keys()):
+        raise DataError(f"{where}: table {show(table)} has only one of its ids and values; send both")
+    return dense, {t: (ids[t], values[t]) for t in ids}
+
+
+def _check_dense(where: str, dense: dict[str, Entry], spec: WireSpec, kind: str) -> None:
+    if kind == "rows" and dense:
+        raise DataError(f"{where}: carries dense/{show(next(iter(dense)))}; a rows payload holds sparse rows only")
+    for name, (dtype, shape, _, _) in dense.items():
+        if name not in spec.dense:
+            raise DataError(f"{where}: dense/{show(name)} is not one of the model's {len(spec.dense)} dense_shared "
+                            "parameters; drop it")
+        want_shape, want_dtype = spec.dense[name]
+        if shape != want_shape:
+            raise DataError(f"{where}: dense/{name} has shape {show(shape)}; the model's is {want_shape}")
+        if dtype != want_dtype:
+            raise DataError(f"{where}: dense/{name} has dtype {dtype}; the model's is {want_dtype}")
+    missing = sorted(spec.dense.keys() - dense.keys()) if kind != "rows" else []
+    if missing:
+        raise DataError(f"{where}: misses dense/{missing[0]} ({len(missing)} of the model's {len(spec.dense)} "
+                        "dense_shared parameters missing); send all of them")
+
+
+def _check_tables(where: str, tables: dict[str, tuple[Entry, Entry]], spec: WireSpec, kind: str) -> None:
+    if kind == "model" and tables:
+        raise DataError(f"{where}: carries rows of {show(next(iter(tables)))}; a model payload holds dense tensors only")
+    for table, ((id_dtype, id_shape, _, _), (dtype, shape, _, _)) in tables.items():
+        if table not in spec.tables:
+            raise DataError(f"{where}: {show(table)} is not one of the model's sparse_shared tables "
+                            f"{show(sorted(spec.tables), 200)}")
+        rows, dim, want_dtype = spec.tables[table]
+        if id_dtype != torch.int64 or len(id_shape) != 1:
+            raise DataError(f"{where}: sparse/{table}/ids is {id_dtype} of shape {show(id_shape)}; "
+                            "ids are int64 [R]")
+        if id_shape[0] > rows:
+            raise DataError(f"{where}: sparse/{table}/ids has {id_shape[0]} ids; the table has {rows} rows")
+        if shape != (id_shape[0], dim):
+            raise DataError(f"{where}: sparse/{table}/values has shape {show(shape)}; with {id_shape[0]} ids "
+                            f"it must be {(id_shape[0], dim)}")
+        if dtype != want_dtype:
+            raise DataError(f"{where}: sparse/{table}/values has dtype {dtype}; the table's is {want_dtype}")
+
+
+def _check_ids(where: str, table: str, ids: torch.Tensor, rows: int) -> None:
+    if not len(ids):
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))
+    if lo < 0 or hi >= rows:
+        raise DataError(f"{where}: sparse/{table}/ids has ids in [{lo}, {hi}]; the table's rows are [0, {rows})")
+    if not bool((ids[1:] > ids[:-1]).all()):
+        raise DataError(f"{where}: sparse/{table}/ids are not sorted and unique; send torch.unique(ids)")
+
+
+def _check_finite(where: str, entries: dict[str, Entry], buf: bytearray) -> None:
+    """DataError naming the first float tensor with a NaN or an infinity.
+
+    The entries are in data order; each run of adjacent ones of one float dtype (all of
+    an update's, usually) costs one sum over the raw bytes: a NaN or an infinity makes
+    the sum non-finite. Finite values can overflow it, so only then is each tensor of
+    the run checked exactly.
+    """
+    runs: list[tuple[torch.dtype, int, list[str]]] = []  # dtype, begin, keys; a run ends where its last key does
+    for key, (dtype, _, begin, end) in entries.items():
+        if not dtype.is_floating_point or begin == end:
+            continue
+        if runs and runs[-1][0] == dtype and entries[runs[-1][2][-1]][3] == begin:
+            runs[-1][2].append(key)
+        else:
+            runs.append((dtype, begin, [key]))
+    for dtype, begin, keys in runs:
+        end = entries[keys[-1]][3]
+        span = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+        if math.isfinite(float(span.sum(dtype=torch.float32 if dtype.itemsize < 4 else dtype))):
+            continue
+        for key in keys:
+            _, _, b, e = entries[key]
+            t = torch.frombuffer(buf, dtype=dtype, count=(e - b) // dtype.itemsize, offset=b)
+            if not bool(torch.isfinite(t).all()):
+                raise DataError(f"{where}: {key} holds NaN or infinite values; send finite values")
+
+
+def _body(where: str, entries: dict[str, Entry], data: memoryview, spec: WireSpec,
+          kind: str) -> tuple[dict[str, torch.Tensor], dict[str, SparseRows]]:
+    """Check the header's tensors against ``spec``, then read and check their values."""
+    dense_entries, table_entries = _split(where, entries)
+    _check_dense(where, dense_entries, spec, kind)
+    _check_tables(where, table_entries, spec, kind)
+    buf = bytearray(data)  # one copy: writable tensors, aligned (offsets are multiples of the itemsize)
+    _check_finite(where, entries, buf)
+    tensors = {}
+    for key, (dtype, shape, begin, end) in entries.items():
+        if begin == end:  # frombuffer refuses empty tensors
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[key] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                            offset=begin).view(shape)
+    sparse = {}
+    for table in (t for t in spec.tables if t in table_entries):  # the spec's order, not the payload's
+        rows = SparseRows(tensors[_SPARSE + table + _IDS], tensors[_SPARSE + table + _VALUES])
+        _check_ids(where, table, rows.ids, spec.tables[table][0])
+        sparse[table] = rows
+    return {name: tensors[_DENSE + name] for name in spec.dense if name in dense_entries}, sparse
+
+
+def decode_update(payload: bytes, spec: WireSpec) -> tuple[Envelope, Update]:
+    """Inverse of :func:`encode_update`, validated against ``spec``.
+
+    The update must carry exactly the spec's dense names, with its shapes and dtypes,
+    and rows of known tables; ``Update.client_id`` and ``base_version`` come from the
+    envelope.
+
+    Raises
+    ------
+    DataError : the payload is too long, not safetensors, or breaks the spec (the message
+        names what and how).
+    """
+    meta, entries, data = read_header(payload, spec.max_bytes, "update payload")
+    env = Envelope.from_metadata(meta, "update")
+    where = _where(env)
+    num_examples = meta_int(where, meta, "num_examples", 0)
+    metrics = _metrics(where, meta)
+    dense, sparse = _body(where, entries, data, spec, "update")
+    _groups(where, meta, [g for g, part in zip(_GROUPS, (dense, sparse), strict=True) if part])
+    return env, Update(client_id=env.client_id, dense=dense, sparse=sparse, num_examples=num_examples,
+                       base_version=env.model_version, metrics=metrics)
+
+
+def decode_model(payload: bytes, spec: WireSpec) -> tuple[Envelope, dict[str, torch.Tensor]]:
+    """Inverse of :func:`encode_model`: exactly the spec's dense tensors; DataError otherwise."""
+    meta, entries, data = read_header(payload, spec.max_bytes, "model payload")
+    env = Envelope.from_metadata(meta, "model")
+    dense, _ = _body(_where(env), entries, data, spec, "model")
+    return env, dense
+
+
+def decode_rows(payload: bytes, spec: WireSpec) -> tuple[Envelope, dict[str, SparseRows]]:
+    """Inverse of :func:`encode_rows`: rows of known tables; DataError otherwise."""
+    meta, entries, data = read_header(payload, spec.max_bytes, "rows payload")
+    env = Envelope.from_metadata(meta, "rows")
+    _, rows = _body(_where(env), entries, data, spec, "rows")
+    return env, rows

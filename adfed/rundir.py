@@ -42,7 +42,9 @@ def _clean(value: Any) -> Any:
 
 
 #: what :func:`write_run` and a federated run's checkpoint put in a run directory
-RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.csv", "checkpoint.pt")
+#: (``checkpoint.pt``: the pickled checkpoint of adfed before 2026-12, removed by --overwrite)
+RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.csv",
+             "checkpoint.safetensors", "checkpoint.pt")
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) -> None:

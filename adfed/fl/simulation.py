@@ -153,6 +153,9 @@ def build_engine(cfg: Config, dataset: Dataset, population: Population, state: S
 
 def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
     if ckpt is None or not ckpt.exists():
+        if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
+            raise ConfigError(f"--resume: {ckpt.parent} holds checkpoint.pt, a pickled checkpoint of an older adfed, "
+                              f"which is not read (unpickling runs code); start a new run without --resume")
         raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
     saved = checkpoint.load(ckpt)
     _check_same_settings(saved.settings, cfg, ckpt)

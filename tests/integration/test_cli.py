@@ -231,7 +231,7 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     fed = ["--mode", "federated", "--rounds", "1", "--clients-per-round", "10", "--set", "window.min_clients=2"]
     assert adfed("train", "--data", small_world, "--out", run, *fed, *SMALL_TRAIN).exit_code == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    assert "checkpoint.pt" in before and "rounds.csv" in before
+    assert "checkpoint.safetensors" in before and "rounds.csv" in before
     # a second run into it: refused, the first run untouched
     result = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, *SMALL_TRAIN)
     assert result.exit_code == 2

@@ -1,7 +1,8 @@
 """The ``adfed`` command.
 
-Subcommands: ``data generate | describe | import``, ``train``. Every error from bad input
-is one line naming the field and the fix, with exit code 2.
+Subcommands: ``data generate | describe | import | verify``, ``train``, ``compare``,
+``experiment run``. Every error from bad input is one line naming the field and the fix,
+with exit code 2.
 """
 
 from __future__ import annotations
@@ -223,7 +224,11 @@ def train(
                 info = f"{unit} {row.get(unit, '?')}" + (f"  auc {auc:.4f}" if isinstance(auc, float) else "")
                 progress.update(task, completed=row.get(unit, 0), info=info)
 
-            result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
+            try:
+                result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
+            except KeyboardInterrupt:
+                progress.stop()
+                _interrupted(out, cfg)
         summary = rundir.write_run(out, cfg, result, reference=ref, extra=extra)
     except (AdfedError, ValueError, OSError) as exc:
         _fail(str(exc))
@@ -232,6 +237,25 @@ def train(
     console.print(_results_table([(out.name or str(out), summary)], title="results"))
     _warn_noisy([(str(out), summary)])
     console.print(f"run directory: {out}  (summary.json, config.toml, plots/)", highlight=False, soft_wrap=True)
+
+
+def _interrupted(out: Path, cfg: config_mod.Config) -> NoReturn:
+    """Ctrl-C during training: a federated run keeps its last round's checkpoint; write the
+    resolved config beside it and say how to continue. Exit code 130 (SIGINT's)."""
+    from adfed import rundir
+    from adfed.fl.checkpoint import CHECKPOINT
+
+    ckpt = out / CHECKPOINT
+    if cfg.train.mode == "federated" and ckpt.exists():
+        rundir.atomic_write(out / "config.toml", config_mod.dumps(cfg))
+        console.print(f"interrupted: the checkpoint of the last finished round is {ckpt}; continue with\n"
+                      f"  adfed train --config {out / 'config.toml'} --out {out} --resume",
+                      highlight=False, soft_wrap=True)
+    else:
+        what = "centralized training keeps no checkpoint" if cfg.train.mode == "centralized" \
+            else "no round had finished, so there is no checkpoint"
+        console.print(f"interrupted: {what}; nothing was written to {out}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def _clamp_clients(cfg: config_mod.Config, dataset: Any, *, flag: bool) -> tuple[config_mod.Config, dict[str, Any]]:

@@ -25,7 +25,6 @@ import torch
 
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import ParamGroup
-from adfed.model.fused_adam import FusedAdam
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
 
@@ -102,8 +101,7 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor], *, 
         return
     params = parameters(model)
     if not check:
-        with torch.no_grad():
-            torch._foreach_copy_([params[name] for name in tensors], list(tensors.values()))
+        _copy_into(params, tensors)
         return
     for name, value in tensors.items():
         if name not in params:
@@ -114,8 +112,14 @@ def set_dense_inplace(model: PCVRModel, tensors: Mapping[str, torch.Tensor], *, 
     bad = first_non_finite(tensors)
     if bad is not None:
         raise ValueError(f"parameter {bad}: values must be finite")
+    _copy_into(params, tensors)
+
+
+def _copy_into(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, torch.Tensor]) -> None:
+    targets = [params[name] for name in tensors]  # a wrong name raises before anything is copied
     with torch.no_grad():
-        torch._foreach_copy_([params[name] for name in tensors], list(tensors.values()))
+        for target, value in zip(targets, tensors.values(), strict=True):
+            target.copy_(value)
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -139,7 +143,8 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(nonempty, ord=float("inf")))).all())
+    inf = float("inf")
+    return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(t, inf) for t in nonempty])).all())
 
 
 def sparse_tables(model: PCVRModel) -> list[str]:
@@ -292,9 +297,9 @@ def make_optimizers(
     optimizers: list[torch.optim.Optimizer] = []
     if dense:
         # fused: one kernel over all tensors; ~10x faster than the per-tensor loop on CPU
-        # (FusedAdam: torch's fused Adam, bitwise, with less Python per step)
+        # (fused=True on CPU needs torch >= 2.4, the oldest torch this package supports)
         if dense_opt == "adam":
-            optimizers.append(FusedAdam(dense, lr=lr, weight_decay=weight_decay))
+            optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True))
         elif dense_opt == "sgd":
             optimizers.append(torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay, fused=True))
         else:

@@ -143,6 +143,21 @@ def test_set_dense_rejects_bad_input(schema: Schema) -> None:
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_set_dense_unchecked_copies_exactly_and_a_wrong_name_copies_nothing(schema: Schema) -> None:
+    model = build_model(schema, seed=0)
+    given = {n: t.add(0.5) for n, t in get_dense(model, ParamGroup.DENSE_SHARED).items()}
+    before = get_dense(model, ParamGroup.DENSE_SHARED)
+
+    with pytest.raises(KeyError, match="nope"):
+        set_dense_inplace(model, {**given, "nope": torch.zeros(1)}, check=False)
+    unchanged = get_dense(model, ParamGroup.DENSE_SHARED)
+    set_dense_inplace(model, given, check=False)
+
+    assert all(torch.equal(before[n], unchanged[n]) for n in before)
+    after = get_dense(model, ParamGroup.DENSE_SHARED)
+    assert all(torch.equal(after[n].view(torch.int32), given[n].view(torch.int32)) for n in given)
+
+
 def test_touched_rows_are_the_ids_in_the_batch(schema: Schema, make_batch: Callable[..., Batch]) -> None:
     model = build_model(schema)
     batch = make_batch(40)
@@ -267,6 +282,18 @@ def test_table_lr_puts_the_small_dense_tables_in_their_own_group(schema: Schema,
     assert len(single.param_groups) == 1
     with pytest.raises(ValueError, match="table_lr"):
         make_optimizers(model, lr=0.1, table_lr=0.0)
+
+
+@pytest.mark.parametrize("table_lr", [None, 5.0])
+def test_dense_optimizer_is_torchs_fused_adam(schema: Schema, table_lr: float | None) -> None:
+    model = build_model(schema)
+
+    dense, _ = make_optimizers(model, lr=0.1, table_lr=table_lr)
+
+    assert type(dense) is torch.optim.Adam
+    assert all(g["fused"] and not g["amsgrad"] for g in dense.param_groups)
+    (sgd, _) = make_optimizers(model, lr=0.1, dense_opt="sgd")
+    assert type(sgd) is torch.optim.SGD and all(g["fused"] for g in sgd.param_groups)
 
 
 def test_weight_decay_reaches_the_dense_optimizer_only(schema: Schema) -> None:

@@ -41,6 +41,9 @@ _SCAN_SHARE = 0.125
 #: Bytes of decoded row groups kept per dataset (an LRU; a row group is ~0.1-1 MB
 #: decoded, so the demo dataset fits whole and a 1M-user one keeps its hottest groups).
 _CACHE_BYTES = 256 * 2**20
+#: Bytes of decoded ``users.parquet`` row groups kept per dataset (its own LRU: the
+#: whole table of a 1M-user world, ~200 MB, so a round's user rows cost no decoding).
+_USER_CACHE_BYTES = 256 * 2**20
 
 
 def _expected_type(spec: FieldSpec) -> tuple[str, ...]:
@@ -178,12 +181,6 @@ class _RowGroupFile:
     def num_rows(self) -> int:
         return int(self.starts[-1])
 
-    def read_rows(self, start: int, count: int, columns: list[str] | None = None) -> pa.Table:
-        try:
-            return self._read_rows(start, count, columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(_damaged(self.path, exc)) from exc
-
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole file (``columns`` only)."""
         try:
@@ -192,20 +189,63 @@ class _RowGroupFile:
         except (pa.ArrowException, OSError) as exc:
             raise DataError(_damaged(self.path, exc)) from exc
 
-    def _read_rows(self, start: int, count: int, columns: list[str] | None) -> pa.Table:
-        first = int(np.searchsorted(self.starts, start, side="right") - 1)
-        last = int(np.searchsorted(self.starts, start + count - 1, side="right") - 1)
-        if first != last or self._cache is None:
-            with self._lock:  # ParquetFile is not thread-safe
-                table = self.file.read_row_groups(list(range(first, last + 1)), columns=columns)
-            return table.slice(start - int(self.starts[first]), count)
-        key = (str(self.path), first, tuple(columns or ()))
-        with self._lock:
-            table = self._cache.get(key)
-            if table is None:
-                table = self.file.read_row_group(first, columns=columns)
-                self._cache.put(key, table)
-        return table.slice(start - int(self.starts[first]), count)
+    def read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``[starts[i], starts[i] + counts[i])`` of every range ``i``, back to back.
+
+        Each row group is read (and decoded) at most once, however many ranges fall in
+        it: the groups not in the cache are read in file order, then kept in the cache;
+        no per-range Python beyond one zero-copy slice. Ranges of zero rows contribute
+        nothing.
+        """
+        try:
+            return self._read_ranges(np.asarray(starts, np.int64), np.asarray(counts, np.int64), columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(_damaged(self.path, exc)) from exc
+
+    def _read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None) -> pa.Table:
+        keep = counts > 0
+        starts, counts = starts[keep], counts[keep]
+        if not len(starts):
+            with self._lock:
+                return self.file.schema_arrow.empty_table().select(columns) if columns else \
+                    self.file.schema_arrow.empty_table()
+        first = np.searchsorted(self.starts, starts, side="right") - 1
+        last = np.searchsorted(self.starts, starts + counts - 1, side="right") - 1
+        spans = [np.arange(f, g + 1) for f, g in zip(first[first != last], last[first != last], strict=True)]
+        needed = np.unique(np.concatenate([first, *spans])).tolist()
+        tables = self._groups(needed, columns)
+        group_start = self.starts
+        if not spans:  # the common case: every range inside one group
+            parts = [tables[f].slice(s - group_start[f], c)
+                     for f, s, c in zip(first.tolist(), starts.tolist(), counts.tolist(), strict=True)]
+        else:
+            parts = []
+            for f, g, s, c in zip(first.tolist(), last.tolist(), starts.tolist(), counts.tolist(), strict=True):
+                end = s + c
+                for h in range(f, g + 1):
+                    lo, hi = max(s, int(group_start[h])), min(end, int(group_start[h + 1]))
+                    parts.append(tables[h].slice(lo - int(group_start[h]), hi - lo))
+        return pa.concat_tables(parts)
+
+    def _groups(self, groups: list[int], columns: list[str] | None) -> dict[int, pa.Table]:
+        """Decoded row groups ``groups`` (sorted, unique) by number: cached ones from the
+        cache, the others read (in file order) and cached."""
+        key = (str(self.path), tuple(columns or ()))
+        out: dict[int, pa.Table] = {}
+        with self._lock:  # ParquetFile is not thread-safe
+            missing = []
+            for g in groups:
+                table = self._cache.get((*key, g)) if self._cache is not None else None
+                if table is None:
+                    missing.append(g)
+                else:
+                    out[g] = table
+            for g in missing:  # in file order; one group at a time, so each is its own buffer
+                table = self.file.read_row_group(g, columns=columns)
+                out[g] = table
+                if self._cache is not None:
+                    self._cache.put((*key, g), table)
+        return out
 
 
 class Dataset:
@@ -235,7 +275,9 @@ class Dataset:
             if self.has_truth
             else []
         )
-        self._users = _RowGroupFile(path / "users.parquet", cache)
+        # users' own cache: a round's users touch most user row groups (1,000 of 1M users:
+        # ~240 of 244 groups), which would push the impressions' groups out of a shared one
+        self._users = _RowGroupFile(path / "users.parquet", _TableCache(_USER_CACHE_BYTES))
         self.ads = table_to_examples(
             _read_table(path / "ads.parquet"), self.schema.by_entity(Entity.AD)
         )
@@ -367,11 +409,21 @@ class Dataset:
         return user_ids
 
     def _rows_of(self, files: list[_RowGroupFile], user_ids: np.ndarray,
-                 columns: list[str] | None = None) -> pa.Table:
-        """The rows of ``user_ids`` (known users) from the sharded ``files``, back to back."""
-        shard, start, count = self._shard[user_ids], self._start[user_ids], self._count[user_ids]
-        return pa.concat_tables([files[int(h)].read_rows(int(s), int(c), columns)
-                                 for h, s, c in zip(shard, start, count, strict=True)])
+                 columns: list[str] | None = None, counts: np.ndarray | None = None) -> pa.Table:
+        """The rows of ``user_ids`` (known users) from the sharded ``files``, back to back
+        in the given order: each user's first ``counts`` rows (all of them by default).
+
+        One :meth:`_RowGroupFile.read_ranges` per run of users in the same shard (one per
+        shard for sorted users), so every row group is decoded at most once.
+        """
+        if not len(user_ids):
+            return files[0].read_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64), columns)
+        shard, start = self._shard[user_ids], self._start[user_ids]
+        count = self._count[user_ids] if counts is None else counts
+        cut = np.flatnonzero(np.diff(shard)) + 1
+        bounds = [0, *cut.tolist(), len(user_ids)]
+        return pa.concat_tables([files[int(shard[lo])].read_ranges(start[lo:hi], count[lo:hi], columns)
+                                 for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
 
     def clients(self, user_ids: np.ndarray, *, with_truth: bool = True) -> list[Examples]:
         """:meth:`client` of each of ``user_ids`` (in that order), joined in one pass.
@@ -383,17 +435,51 @@ class Dataset:
         user_ids = self._known(user_ids)
         if not len(user_ids):
             return []
-        joined, count = self._joined(user_ids, with_truth=with_truth), self._count[user_ids]
-        ends = np.cumsum(count)
-        return [joined.slice(int(e - c), int(e)) for e, c in zip(ends, count, strict=True)]
+        uniq, where = np.unique(user_ids, return_inverse=True)  # file order: fewest reads
+        joined, offsets = self.clients_joined(uniq, with_truth=with_truth)
+        return [joined.slice(int(offsets[i]), int(offsets[i + 1])) for i in where.tolist()]
 
-    def _joined(self, user_ids: np.ndarray, *, with_truth: bool) -> Examples:
-        """Every row of ``user_ids`` (known users), users in the given order, one join."""
-        imp = self._rows_of(self._imp, user_ids, self._imp_columns)
-        truth = self._rows_of(self._truth, user_ids) if self.has_truth and with_truth else None
+    def clients_joined(self, user_ids: np.ndarray, *, limit: np.ndarray | None = None,
+                       with_truth: bool = True) -> tuple[Examples, np.ndarray]:
+        """The rows of ``user_ids`` joined into one :class:`Examples`, users back to back in
+        the given order, and where each user's rows start (int64 [n + 1]).
+
+        ``limit`` (int [n]): read only each user's first ``limit[i]`` rows (its rows are
+        sorted by time: its training rows under :func:`split_by_time`); at most its row
+        count. Rows are read in file order whatever the order asked (each row group
+        decoded at most once, see :meth:`_RowGroupFile.read_ranges`) and reordered after
+        the join when needed. The same values, bit for bit, as :meth:`clients`.
+
+        Raises
+        ------
+        DataError : a user without impressions.
+        """
+        user_ids = self._known(user_ids)
+        count = self._count[user_ids]
+        if limit is not None:
+            count = np.minimum(count, np.maximum(np.asarray(limit, dtype=np.int64), 0))
+        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+        np.cumsum(count, out=offsets[1:])
+        order = np.argsort(user_ids, kind="stable")
+        if not len(order) or bool((np.diff(user_ids) >= 0).all()):
+            return self._joined(user_ids, with_truth=with_truth, counts=count), offsets
+        joined = self._joined(user_ids[order], with_truth=with_truth, counts=count[order])
+        # the rows of user i sit at sorted_offsets[rank[i]] in the joined (sorted) table
+        sorted_offsets = np.concatenate([[0], np.cumsum(count[order])])
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        rows = np.repeat(sorted_offsets[rank] - offsets[:-1], count) + np.arange(int(offsets[-1]))
+        return joined.take(rows), offsets
+
+    def _joined(self, user_ids: np.ndarray, *, with_truth: bool, counts: np.ndarray | None = None) -> Examples:
+        """Every row (the first ``counts``) of ``user_ids`` (known users), users in the
+        given order, one join."""
+        count = self._count[user_ids] if counts is None else counts
+        imp = self._rows_of(self._imp, user_ids, self._imp_columns, count)
+        truth = self._rows_of(self._truth, user_ids, None, count) if self.has_truth and with_truth else None
         names = [f.name for f in self._user_fields if f.name != USER_KEY]
-        users = pa.concat_tables([self._users.read_rows(int(u), 1, names) for u in user_ids])
-        return self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), self._count[user_ids]))
+        users = self._users.read_ranges(user_ids, np.ones(len(user_ids), np.int64), names)
+        return self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
 
     def labels(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The label columns (``LABEL_COLUMNS``) of every impression of ``user_ids``.

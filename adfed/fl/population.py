@@ -51,14 +51,22 @@ class Population:
         return self.train_data_many(np.array([user_id]))[0]
 
     def train_data_many(self, user_ids: np.ndarray) -> list[Examples]:
-        """:meth:`train_data` of several clients, read and joined in one pass.
+        """:meth:`train_data` of several clients, read and joined in one pass (views into
+        :meth:`train_data_joined`)."""
+        joined, offsets = self.train_data_joined(user_ids)
+        return [joined.slice(int(a), int(b)) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+
+    def train_data_joined(self, user_ids: np.ndarray) -> tuple[Examples, np.ndarray]:
+        """The training rows of several clients back to back (in the given order) and
+        where each client's rows start (int64 [n + 1]).
 
         A user's rows are sorted by time, so its training rows are its first
-        ``num_train`` rows (the split of :func:`adfed.data.store.split_by_time`).
+        ``num_train`` rows (the split of :func:`adfed.data.store.split_by_time`); only
+        those are read and joined (:meth:`Dataset.clients_joined`: each row group of the
+        store decoded at most once for the whole call).
         """
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        datas = self.dataset.clients(user_ids, with_truth=False)
-        return [d.slice(0, int(n)) for d, n in zip(datas, self._num_train[user_ids], strict=True)]
+        return self.dataset.clients_joined(user_ids, limit=self._num_train[user_ids], with_truth=False)
 
     def label_counts(self, user_ids: np.ndarray) -> LabelCounts:
         """Summed label counts of these clients' training rows (their label columns only:

@@ -713,3 +713,80 @@ def test_row_group_cache_is_bounded_in_bytes() -> None:
     cache.put("b", small)
     assert cache.get("a") is None and cache.get("b") is small  # the older one went
     assert cache.nbytes == small.nbytes
+
+
+# -- reading many users at once (issue 25) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("users", [[0, 1, 3, 4, 5], [4, 0, 5, 1, 3], [5, 5, 0], [3]])
+@pytest.mark.parametrize("with_truth", [True, False])
+def test_clients_joined_is_each_users_rows_in_the_given_order(world: World, users: list[int],
+                                                              with_truth: bool) -> None:
+    # Prepare: 2-row groups and 4-row shards, so users span groups and shards
+    ds = Dataset.open(world.path)
+
+    # Execute
+    joined, offsets = ds.clients_joined(np.array(users), with_truth=with_truth)
+
+    # Assert: every user's slice equals its rows computed row by row
+    assert offsets.tolist() == np.concatenate([[0], np.cumsum([ROWS_PER_USER[u] for u in users])]).tolist()
+    for i, u in enumerate(users):
+        got = _as_lists(joined.slice(int(offsets[i]), int(offsets[i + 1])))
+        want = _expected(world, u)
+        if not with_truth:
+            want.pop("truth_p_click")
+        assert {k: got[k] for k in want} == want
+        assert set(got) == set(want)
+
+
+def test_clients_joined_with_a_limit_reads_each_users_first_rows(world: World) -> None:
+    ds = Dataset.open(world.path)
+    users, limit = np.array([4, 1, 0, 5]), np.array([2, 5, 0, 9])
+
+    joined, offsets = ds.clients_joined(users, limit=limit, with_truth=False)
+
+    assert np.diff(offsets).tolist() == [2, 5, 0, 2]  # capped at the user's rows
+    for i, u in enumerate(users.tolist()):
+        full = ds.client(u, with_truth=False)
+        _assert_examples_equal(joined.slice(int(offsets[i]), int(offsets[i + 1])),
+                               full.slice(0, int(offsets[i + 1] - offsets[i])))
+
+
+def test_clients_joined_of_no_users_is_empty(world: World) -> None:
+    joined, offsets = Dataset.open(world.path).clients_joined(np.array([], dtype=np.int64))
+    assert len(joined) == 0 and offsets.tolist() == [0]
+
+
+def test_each_row_group_is_decoded_once_per_call(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: no cache, so every group a call needs is read by that call
+    monkeypatch.setattr(store_module, "_CACHE_BYTES", 0)
+    monkeypatch.setattr(store_module, "_USER_CACHE_BYTES", 0)
+    ds = Dataset.open(world.path)
+    reads: list[tuple[str, int]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counting(self: pq.ParquetFile, i: int, *args: object, **kwargs: object) -> pa.Table:
+        reads.append((str(self.reader), i))  # one entry per decode
+        return real(self, i, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+
+    # Execute: users out of order, user 1's 5 rows spanning three 2-row groups
+    ds.clients_joined(np.array([5, 1, 0, 4, 3]), with_truth=True)
+
+    # Assert
+    assert len(reads) == len(set(reads))
+    assert reads  # the read went through read_row_group
+
+
+def test_row_groups_come_from_the_cache_on_a_second_read(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = Dataset.open(world.path)
+    ds.clients_joined(np.array([0, 1, 3]), with_truth=False)
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: reads.append(i) or real(self, i, *a, **k))
+
+    ds.clients_joined(np.array([3, 1, 0]), with_truth=False)
+
+    assert reads == []

@@ -153,3 +153,33 @@ def test_sample_with_exclude_is_uniform_over_free_online_clients(small_world) ->
     assert counts[0] == 0 and counts[1] == 0
     expected = 4000 / (len(pop) - 2)
     assert np.all(np.abs(counts[2:] - expected) < 6 * np.sqrt(expected))
+
+
+def test_train_data_joined_is_each_clients_first_num_train_rows(small_world) -> None:  # noqa: ANN001
+    # Prepare
+    import numpy as np
+
+    from adfed.data.store import Dataset, num_train_rows
+    from adfed.fl.population import Population
+
+    dataset = Dataset.open(small_world)
+    population = Population(dataset, test_fraction=0.2, seed=0)
+    users = population.clients[np.random.default_rng(3).permutation(len(population.clients))[:40]]
+
+    # Execute
+    joined, offsets = population.train_data_joined(users)
+    many = population.train_data_many(users)
+
+    # Assert: bit for bit the training slice of each user's full rows
+    for i, u in enumerate(users.tolist()):
+        full = dataset.client(u, with_truth=False)
+        n = int(num_train_rows(np.array([len(full)]), 0.2)[0])
+        want = full.slice(0, n)
+        for got in (joined.slice(int(offsets[i]), int(offsets[i + 1])), many[i]):
+            assert len(got) == n
+            for group in ("ids", "dense", "labels"):
+                for k, v in getattr(want, group).items():
+                    np.testing.assert_array_equal(getattr(got, group)[k], v, err_msg=f"user {u} {group}[{k}]")
+            for k, (values, offs) in want.bags.items():
+                np.testing.assert_array_equal(got.bags[k][0], values)
+                np.testing.assert_array_equal(got.bags[k][1], offs)

@@ -35,7 +35,6 @@ from torch import nn
 from adfed.data.examples import Batch
 from adfed.data.schema import Entity, FieldKind, FieldSpec, ParamGroup
 from adfed.errors import DataError
-from adfed.model import row_kernels
 from adfed.model.pooling import lookup, mean_bag, pool_dense_bag
 
 logger = logging.getLogger(__name__)
@@ -427,8 +426,7 @@ class VocabMatch(nn.Module):
         for bag, ad in self.pairs:
             values, _ = batch.bags[bag]
             lengths, ids = batch.bag_lengths(bag), batch.ids[ad]
-            counts = row_kernels.bag_matches(values, lengths, ids)
-            columns.append(counts if counts is not None else _bag_matches(values, lengths, ids))
+            columns.append(_bag_matches(values, lengths, ids))
         return columns[0].unsqueeze(1) if len(columns) == 1 else torch.stack(columns, dim=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -459,8 +457,7 @@ class _AddMatch(torch.autograd.Function):
 
 
 def _bag_matches(values: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """float32 [B]: how many ids of bag b equal ``ids[b]`` (torch's way; see
-    :func:`adfed.model.row_kernels.bag_matches`)."""
+    """float32 [B]: how many ids of bag b equal ``ids[b]`` (exact integers)."""
     rows = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths, output_size=values.shape[0])
     hits = (values == ids[rows]).to(torch.float32)
     return torch.zeros(lengths.shape[0]).index_add_(0, rows, hits)

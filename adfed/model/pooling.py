@@ -17,9 +17,7 @@ returns (an empty bag pools to zeros) with a cheaper backward:
 The backward of :func:`lookup` and :func:`mean_bag` sums each table row's gradient in
 position order (:func:`sum_rows_by_id`): a dense gradient with one ``index_add_``, a
 sparse one by sorting the ids once and summing each row's run with ``F.embedding_bag``
-(mode ``"sum"``, one bag per id), or, where it is built, by the compiled loop of
-:mod:`adfed.model.row_kernels` (bitwise the same sums; so is its count matrix for
-:func:`multi_hot_mean`). With ``sparse_grad=True`` the gradient is a
+(mode ``"sum"``, one bag per id). With ``sparse_grad=True`` the gradient is a
 *coalesced* sparse COO tensor holding exactly the ids read (the rows of
 ``nn.EmbeddingBag(sparse=True)``'s gradient, without duplicates), so a sparse
 optimizer's ``coalesce()`` has nothing left to sum. Below :data:`LOOKUP_MIN_READS` /
@@ -36,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from adfed.data.examples import bag_lengths
-from adfed.model import row_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +112,14 @@ def sum_rows_by_id(
     and one ``F.embedding_bag`` sum per run, which also yields the present rows.
     """
     if not sparse:
-        dense = row_kernels.index_add(ids, source, grad.contiguous(), num_rows)
-        if dense is not None:  # the compiled loop: bitwise index_add_
-            return dense
         rows = grad if source is None else grad.index_select(0, source)
         return grad.new_zeros(num_rows, grad.shape[1]).index_add_(0, ids, rows)
-    summed = row_kernels.sum_rows(ids, source, grad.contiguous(), num_rows)
-    if summed is not None:  # the compiled loop: bitwise the same as below
-        present, sums = summed
-    else:
-        # Sorting narrower keys is several times faster, and gives the same order.
-        sorted_ids, order = _sort_stable(ids.to(_key_dtype(num_rows)), num_rows)
-        rows_in_order = order if source is None else source.index_select(0, order)
-        present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        sums = F.embedding_bag(rows_in_order, grad.contiguous(), starts, mode="sum")
+    # Sorting narrower keys is several times faster, and gives the same order.
+    sorted_ids, order = _sort_stable(ids.to(_key_dtype(num_rows)), num_rows)
+    rows_in_order = order if source is None else source.index_select(0, order)
+    present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sums = F.embedding_bag(rows_in_order, grad.contiguous(), starts, mode="sum")
     # Unique sorted indices by construction: the invariant checks would only cost time.
     return torch.sparse_coo_tensor(
         present.to(torch.int64).unsqueeze(0), sums, (num_rows, grad.shape[1]), is_coalesced=True,
@@ -198,10 +188,6 @@ def multi_hot_mean(
     """
     if lengths is None:
         lengths = bag_lengths(values, offsets)
-    if weight.dtype == torch.float32:
-        counts = row_kernels.bag_counts(values, lengths, weight.shape[0])
-        if counts is not None:  # the compiled loop: bitwise the same as below
-            return counts @ weight
     _check_range(values, weight.shape[0])
     n = offsets.shape[0]
     rows = torch.repeat_interleave(torch.arange(n), lengths, output_size=values.shape[0])

@@ -22,11 +22,9 @@ sparse tensors into dense ones: some twenty small operations per parameter. Here
   ``square``, ``sqrt``, ``add_``, ``addcdiv_``) instead of twelve, and the parameter's
   rows are written back with one ``index_copy_``.
 
-Where the compiled row kernels are built (:mod:`adfed.model.row_kernels`), a float32
-parameter's whole step (summing duplicate rows, the moments, the update) is one C loop
-instead, with bitwise the same result as the operations above; for that, the square root
-here is taken in float64 and rounded (correctly rounded, as C's ``sqrtf``; torch's
-float32 ``sqrt`` is not).
+For a float32 parameter the square root is taken in float64 and rounded (correctly
+rounded, as C's ``sqrtf``; torch's float32 ``sqrt`` is not), which keeps the results
+bitwise those of earlier versions, whose compiled row kernel computed ``sqrtf``.
 
 The arithmetic is Adam's, as in ``SparseAdam``, but with fused operations (``lerp``,
 ``addcdiv``) and another order of summing duplicate rows, so results agree with
@@ -44,8 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from adfed.model import row_kernels
 
 __all__ = ["RowSparseAdam", "unique_rows"]
 
@@ -243,12 +239,6 @@ class RowSparseAdam(torch.optim.Optimizer):
             step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
             moments = self._moment_rows(p, state, grad.sparse_dim())
             values = grad._values()
-            p_rows, copied = _as_rows(p, moments.shape[1], moments.shape[2])
-            if not copied and row_kernels.sparse_adam(
-                rows, values.reshape(values.shape[0], -1), p_rows, moments,
-                beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, maximize=maximize,
-            ):
-                continue
             runs = None
             if not grad.is_coalesced():  # gradients with equal row ids share one sort
                 runs = next((r for ids, r in seen if ids.shape == rows.shape and torch.equal(ids, rows)), None)
@@ -277,8 +267,8 @@ def _adam_rows(
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2)
     # torch's float32 sqrt (MKL's) is not correctly rounded (1 ulp off on ~15 % of
-    # elements); the square root of the float64 value rounded to float32 is, and is what
-    # the compiled kernel (C's sqrtf) computes, so both paths give the same bits.
+    # elements); the square root of the float64 value rounded to float32 is (C's sqrtf),
+    # and is what earlier versions' compiled kernel computed: results stay bitwise the same.
     denom = exp_avg_sq.sqrt() if exp_avg_sq.dtype != torch.float32 else exp_avg_sq.double().sqrt_().float()
     p_rows.addcdiv_(exp_avg, denom.add_(eps), value=-step_size)
     moments.index_copy_(1, ids, both)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import nn
 
-from adfed.model import row_kernels
 from adfed.model.pooling import (
     LOOKUP_MIN_READS,
     SORTED_MIN_READS,
@@ -162,17 +161,11 @@ def test_padded_sort_gives_the_stable_sort(n: int, dtype: torch.dtype) -> None:
     assert torch.equal(got_keys, want_keys) and torch.equal(got_order, want_order)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("with_source", [False, True])
-def test_dense_row_sums_are_bitwise_the_sorted_sums(threads: int, with_source: bool, kernels: bool,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_row_sums_are_bitwise_the_sorted_sums(threads: int, with_source: bool) -> None:
     """index_add_ must add in position order on a CPU, as the sorted sum does: the dense
-    gradient is then the same float sums as the sparse one, whatever the thread count.
-    Both with the compiled row kernels and on torch's own path (kernels off), where
-    ``index_add_`` and the sort really run."""
-    if not kernels:
-        monkeypatch.setattr(row_kernels, "_library", lambda: None)
+    gradient is then the same float sums as the sparse one, whatever the thread count."""
     gen = torch.Generator().manual_seed(threads)
     ids = torch.randint(0, 37, (30_000,), generator=gen)  # many repeats per row
     grad = torch.randn(5_000 if with_source else 30_000, 16, generator=gen) * 1e3
@@ -199,3 +192,13 @@ def test_row_sums_of_no_reads_are_empty(sparse: bool) -> None:
 
     assert out.shape == (7, 3) and not out.to_dense().any()
     assert not sparse or out._nnz() == 0
+
+
+def test_multi_hot_mean_rejects_ids_outside_the_table() -> None:
+    weight = torch.randn(5, 4)
+    lengths = torch.tensor([2, 1])
+
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 5\); got \[0, 5\]"):
+        multi_hot_mean(torch.tensor([0, 5, 1]), torch.tensor([0, 2]), weight, lengths=lengths)
+    with pytest.raises(IndexError, match=r"got \[-1, 2\]"):
+        multi_hot_mean(torch.tensor([2, 1, -1]), torch.tensor([0, 2]), weight, lengths=lengths)

@@ -189,6 +189,51 @@ class WindowConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    # client-level differential privacy (adfed.privacy; docs/privacy.md)
+    dp: bool = False
+    # dp_fedavg: Poisson sampling, clipped updates, Gaussian noise on the sum (McMahan et al.
+    # 2018); dp_ftrl: tree-aggregated noise, each phone at most once per pass over the
+    # population (Kairouz et al. 2021), no reliance on sampling amplification
+    mechanism: Literal["dp_fedavg", "dp_ftrl"] = "dp_fedavg"
+    clip: float = 10.0  # L2 norm C of a phone's whole shared update (the first C if adaptive); ~median norm at the default lrs
+    noise_multiplier: float = 1.0  # z: noise std on the sum is z * C
+    adaptive_clip: bool = False  # follow target_quantile of update norms (Andrew et al. 2021)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2  # eta of the geometric clip update
+    clip_count_noise: float = 0.0  # std of the noise on the count of clipped phones; 0: clients_per_round / 20
+    # 0: none; else calibrate z to reach it after fl.rounds ("calibrate") or stop
+    # training before the round that would exceed it ("stop")
+    target_epsilon: float = 0.0
+    on_target: Literal["calibrate", "stop"] = "calibrate"
+    delta: float = 0.0  # 0: 1 / N^1.1 for N phones with training rows
+    # server: Gaussian noise added to the sum by the server; distributed: each phone adds
+    # its share of Skellam noise after clipping and quantization (for secure aggregation)
+    noise: Literal["server", "distributed"] = "server"
+    quantization_scale: float = 1024.0  # distributed: clipped values x this, rounded
+    # rows of each sparse_shared table in the round vocabulary that DP uploads cover
+    # (popular rows from a DP count, then random rows); 0: every row of the table
+    vocabulary_size: int = 2048
+    vocabulary_random: float = 0.25  # fraction of the vocabulary drawn at random each round
+    vocabulary_noise: float = 4.0  # noise multiplier of the DP count of rows (one release)
+
+    def __post_init__(self) -> None:
+        _check(self.clip > 0, "privacy.clip", "a float > 0", self.clip)
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "a float >= 0", self.noise_multiplier)
+        _check(0 < self.target_quantile < 1, "privacy.target_quantile", "in (0, 1)", self.target_quantile)
+        _check(self.clip_lr > 0, "privacy.clip_lr", "a float > 0", self.clip_lr)
+        _check(self.clip_count_noise >= 0, "privacy.clip_count_noise", "a float >= 0", self.clip_count_noise)
+        _check(self.target_epsilon >= 0, "privacy.target_epsilon", "a float >= 0 (0 = no target)",
+               self.target_epsilon)
+        _check(0 <= self.delta < 1, "privacy.delta", "in [0, 1) (0 = 1/N^1.1)", self.delta)
+        _check(self.quantization_scale > 0, "privacy.quantization_scale", "a float > 0", self.quantization_scale)
+        _check(self.vocabulary_size >= 0, "privacy.vocabulary_size", "an int >= 0 (0 = every row)",
+               self.vocabulary_size)
+        _check(0 <= self.vocabulary_random <= 1, "privacy.vocabulary_random", "in [0, 1]", self.vocabulary_random)
+        _check(self.vocabulary_noise > 0, "privacy.vocabulary_noise", "a float > 0", self.vocabulary_noise)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RobustConfig:
     # the server's aggregator, by name in the registry of adfed.fl.aggregators ("mean":
     # the weighted mean of dense deltas and the per-row mean of sparse rows)
@@ -210,9 +255,12 @@ class Config:
     fl: FLConfig = dataclasses.field(default_factory=FLConfig)
     window: WindowConfig = dataclasses.field(default_factory=WindowConfig)
     robust: RobustConfig = dataclasses.field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
+        _check(not self.privacy.dp or self.fl.schedule == "sync", "fl.schedule",
+               '"sync" with privacy.dp (the accountant assumes synchronous rounds)', self.fl.schedule)
         # a sync round accepts at most clients_per_round updates: more would retry forever
         _check(self.fl.schedule != "sync" or self.window.min_clients <= self.fl.clients_per_round,
                "window.min_clients", f"<= fl.clients_per_round ({self.fl.clients_per_round}); lower it",

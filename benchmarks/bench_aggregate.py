@@ -61,7 +61,7 @@ def main() -> None:
             t1 = time.perf_counter()
             weights = server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
             server.aggregate(state, updates, weights, engine.aggregator, opt, np.random.default_rng(0),
-                             threads=threads)
+                             step=1, threads=threads)
             return t1 - t0, time.perf_counter() - t1
 
     counts = [int(t) for t in args.threads.split(",")]

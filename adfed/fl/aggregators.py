@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 from adfed.config import Config
 from adfed.errors import ConfigError
 from adfed.fl.types import SparseRows, Update
+from adfed.fl.wire import WireSpec
 
 Tensors = dict[str, torch.Tensor]
 
@@ -36,22 +37,47 @@ Tensors = dict[str, torch.Tensor]
 class Aggregate:
     """What a round's updates amount to: ``dense`` deltas by parameter name (every
     ``dense_shared`` name of the updates) and ``sparse`` row deltas by table (only tables
-    with at least one row to change)."""
+    with at least one row to change). ``stats`` are figures the server keeps or logs
+    (e.g. the noised fraction of unclipped phones, the next clip norm)."""
 
     dense: Tensors
     sparse: dict[str, SparseRows]
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInfo:
+    """What an aggregator may know of the round besides its updates: the server step
+    (sync round or async step, from 1) and the clip norm the phones were sent (0: none)."""
+
+    step: int
+    clip: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What wrappers may need when they are built: the model's shapes (``spec``: dense
+    names and shapes, table rows and widths), the phones with training rows, and the
+    run's privacy plan and round vocabulary when DP is on (typed loosely: ``adfed.fl``
+    does not import ``adfed.privacy``)."""
+
+    spec: WireSpec
+    population: int
+    plan: Any = None
+    vocabulary: Any = None
 
 
 class Aggregator(Protocol):
-    """``aggregator(updates, weights, rng) -> Aggregate``.
+    """``aggregator(updates, weights, rng, info) -> Aggregate``.
 
-    ``weights`` float64 [len(updates)] >= 0 with a positive sum (the round code never
-    calls an aggregator without weight); ``rng`` is derived from (seed, round), so an
-    aggregator that draws (noise, a random subset) is reproducible.
+    ``weights`` float64 [len(updates)] >= 0; ``rng`` is derived from (seed, round), so an
+    aggregator that draws (noise, a random subset) is reproducible. Plain aggregators are
+    only called with a positive total weight; wrappers that release noise may be called
+    with no update at all (a DP round where nobody arrived).
     """
 
-    def __call__(self, updates: Sequence[Update], weights: np.ndarray,
-                 rng: np.random.Generator) -> Aggregate: ...
+    def __call__(self, updates: Sequence[Update], weights: np.ndarray, rng: np.random.Generator,
+                 info: RoundInfo) -> Aggregate: ...
 
 
 # -- pure aggregation functions --------------------------------------------------------
@@ -116,8 +142,8 @@ class WeightedMean:
 
     sparse_over: str = "all"
 
-    def __call__(self, updates: Sequence[Update], weights: np.ndarray,
-                 rng: np.random.Generator) -> Aggregate:
+    def __call__(self, updates: Sequence[Update], weights: np.ndarray, rng: np.random.Generator,
+                 info: RoundInfo) -> Aggregate:
         dense = weighted_mean([u.dense for u in updates], weights)
         sparse = {}
         for table in sparse_tables_of(updates):
@@ -133,8 +159,8 @@ class WeightedMean:
 
 #: ``factory(cfg) -> Aggregator``
 Factory = Callable[[Config], Aggregator]
-#: ``wrapper(aggregator, cfg) -> Aggregator``, or None when the config does not ask for it
-Wrapper = Callable[[Aggregator, Config], Aggregator | None]
+#: ``wrapper(aggregator, cfg, ctx) -> Aggregator``, or None when the config does not ask for it
+Wrapper = Callable[[Aggregator, Config, BuildContext], Aggregator | None]
 _REGISTRY: dict[str, Factory] = {}
 _WRAPPERS: dict[str, Wrapper] = {}
 
@@ -163,11 +189,11 @@ def create(name: str, cfg: Config) -> Aggregator:
     return factory(cfg)
 
 
-def build(cfg: Config) -> Aggregator:
+def build(cfg: Config, ctx: BuildContext) -> Aggregator:
     """The server's aggregator: ``robust.aggregator``, then every wrapper the config asks for."""
     agg = create(cfg.robust.aggregator, cfg)
     for wrapper in _WRAPPERS.values():
-        wrapped = wrapper(agg, cfg)
+        wrapped = wrapper(agg, cfg, ctx)
         if wrapped is not None:
             agg = wrapped
     return agg

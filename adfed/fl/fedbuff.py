@@ -160,7 +160,7 @@ def run_async_step(state: ServerState, st: AsyncState, engine: Engine, store: Lo
     st = flush(st, state, engine, store)  # they started on this version
     weights = server.buffer_weights(buf, cfg.fl.max_weight)
     updates = [u.update for u in buf.uploads]
-    state = engine.aggregate(state, updates, weights, state.round + 1)
+    state, _ = engine.aggregate(state, updates, weights, state.round + 1)
     stale = np.array(buf.staleness, dtype=np.float64)
     row: dict[str, Any] = {"round": state.round + 1, "failed": st.failed - failed0, "arrived": len(updates),
                            "late": buf.stale, "rejected": buf.rejected,

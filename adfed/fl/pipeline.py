@@ -22,7 +22,8 @@ import torch
 
 from adfed.config import Config
 from adfed.errors import ConfigError
-from adfed.fl.types import Update
+from adfed.fl.types import ClientSettings, Update
+from adfed.fl.wirespec import register_codec
 
 State = dict[str, torch.Tensor]
 STATE_PREFIX = "pipeline/"
@@ -41,8 +42,8 @@ class UpdateTransform(Protocol):
     @property
     def name(self) -> str: ...
 
-    def forward(self, update: Update, rng: np.random.Generator,
-                state: State | None) -> tuple[Update, State | None]: ...
+    def forward(self, update: Update, rng: np.random.Generator, state: State | None,
+                settings: ClientSettings) -> tuple[Update, State | None]: ...
 
     def inverse(self, update: Update) -> Update: ...
 
@@ -53,8 +54,8 @@ class Identity:
 
     name: str = "identity"
 
-    def forward(self, update: Update, rng: np.random.Generator,
-                state: State | None) -> tuple[Update, State | None]:
+    def forward(self, update: Update, rng: np.random.Generator, state: State | None,
+                settings: ClientSettings) -> tuple[Update, State | None]:
         return update, state
 
     def inverse(self, update: Update) -> Update:
@@ -72,15 +73,16 @@ class Pipeline:
         """The payload's codec: the transform names joined by ``+``."""
         return "+".join(t.name for t in self.transforms)
 
-    def apply(self, update: Update, rng: np.random.Generator,
-              phone: Mapping[str, torch.Tensor] | None) -> tuple[Update, State]:
-        """Run every transform on the phone; returns the update to encode and the
-        pipeline's new per-phone state (``pipeline/<name>/<key>`` entries only)."""
+    def apply(self, update: Update, rng: np.random.Generator, phone: Mapping[str, torch.Tensor] | None,
+              settings: ClientSettings) -> tuple[Update, State]:
+        """Run every transform on the phone with the round's ``settings`` (e.g. the clip
+        norm); returns the update to encode and the pipeline's new per-phone state
+        (``pipeline/<name>/<key>`` entries only)."""
         kept: State = {}
         for t in self.transforms:
             prefix = f"{STATE_PREFIX}{t.name}/"
             mine = {k[len(prefix):]: v for k, v in (phone or {}).items() if k.startswith(prefix)}
-            update, new = t.forward(update, rng, mine or None)
+            update, new = t.forward(update, rng, mine or None, settings)
             if new:
                 kept.update({prefix + k: v for k, v in new.items()})
         return update, kept
@@ -101,6 +103,7 @@ def register(name: str, factory: Factory, *, force: bool = False) -> None:
     """Register an update transform factory under ``name`` (``fl.update_pipeline``)."""
     if name in _REGISTRY and not force:
         raise ValueError(f"update transform {name!r} is already registered (pass force=True to replace)")
+    register_codec(name)
     _REGISTRY[name] = factory
 
 
@@ -108,15 +111,28 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def transform_names(cfg: Config) -> list[str]:
+    """The transforms a phone runs: with ``privacy.dp``, ``clip`` first (the update's norm is
+    bounded before anything else touches it) and, for distributed noise, ``skellam`` last
+    (quantize and add this phone's noise share); ``fl.update_pipeline`` in between."""
+    names = list(cfg.fl.update_pipeline)
+    if cfg.privacy.dp:
+        names = ["clip", *[n for n in names if n != "clip"]]
+        if cfg.privacy.noise == "distributed":
+            names = [*[n for n in names if n != "skellam"], "skellam"]
+    return names
+
+
 def build(cfg: Config) -> Pipeline:
-    """The pipeline of ``cfg.fl.update_pipeline``; an unknown name is a ConfigError."""
+    """The pipeline of :func:`transform_names`; an unknown name is a ConfigError (the
+    privacy transforms are registered by :mod:`adfed.privacy`)."""
     out = []
-    for name in cfg.fl.update_pipeline:
+    for name in transform_names(cfg):
         if name not in _REGISTRY:
             raise ConfigError(f"fl.update_pipeline lists {name!r}; known transforms: {names()}")
         out.append(_REGISTRY[name](cfg))
     if len({t.name for t in out}) != len(out):
-        raise ConfigError(f"fl.update_pipeline lists a transform twice: {list(cfg.fl.update_pipeline)}")
+        raise ConfigError(f"fl.update_pipeline lists a transform twice: {transform_names(cfg)}")
     return Pipeline(tuple(out))
 
 

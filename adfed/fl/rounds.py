@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,12 +47,16 @@ class Engine:
     server_opt: strategies.ServerOptimizer
     pipeline: Pipeline
     spec: WireSpec
+    #: privacy on: the run's plan (adfed.privacy.accountant.PrivacyPlan) and round
+    #: vocabulary (adfed.privacy.vocabulary.Vocabulary); None otherwise
+    plan: Any = None
+    vocabulary: Any = None
 
     def aggregate(self, state: ServerState, updates: Sequence[Update], weights: np.ndarray,
-                  step: int) -> ServerState:
+                  step: int) -> tuple[ServerState, dict[str, float]]:
         rng = np.random.default_rng([self.cfg.seed, step, AGGREGATE_SALT])
-        return server.aggregate(state, updates, weights, self.aggregator, self.server_opt, rng,
-                                threads=self.cfg.fl.server_threads)
+        return server.aggregate(state, updates, weights, self.aggregator, self.server_opt, rng, step=step,
+                                threads=self.cfg.fl.server_threads, release_empty=self.cfg.privacy.dp)
 
 
 def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
@@ -73,12 +78,39 @@ def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.
     return population.sample(k, rng)
 
 
+def select_dp(population: Population, cfg: Config, round_no: int, rng: np.random.Generator) -> np.ndarray:
+    """The sampling the privacy accountant assumes (no over-selection, no "first k"):
+
+    - DP-FedAvg: Poisson sampling, every phone with training rows independently with
+      probability ``q = clients_per_round / N``;
+    - DP-FTRL: passes over the population in a random order (one per pass, from the
+      seed), round r of a pass taking its r-th chunk of ``clients_per_round`` phones, so a
+      phone is offered at most once per pass.
+
+    A sampled phone that is offline now is not offered (it cannot answer); that only
+    lowers its chance to take part.
+    """
+    clients = population.clients
+    n, cohort = len(clients), min(cfg.fl.clients_per_round, len(clients))
+    if cfg.privacy.mechanism == "dp_ftrl":
+        per_pass = math.ceil(n / cohort)
+        pass_no, r = divmod(round_no - 1, per_pass)
+        order = np.random.default_rng([cfg.seed, pass_no, 0xF7E1]).permutation(n)
+        chosen = clients[order[r * cohort:(r + 1) * cohort]]
+    else:
+        chosen = clients[rng.random(n) < cohort / n]
+    online = rng.random(len(chosen)) < population.profiles.online_prob[chosen]
+    return chosen[online]
+
+
 def make_offer(state: ServerState, engine: Engine, round_no: int) -> Offer:
     """The round's offer: the model encoded once, the settings of ``state.round`` rounds done."""
     g = state.model
     model = encode_model(g.dense, Envelope("model", round_no, g.version, engine.pipeline.codec))
-    return Offer(round=round_no, version=g.version, settings=client_settings(engine.cfg, state.round),
-                 model=model, tables=g.sparse, spec=engine.spec)
+    settings = dataclasses.replace(client_settings(engine.cfg, state.round), clip=state.clip)
+    vocab = engine.vocabulary.for_round(round_no) if engine.vocabulary is not None else None
+    return Offer(round=round_no, version=g.version, settings=settings,
+                 model=model, tables=g.sparse, spec=engine.spec, vocabulary=vocab)
 
 
 def jobs_for(clients: np.ndarray, store: LocalStore, seed_prefix: tuple[int, ...]) -> list[Job]:
@@ -86,6 +118,11 @@ def jobs_for(clients: np.ndarray, store: LocalStore, seed_prefix: tuple[int, ...
 
 
 def rules(cfg: Config) -> server.RoundRules:
+    """The round's policy. With privacy on, every on-time upload counts (no target count),
+    and the round is released whoever arrived (no minimum, no retry: a retry would be
+    another sampling the accountant does not know of)."""
+    if cfg.privacy.dp:
+        return server.RoundRules(target=sys.maxsize, min_clients=0, max_retries=0)
     return server.RoundRules(target=cfg.fl.clients_per_round, min_clients=cfg.window.min_clients,
                              max_retries=cfg.window.max_retries)
 
@@ -111,7 +148,7 @@ def run_attempt(rnd: SyncRound, state: ServerState, engine: Engine, store: Local
     """
     cfg, population = engine.cfg, engine.population
     rng = np.random.default_rng([cfg.seed, rnd.expect.round, rnd.attempt, SELECT_SALT])
-    selected = select(population, cfg, rng)
+    selected = select_dp(population, cfg, rnd.expect.round, rng) if cfg.privacy.dp else select(population, cfg, rng)
     rnd = server.offer(rnd, selected)
     failed = devices.failures(population.profiles, selected, rng)
     for client in selected[failed].tolist():
@@ -143,8 +180,11 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
         if server.enough(rnd):
             rnd = server.finish(rnd)
             updates = server.updates_in_offer_order(rnd)
-            weights = server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
-            state = engine.aggregate(state, updates, weights, rnd.expect.round)
+            # with privacy on every phone weighs one (the DP sum ignores weights)
+            weights = np.ones(len(updates)) if cfg.privacy.dp else \
+                server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
+            state, stats = engine.aggregate(state, updates, weights, rnd.expect.round)
+            row.update(stats)
             row.update(byte_stats(rnd.uploads, {r.client_id: r.bytes_down for r in results}))
             row["train_loss"] = float(np.mean([u.metrics.get("loss", math.nan) for u in updates]))
             break

@@ -33,7 +33,7 @@ import torch
 
 from adfed.errors import DataError
 from adfed.fl import strategies
-from adfed.fl.aggregators import Aggregate, Aggregator
+from adfed.fl.aggregators import Aggregate, Aggregator, RoundInfo
 from adfed.fl.pipeline import Pipeline
 from adfed.fl.types import GlobalState, Update
 from adfed.fl.window import WindowState
@@ -51,6 +51,7 @@ class ServerState:
     window: WindowState
     round: int = 0
     sim_time_s: float = 0.0
+    clip: float = 0.0  # the clip norm phones are sent (privacy.clip, adapted with adaptive clipping); 0: none
 
 
 # -- weights and aggregation -----------------------------------------------------------
@@ -97,14 +98,20 @@ def apply_aggregate(state: ServerState, agg: Aggregate, server_opt: strategies.S
 
 
 def aggregate(state: ServerState, updates: Sequence[Update], weights: np.ndarray, aggregator: Aggregator,
-              server_opt: strategies.ServerOptimizer, rng: np.random.Generator, *, threads: int = 1,
-              ) -> ServerState:
-    """Aggregate ``updates`` with ``weights`` and apply the result (pure). With no update
-    or no weight the model is unchanged but for its version (the server stepped)."""
-    if not len(updates) or float(np.sum(weights)) <= 0:
-        return dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1))
+              server_opt: strategies.ServerOptimizer, rng: np.random.Generator, *, step: int, threads: int = 1,
+              release_empty: bool = False) -> tuple[ServerState, dict[str, float]]:
+    """Aggregate ``updates`` with ``weights`` and apply the result (pure); returns the new
+    state and the aggregate's stats. With no update or no weight the model is unchanged
+    but for its version (the server stepped), unless ``release_empty`` (a DP round: the
+    noise is released whoever arrived). A ``next_clip`` stat becomes the state's clip."""
+    if not release_empty and (not len(updates) or float(np.sum(weights)) <= 0):
+        return dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1)), {}
     with torch_threads(threads):
-        return apply_aggregate(state, aggregator(updates, weights, rng), server_opt)
+        agg = aggregator(updates, weights, rng, RoundInfo(step=step, clip=state.clip))
+        new = apply_aggregate(state, agg, server_opt)
+    if "next_clip" in agg.stats:
+        new = dataclasses.replace(new, clip=float(agg.stats["next_clip"]))
+    return new, dict(agg.stats)
 
 
 # -- uploads ---------------------------------------------------------------------------

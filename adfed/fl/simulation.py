@@ -42,6 +42,10 @@ from adfed.fl.wire import WireSpec
 from adfed.model.assembly import assemble_global_inplace, model_from_config
 from adfed.model.groups import get_dense, model_bytes
 from adfed.model.pcvr import PCVRModel, set_output_priors_
+from adfed.privacy import accountant as privacy_accountant
+from adfed.privacy import setup as privacy_setup
+from adfed.privacy.accountant import PrivacyPlan
+from adfed.privacy.vocabulary import Vocabulary
 from adfed.result import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.S
     dense = get_dense(model, ParamGroup.DENSE_SHARED)
     sparse = get_dense(model, ParamGroup.SPARSE_SHARED)
     return ServerState(model=GlobalState(dense=dense, sparse=sparse, version=0),
+                       clip=cfg.privacy.clip if cfg.privacy.dp else 0.0,
                        opt_state=server_opt.init(dense), window=initial_state(cfg.window))
 
 
@@ -144,11 +149,31 @@ def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], m
 
 
 def build_engine(cfg: Config, dataset: Dataset, population: Population, state: ServerState,
-                 backend: Backend, server_opt: strategies.ServerOptimizer) -> Engine:
-    """The components a run's rounds use, built from ``cfg``."""
-    return Engine(cfg=cfg, population=population, backend=backend, aggregator=aggregators.build(cfg),
-                  server_opt=server_opt, pipeline=pipeline.build(cfg),
-                  spec=WireSpec.of(state.model.dense, state.model.sparse))
+                 backend: Backend, server_opt: strategies.ServerOptimizer, *,
+                 plan: PrivacyPlan | None = None, vocabulary: Vocabulary | None = None) -> Engine:
+    """The components a run's rounds use, built from ``cfg`` (and, with privacy on, the
+    run's plan and vocabulary: :func:`adfed.privacy.setup.setup`)."""
+    spec = WireSpec.of(state.model.dense, state.model.sparse)
+    ctx = aggregators.BuildContext(spec=spec, population=len(population), plan=plan, vocabulary=vocabulary)
+    return Engine(cfg=cfg, population=population, backend=backend, aggregator=aggregators.build(cfg, ctx),
+                  server_opt=server_opt, pipeline=pipeline.build(cfg), spec=spec, plan=plan,
+                  vocabulary=vocabulary)
+
+
+def privacy_summary(cfg: Config, plan: PrivacyPlan, rounds: int, state: ServerState,
+                    vocabulary: Vocabulary | None) -> dict[str, Any]:
+    """``summary.json``'s privacy keys: ε (RDP, the conservative bound reported every
+    round) and, for DP-FedAvg, PLD's tighter ε, at δ, with what they assume."""
+    out: dict[str, Any] = {
+        "mechanism": plan.mechanism, "epsilon": privacy_accountant.epsilon(plan, rounds), "delta": plan.delta,
+        "accountant": "rdp", "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
+        "clip": state.clip, "clip_initial": cfg.privacy.clip, "adaptive_clip": plan.adaptive_clip,
+        "dp_noise": cfg.privacy.noise, "target_epsilon": cfg.privacy.target_epsilon or None,
+        "vocabulary_rows": {t: vocabulary.size(t) for t in vocabulary.rows} if vocabulary else {},
+    }
+    if plan.mechanism == "dp_fedavg" and plan.noise_multiplier > 0:
+        out["epsilon_pld"] = privacy_accountant.epsilon(plan, rounds, accountant="pld")
+    return out
 
 
 def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
@@ -183,6 +208,12 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     if cfg.model.starts_at_base_rates("federated") and not resume:  # a resume restores the state
         set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr, cfg.fl.server_tau)
+    plan: PrivacyPlan | None = None
+    vocabulary: Vocabulary | None = None
+    stopped_at: int | None = None
+    if cfg.privacy.dp:
+        cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population,
+                                                    prior_sample(population, cfg.seed))
     state = initial_server_state(cfg, eval_model, server_opt)
     store = LocalStore(capacity=cfg.fl.local_cache)
     async_state = AsyncState()
@@ -197,8 +228,15 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     backend = create_backend(cfg.fl.backend, dataset.path, cfg)
     final: dict[str, float] = {}
     try:
-        engine = build_engine(cfg, dataset, population, state, backend, server_opt)
+        engine = build_engine(cfg, dataset, population, state, backend, server_opt, plan=plan,
+                              vocabulary=vocabulary)
         while state.round < cfg.fl.rounds:
+            if plan is not None and cfg.privacy.target_epsilon > 0 and cfg.privacy.on_target == "stop" and \
+                    privacy_accountant.epsilon(plan, state.round + 1) > cfg.privacy.target_epsilon:
+                logger.warning("privacy: stopped after round %d: round %d would exceed epsilon %.3g",
+                               state.round, state.round + 1, cfg.privacy.target_epsilon)
+                stopped_at = state.round
+                break
             if cfg.fl.schedule == "sync":
                 state, row = run_sync_round(state, engine, store)
             else:
@@ -209,6 +247,9 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
                 final = evaluate(eval_model, test())
                 row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss", "auc_expected") if k in final})
                 row["eval_s"] = time.perf_counter() - t_eval
+            if plan is not None:
+                row["epsilon"] = privacy_accountant.epsilon(plan, state.round)
+                row["clip"] = state.clip
             row["wall_time_s"] = wall_before + time.perf_counter() - start
             rows.append(row)
             logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
@@ -226,4 +267,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     wall = wall_before + time.perf_counter() - start
     summary = _summary(cfg, rows, final, eval_model, wall, population)
     summary["local_state_evictions"] = store.evicted
+    if plan is not None:
+        summary.update(privacy_summary(cfg, plan, state.round, state, vocabulary))
+        summary["stopped_at_target_epsilon"] = stopped_at is not None
     return TrainResult(summary=summary, rows=rows, rows_name="rounds.csv", model=eval_model)

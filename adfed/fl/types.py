@@ -37,6 +37,7 @@ class ClientSettings:
     optimizer: str = "sgd"
     embedding_l2: float = 0.0  # train.embedding_l2: the same objective as centralized
     table_lr: float | None = None  # SGD lr of the dense_shared embedding tables; None: lr
+    clip: float = 0.0  # L2 clip norm of the whole shared update (privacy); 0: no clipping
 
 
 @dataclasses.dataclass(frozen=True)

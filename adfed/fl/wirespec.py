@@ -25,7 +25,15 @@ KINDS: Final = frozenset({"update", "model", "rows"})
 #: transform names joined by ``+``, each of which must be known. A codec that puts
 #: other dtypes on the wire (fp16 or int8 values) adds its name here and its tags to
 #: :data:`WIRE_DTYPES`.
-KNOWN_CODECS: frozenset[str] = frozenset({"identity"})
+KNOWN_CODECS: set[str] = {"identity"}
+
+
+def register_codec(name: str) -> None:
+    """Make ``name`` a known codec part (the update pipeline registers each transform's
+    name here: :func:`adfed.fl.pipeline.register`)."""
+    if not name or "+" in name:
+        raise ValueError(f"a codec name is a non-empty word without '+'; got {name!r}")
+    KNOWN_CODECS.add(name)
 
 #: safetensors dtype tag -> torch dtype, for the dtypes a payload may carry. Anything
 #: else (bool, complex, float8, ...) is refused before a byte of tensor data is read.

@@ -13,14 +13,18 @@ from hypothesis.extra import numpy as hnp
 from adfed.config import Config, with_overrides
 from adfed.errors import ConfigError
 from adfed.fl import aggregators, strategies
-from adfed.fl.aggregators import Aggregate, WeightedMean, aggregate_sparse, weighted_mean
+from adfed.fl.aggregators import Aggregate, BuildContext, RoundInfo, WeightedMean, aggregate_sparse, weighted_mean
 from adfed.fl.server import server_weights
 from adfed.fl.types import SparseRows, Update
+from adfed.fl.wire import WireSpec
 
 
 def _update(n: int, dense: dict[str, torch.Tensor] | None = None, client_id: int = 0,
             sparse: dict[str, SparseRows] | None = None) -> Update:
     return Update(client_id=client_id, dense=dense or {}, sparse=sparse or {}, num_examples=n, base_version=0)
+
+
+CTX = BuildContext(spec=WireSpec.of({}, {}), population=10)
 
 
 def client_weights(updates: list[Update], max_weight: float) -> np.ndarray:
@@ -246,7 +250,7 @@ def test_aggregate_keeps_names_shapes_dtypes_and_inputs(name: str, rng: np.rando
     weights = client_weights(updates, 200.0)
 
     # Execute
-    out = agg(updates, weights, np.random.default_rng(0))
+    out = agg(updates, weights, np.random.default_rng(0), RoundInfo(1))
 
     # Assert
     assert isinstance(out, Aggregate)
@@ -269,7 +273,7 @@ def test_aggregate_of_identical_updates_is_that_update(name: str, rng: np.random
                for i in range(4)]
 
     # Execute
-    out = aggregators.create(name, Config())(updates, client_weights(updates, 200.0), np.random.default_rng(0))
+    out = aggregators.create(name, Config())(updates, client_weights(updates, 200.0), np.random.default_rng(0), RoundInfo(1))
 
     # Assert
     for k, v in one.dense.items():
@@ -285,7 +289,7 @@ def test_mean_entry_follows_fl_sparse_aggregation(over: str, rng: np.random.Gene
     weights = client_weights(updates, 200.0)
 
     # Execute
-    out = aggregators.create("mean", cfg)(updates, weights, np.random.default_rng(0))
+    out = aggregators.create("mean", cfg)(updates, weights, np.random.default_rng(0), RoundInfo(1))
 
     # Assert
     want = aggregate_sparse([u.sparse["ad"] for u in updates], weights, over)
@@ -296,7 +300,7 @@ def test_mean_entry_follows_fl_sparse_aggregation(over: str, rng: np.random.Gene
 def test_unknown_aggregator_is_a_config_error_listing_the_known() -> None:
     cfg = with_overrides(Config(), ["robust.aggregator=median_of_nothing"])
     with pytest.raises(ConfigError, match=r"robust.aggregator must be one of \['mean'.*median_of_nothing"):
-        aggregators.build(cfg)
+        aggregators.build(cfg, CTX)
 
 
 def test_duplicate_register_is_refused_and_force_replaces(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,9 +316,9 @@ def test_a_wrapper_is_applied_by_build_without_touching_the_round(monkeypatch: p
     # Prepare: a wrapper that adds seeded noise to the dense mean (the shape of DP noise)
     monkeypatch.setattr(aggregators, "_WRAPPERS", {})
 
-    def noisy(inner: aggregators.Aggregator, cfg: Config) -> aggregators.Aggregator:
-        def agg(updates, weights, g):  # noqa: ANN001, ANN202
-            out = inner(updates, weights, g)
+    def noisy(inner: aggregators.Aggregator, cfg: Config, ctx: BuildContext) -> aggregators.Aggregator:
+        def agg(updates, weights, g, info):  # noqa: ANN001, ANN202
+            out = inner(updates, weights, g, info)
             return Aggregate({k: v + torch.from_numpy(g.normal(size=v.shape).astype(np.float32))
                               for k, v in out.dense.items()}, out.sparse)
         return agg
@@ -324,9 +328,9 @@ def test_a_wrapper_is_applied_by_build_without_touching_the_round(monkeypatch: p
     weights = client_weights(updates, 200.0)
 
     # Execute
-    a = aggregators.build(Config())(updates, weights, np.random.default_rng(5))
-    b = aggregators.build(Config())(updates, weights, np.random.default_rng(5))
-    plain = aggregators.create("mean", Config())(updates, weights, np.random.default_rng(5))
+    a = aggregators.build(Config(), CTX)(updates, weights, np.random.default_rng(5), RoundInfo(1))
+    b = aggregators.build(Config(), CTX)(updates, weights, np.random.default_rng(5), RoundInfo(1))
+    plain = aggregators.create("mean", Config())(updates, weights, np.random.default_rng(5), RoundInfo(1))
 
     # Assert: the seeded RNG reaches the wrapper (same seed, same noise), and it changed the mean
     assert all(torch.equal(a.dense[k], b.dense[k]) for k in a.dense)

@@ -10,9 +10,13 @@ import torch
 
 from adfed.config import Config, with_overrides
 from adfed.errors import ConfigError
-from adfed.fl import pipeline
+from adfed.fl import pipeline, wirespec
 from adfed.fl.pipeline import Identity, Pipeline
+from adfed.fl.rounds import client_settings
 from adfed.fl.types import SparseRows, Update
+
+
+SETTINGS = client_settings(Config())
 
 
 def _update() -> Update:
@@ -27,7 +31,7 @@ class Scale:
     factor: float
     name: str = "scale"
 
-    def forward(self, update, rng, state):  # noqa: ANN001, ANN201
+    def forward(self, update, rng, state, settings):  # noqa: ANN001, ANN201
         calls = (state or {}).get("calls", torch.zeros(1)) + 1
         dense = {k: v * self.factor for k, v in update.dense.items()}
         return dataclasses.replace(update, dense=dense), {"calls": calls}
@@ -39,7 +43,7 @@ class Scale:
 def test_default_pipeline_is_identity_and_keeps_no_state() -> None:
     p = pipeline.build(Config())
     update = _update()
-    out, kept = p.apply(update, np.random.default_rng(0), None)
+    out, kept = p.apply(update, np.random.default_rng(0), None, SETTINGS)
     assert p.codec == "identity" and out is update and kept == {}
     assert p.invert(out) is out
 
@@ -49,9 +53,9 @@ def test_state_is_kept_under_the_transforms_prefix_and_comes_back_next_round() -
     p = Pipeline((Identity(), Scale(2.0)))
 
     # Execute: two rounds on one phone, its local store holding other keys too
-    _, kept = p.apply(_update(), np.random.default_rng(0), {"user_emb.weight": torch.zeros(1, 4)})
+    _, kept = p.apply(_update(), np.random.default_rng(0), {"user_emb.weight": torch.zeros(1, 4)}, SETTINGS)
     phone = {"user_emb.weight": torch.zeros(1, 4), **kept}
-    out, kept2 = p.apply(_update(), np.random.default_rng(0), phone)
+    out, kept2 = p.apply(_update(), np.random.default_rng(0), phone, SETTINGS)
 
     # Assert
     assert set(kept) == {"pipeline/scale/calls"} and float(kept2["pipeline/scale/calls"]) == 2.0
@@ -61,7 +65,7 @@ def test_state_is_kept_under_the_transforms_prefix_and_comes_back_next_round() -
 
 def test_invert_undoes_in_reverse_order() -> None:
     p = Pipeline((Scale(2.0), Scale(5.0, name="five")))
-    out, _ = p.apply(_update(), np.random.default_rng(0), None)
+    out, _ = p.apply(_update(), np.random.default_rng(0), None, SETTINGS)
     assert torch.equal(out.dense["w"], torch.full((2, 2), 10.0))
     assert torch.equal(p.invert(out).dense["w"], torch.ones(2, 2))
 
@@ -77,6 +81,7 @@ def test_unknown_or_repeated_transform_is_a_config_error() -> None:
 
 def test_register_refuses_duplicates_and_new_transforms_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "_REGISTRY", dict(pipeline._REGISTRY))
+    monkeypatch.setattr(wirespec, "KNOWN_CODECS", set(wirespec.KNOWN_CODECS))
     with pytest.raises(ValueError, match="already registered"):
         pipeline.register("identity", lambda cfg: Identity())
     pipeline.register("scale", lambda cfg: Scale(3.0))

@@ -191,11 +191,11 @@ def test_aggregate_applies_the_mean_and_bumps_the_version() -> None:
     rnd = server.accept(rnd, 12, _payload(12, value=3.0, n=30), 2.0, SPEC, PIPE)
     updates = server.updates_in_offer_order(server.finish(rnd))
     weights = server.server_weights([u.num_examples for u in updates], 200.0)
-    agg = aggregators.build(Config())
+    agg = aggregators.build(Config(), aggregators.BuildContext(spec=SPEC, population=10))
 
     # Execute
-    new = server.aggregate(_state(), updates, weights, agg, strategies.create("fedavg", 1.0),
-                           np.random.default_rng(0))
+    new, _ = server.aggregate(_state(), updates, weights, agg, strategies.create("fedavg", 1.0),
+                              np.random.default_rng(0), step=8)
 
     # Assert: dense mean (10 x 1 + 30 x 3) / 40 = 2.5; row 1 touched by both, rows 1 and 2 by one
     assert new.model.version == 5
@@ -206,8 +206,9 @@ def test_aggregate_applies_the_mean_and_bumps_the_version() -> None:
 
 
 def test_aggregate_of_nothing_only_steps_the_version() -> None:
-    new = server.aggregate(_state(), [], np.zeros(0), aggregators.build(Config()),
-                           strategies.create("fedavg", 1.0), np.random.default_rng(0))
+    new, stats = server.aggregate(_state(), [], np.zeros(0), aggregators.create("mean", Config()),
+                                  strategies.create("fedavg", 1.0), np.random.default_rng(0), step=8)
+    assert stats == {}
     assert new.model.version == 5 and new.model.dense is DENSE
 
 

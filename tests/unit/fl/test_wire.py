@@ -231,7 +231,7 @@ def test_spec_default_limit_bounds_an_honest_payload(update: Update, env: Envelo
     honest = (12 + 4) * 4 + (10 + 5) * (2 * 4 + 8)
     assert spec.max_bytes == 2 * honest + HEADER_ROOM
     assert len(encode_update(update, env)) < spec.max_bytes
-    assert KNOWN_CODECS == frozenset({"identity"})
+    assert "identity" in KNOWN_CODECS
 
 
 def test_spec_refuses_a_table_that_is_not_2d() -> None:
@@ -308,7 +308,7 @@ def test_deeply_nested_header_is_refused(spec: WireSpec) -> None:
     ({"client_id": "9" * 30}, "metadata client_id must be an integer"),
     ({"kind": None}, "metadata kind is None, not 'update'"),
     ({"kind": "model"}, "metadata kind is 'model', not 'update'; decode it with decode_model"),
-    ({"codec": "gzip"}, r"codec 'gzip' is not '\+'-joined names of \['identity'\]"),
+    ({"codec": "gzip"}, r"codec 'gzip' is not '\+'-joined names of \[.*'identity'"),
     ({"codec": None}, "codec None is not"),
     ({"num_examples": "-2"}, "update payload from client 17: metadata num_examples must be an integer >= 0"),
     ({"num_examples": None}, "metadata num_examples is missing"),

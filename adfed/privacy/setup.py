@@ -1,0 +1,57 @@
+"""Everything a DP run fixes before round 1: the plan (with the noise multiplier
+calibrated to ``privacy.target_epsilon`` if asked) and the round vocabulary (from one DP
+count of the rows that sampled phones read)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from adfed.config import Config
+from adfed.data.schema import ParamGroup
+from adfed.data.store import Dataset
+from adfed.errors import ConfigError
+from adfed.fl.client import needed_rows
+from adfed.fl.population import Population
+from adfed.model.assembly import model_from_config
+from adfed.model.groups import get_dense
+from adfed.privacy.accountant import PrivacyPlan, calibrate, epsilon, make_plan
+from adfed.privacy.vocabulary import Vocabulary, dp_row_counts, plan_vocabulary
+
+logger = logging.getLogger(__name__)
+
+#: rows one phone may add to the DP row count (its L2 contribution is sqrt of this)
+MAX_ROWS_PER_PHONE = 64
+
+
+def setup(cfg: Config, dataset: Dataset, population: Population, counted: np.ndarray
+          ) -> tuple[Config, PrivacyPlan, Vocabulary | None]:
+    """The run's config (noise multiplier calibrated when ``on_target = "calibrate"``), its
+    plan and vocabulary. ``counted``: the phones whose read rows are counted (the
+    server's pre-round sample). One-line ConfigErrors for targets that cannot be met."""
+    p = cfg.privacy
+    scratch = model_from_config(cfg, dataset, user_rows=1)
+    tables = {n: int(t.shape[0]) for n, t in get_dense(scratch, ParamGroup.SPARSE_SHARED).items()}
+    needs_count = bool(tables) and p.vocabulary_size > 0 and any(p.vocabulary_size < n for n in tables.values())
+    plan = make_plan(cfg, len(population))
+    if not needs_count:
+        plan = dataclasses.replace(plan, vocabulary_noise=None)
+    if p.target_epsilon > 0:
+        spent = epsilon(plan, 0)
+        if spent > p.target_epsilon:
+            raise ConfigError(f"privacy.target_epsilon {p.target_epsilon} is already exceeded before round 1 "
+                              f"(the DP row count costs {spent:.3g}); raise it or privacy.vocabulary_noise")
+        if p.on_target == "calibrate":
+            z = calibrate(plan, cfg.fl.rounds, p.target_epsilon)
+            logger.info("privacy: noise multiplier %.4f reaches epsilon %.3g after %d rounds", z,
+                        p.target_epsilon, cfg.fl.rounds)
+            cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=z))
+            plan = dataclasses.replace(plan, noise_multiplier=z)
+    if not needs_count:
+        return cfg, plan, plan_vocabulary(tables, {}, 0, 0.0, cfg.seed) if tables else None
+    touched = [needed_rows(scratch, d) for d in population.train_data_many(counted)]
+    counts = dp_row_counts(touched, tables, max_rows=MAX_ROWS_PER_PHONE, noise_multiplier=p.vocabulary_noise,
+                           rng=np.random.default_rng([cfg.seed, 0xC0DE]))
+    return cfg, plan, plan_vocabulary(tables, counts, p.vocabulary_size, p.vocabulary_random, cfg.seed)

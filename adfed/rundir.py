@@ -44,7 +44,9 @@ def _clean(value: Any) -> Any:
 #: what :func:`write_run` and a federated run's checkpoint put in a run directory
 #: (``checkpoint.pt``: the pickled checkpoint of adfed before 2026-12, removed by --overwrite)
 RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.csv",
-             "checkpoint.safetensors", "checkpoint.pt")
+             "checkpoint.safetensors", "checkpoint.pt", "model.safetensors")
+#: the final model's weights (:func:`write_model`, :func:`read_model_tensors`)
+MODEL_FILE = "model.safetensors"
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) -> None:
@@ -242,6 +244,39 @@ def plot_learning_curve(path: Path, steps: Sequence[dict[str, Any]], *, oracle: 
     save_figure(fig, path)
 
 
+def write_model(out: Path, model: Any) -> None:
+    """Save ``model``'s parameters as ``out/model.safetensors`` (name -> tensor; a
+    federated run's evaluation model holds one ``local`` row per user, the rows phones
+    keep: what re-ranking assembles a phone's model from)."""
+    from safetensors.torch import save
+
+    tensors = {name: p.detach().contiguous().clone() for name, p in model.named_parameters()}
+    atomic_write(out / MODEL_FILE, save(tensors, metadata={"format": "adfed-model-1"}))
+
+
+def read_model_tensors(run: Path) -> dict[str, Any]:
+    """The tensors of ``run/model.safetensors`` (name -> torch tensor).
+
+    Raises
+    ------
+    ConfigError : the file is missing (a run written before adfed saved its model) or
+        is not a safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = run / MODEL_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; runs written before adfed saved model weights have none: "
+                          f"train again with adfed train --out {run} --overwrite") from None
+    try:
+        return dict(load(data))
+    except (SafetensorError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a safetensors file ({exc})") from exc
+
+
 def finish_summary(summary: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary a run directory records: the trainer's, ``extra`` (e.g. the requested
     value of a clamped setting) and ``auc_noisy``: True when the test set holds fewer
@@ -260,6 +295,7 @@ def write_run(out: Path, cfg: Config, result: Any, *, reference: dict[str, float
     (its ``auc`` and ``auc_expected`` are drawn on the federated plots)."""
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg)
+    write_model(out, result.model)
     summary = finish_summary(result.summary, extra)
     if result.rows_name == "epochs.csv" and result.steps:
         write_rows(out / result.rows_name, result.rows)

@@ -1,7 +1,7 @@
 """The ``adfed`` command.
 
 Subcommands: ``data generate | describe | import | verify``, ``train``, ``compare``,
-``experiment run``. Every error from bad input is one line naming the field and the fix,
+``rerank``, ``experiment run``. Every error from bad input is one line naming the field and the fix,
 with exit code 2.
 """
 
@@ -372,6 +372,102 @@ def compare(
         _fail(str(exc))
     Console().print(_results_table(summaries, title="results"))
     _warn_noisy([(str(run), s) for run, (_, s) in zip(runs, summaries, strict=True)])
+
+
+@app.command("rerank")
+def rerank(
+    run: Annotated[Path, typer.Option(help="The device model's run directory (adfed train --out; full model).")],
+    data: Annotated[Path, typer.Option(help="Dataset directory with held-out requests (requests.parquet).")],
+    out: Annotated[Path, typer.Option(help="Directory for rerank.json, the table, the plot, the ONNX model.")],
+    cloud_run: Annotated[Path | None, typer.Option(
+        help="A cloud_only run (the cloud's ranker); without it one is trained into OUT/cloud_run.")] = None,
+    objective: Annotated[str, typer.Option(help="The phone's objective: conversions | revenue.")] = "conversions",
+    blend: Annotated[float, typer.Option(help="Weight of the device score vs the cloud's, in [0, 1].")] = 1.0,
+    top_n: Annotated[int, typer.Option(help="Candidates the cloud sends (0: all).")] = 0,
+    k: Annotated[int, typer.Option(help="Cut-off of the headline figures.")] = 5,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    tags: Annotated[bool, typer.Option(help="Also mine user tags (FedAvg, LDP reports) into rerank.json.")] = True,
+) -> None:
+    """Re-rank a world's held-out requests on the phones and value the orders with the truth.
+
+    The cloud ranks by eCPM with its cloud_only model; each phone re-scores what it
+    receives with RUN's model exported to ONNX (onnxruntime). Writes OUT/rerank.json,
+    OUT/rerank_by_k.csv, OUT/plots/uplift_vs_k.png and OUT/device_model.onnx.
+    """
+    from adfed.rerank.device import RerankSettings
+    from adfed.rerank.report import run_rerank
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = RerankSettings(objective=objective, blend=blend, top_n=top_n, k=k, seed=seed)  # type: ignore[arg-type]
+        with _progress() as progress:
+            task = progress.add_task("device scoring", total=None, info="requests")
+
+            def on_progress(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = run_rerank(run, data, out, settings, cloud_run=cloud_run,
+                                say=lambda msg: progress.console.print(msg, highlight=False, soft_wrap=True),
+                                progress=on_progress)
+        if tags:
+            from adfed.rerank.report import add_tags
+
+            add_tags(out, result, data, _world_tag_truth(data), seed=seed)
+    except (AdfedError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    keys = ("requests", f"uplift_conversions_at_{k}", f"uplift_conversions_at_{k}_oracle", f"uplift_revenue_at_{k}",
+            f"ndcg_at_{k}_cloud", f"ndcg_at_{k}_device", f"ndcg_at_{k}_oracle", "latency_p50_ms", "latency_p99_ms",
+            "onnx_max_abs_diff")
+    print(json.dumps({key: result[key] for key in keys}, indent=2), flush=True)
+    table = Table(title=f"re-ranking: uplift over the cloud's eCPM order (objective {objective})")
+    for col in ("k", "conv. device", "95% CI", "conv. oracle", "rev. device", "rev. oracle", "NDCG device"):
+        table.add_column(col, justify="right")
+    for r in result["curve"]:
+        table.add_row(str(r["k"]), f"{r['uplift_conversions_device']:+.1%}",
+                      f"[{r['uplift_conversions_device_low']:+.1%}, {r['uplift_conversions_device_high']:+.1%}]",
+                      f"{r['uplift_conversions_oracle']:+.1%}", f"{r['uplift_revenue_device']:+.1%}",
+                      f"{r['uplift_revenue_oracle']:+.1%}", f"{r['ndcg_device']:.3f}")
+    console.print(table)
+    if "tags" in result:
+        t = result["tags"]
+        console.print(f"tags: accuracy {t.get('tag_accuracy', float('nan')):.3f} (no tags: "
+                      f"{t.get('no_tag_accuracy', float('nan')):.3f}), AUC {t.get('tag_auc', float('nan')):.3f}; "
+                      "LDP prevalence error " + ", ".join(f"eps {r['epsilon']:g}: {r['mean_abs_error']:.4f}"
+                                                         for r in t["ldp"]), highlight=False, soft_wrap=True)
+    console.print(f"rerank directory: {out}  (rerank.json, rerank_by_k.csv, plots/uplift_vs_k.png)",
+                  highlight=False, soft_wrap=True)
+
+
+def _world_tag_truth(data: Path) -> Any:
+    """A synthetic world's true P(click and conversion) of every user per ad category,
+    float64 [U, C] (the mean over each category's first 8 ads and 4 fixed contexts), or
+    None for a dataset that is not a world of data_gen (no truth to score tags with)."""
+    import numpy as np
+
+    from adfed.data.store import read_manifest
+    from data_gen.calibrate import build_world
+    from data_gen.params import WorldParams
+    from data_gen.truth import logits, sigmoid, user_truth_features
+    from data_gen.users import user_state
+
+    manifest = read_manifest(data)
+    if manifest.get("generator") != "adfed.data_gen":
+        return None
+    p = WorldParams.from_dict(manifest["params"])
+    world = build_world(p, int(manifest["params"]["seed"]))
+    # 8 ads per category (repeated where a small world has fewer; ad 0 where it has none)
+    ads = np.concatenate([np.resize(np.flatnonzero(world.ad_category == c)[:8], 8) if (world.ad_category == c).any()
+                          else np.zeros(8, dtype=np.int64) for c in range(p.num_ad_categories)])
+    ctx = np.random.default_rng(0).integers(0, 24 * p.num_slots * 4, size=4)
+    out = np.empty((p.num_users, p.num_ad_categories))
+    for start in range(0, p.num_users, 2048):
+        ids = np.arange(start, min(start + 2048, p.num_users))
+        uf = user_truth_features(world, user_state(world, ids))
+        rows, a, c = (g.ravel() for g in np.meshgrid(np.arange(len(ids)), ads, ctx, indexing="ij"))
+        lg = logits(world, uf, rows, a, c)
+        prob = (sigmoid(lg.click) * sigmoid(lg.cvr)).reshape(len(ids), p.num_ad_categories, -1)
+        out[ids] = prob.mean(axis=2)
+    return out
 
 
 experiment_app = typer.Typer(help="Run the experiments that produce the README's tables.",

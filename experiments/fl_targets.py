@@ -23,6 +23,8 @@ comparison plot. Numbers are what these runs measured; nothing is tuned per targ
   1x, 4x and 16x its users, with decaying and constant learning rates (:mod:`experiments.scale`).
 - ``replay``: FedAvg's and FedAdam's arithmetic replayed centrally (one pass in batches
   of whole users, SGD vs Adam), no federation (:mod:`experiments.replay`).
+- ``privacy`` and ``vocabulary``: DP-FedAvg's ε sweep against non-private training, and
+  the round vocabulary's cost (:mod:`experiments.privacy`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.trainer import Trainer, TrainResult
-from experiments import ceiling, plotting, replay, scale
+from experiments import ceiling, plotting, privacy, replay, scale
 
 Progress = Callable[[str], None]
 
@@ -176,10 +178,13 @@ EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any
     "ceiling": model_ceiling,
     "replay": lambda base, dataset, out, progress: replay.analyse(base, dataset, progress),
     "scale": scale.analyse,
+    "privacy": privacy.sweep,
+    "vocabulary": privacy.vocabulary,
 }
 #: Experiments whose plot is not the default AUC-vs-simulated-time one of their runs.
 PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
-    "ceiling": ceiling.plot, "replay": replay.plot, "scale": scale.plot}
+    "ceiling": ceiling.plot, "replay": replay.plot, "scale": scale.plot,
+    "privacy": privacy.plot_sweep, "vocabulary": privacy.plot_vocabulary}
 
 
 def run(name: str, base: Config, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:

@@ -161,18 +161,19 @@ def build_engine(cfg: Config, dataset: Dataset, population: Population, state: S
 
 
 def privacy_summary(cfg: Config, plan: PrivacyPlan, rounds: int, state: ServerState,
-                    vocabulary: Vocabulary | None) -> dict[str, Any]:
+                    vocabulary: Vocabulary | None, realized: list[float] | None = None) -> dict[str, Any]:
     """``summary.json``'s privacy keys: ε (RDP, the conservative bound reported every
     round) and, for DP-FedAvg, PLD's tighter ε, at δ, with what they assume."""
     out: dict[str, Any] = {
-        "mechanism": plan.mechanism, "epsilon": privacy_accountant.epsilon(plan, rounds), "delta": plan.delta,
+        "mechanism": plan.mechanism, "epsilon": privacy_accountant.epsilon(plan, rounds, realized=realized),
+        "delta": plan.delta, "dp_denominator": plan.denominator,
         "accountant": "rdp", "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
         "clip": state.clip, "clip_initial": cfg.privacy.clip, "adaptive_clip": plan.adaptive_clip,
         "dp_noise": cfg.privacy.noise, "target_epsilon": cfg.privacy.target_epsilon or None,
         "vocabulary_rows": {t: vocabulary.size(t) for t in vocabulary.rows} if vocabulary else {},
     }
     if plan.mechanism == "dp_fedavg" and plan.noise_multiplier > 0:
-        out["epsilon_pld"] = privacy_accountant.epsilon(plan, rounds, accountant="pld")
+        out["epsilon_pld"] = privacy_accountant.epsilon(plan, rounds, accountant="pld", realized=realized)
     return out
 
 
@@ -211,6 +212,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     plan: PrivacyPlan | None = None
     vocabulary: Vocabulary | None = None
     stopped_at: int | None = None
+    realized: list[float] = []  # distributed noise: each round's real noise multiplier
     if cfg.privacy.dp:
         cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population,
                                                     prior_sample(population, cfg.seed))
@@ -224,6 +226,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         saved = _restore(ckpt, cfg, state)
         state, rows, async_state, wall_before = saved.state, saved.rows, saved.async_state, saved.wall_s
         store = dataclasses.replace(saved.store, capacity=cfg.fl.local_cache)
+        realized = [float(r["realized_noise_multiplier"]) for r in rows if "realized_noise_multiplier" in r]
     start = time.perf_counter()
     backend = create_backend(cfg.fl.backend, dataset.path, cfg)
     final: dict[str, float] = {}
@@ -248,7 +251,9 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
                 row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss", "auc_expected") if k in final})
                 row["eval_s"] = time.perf_counter() - t_eval
             if plan is not None:
-                row["epsilon"] = privacy_accountant.epsilon(plan, state.round)
+                if "realized_noise_multiplier" in row:
+                    realized.append(float(row["realized_noise_multiplier"]))
+                row["epsilon"] = privacy_accountant.epsilon(plan, state.round, realized=realized or None)
                 row["clip"] = state.clip
             row["wall_time_s"] = wall_before + time.perf_counter() - start
             rows.append(row)
@@ -268,6 +273,6 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     summary = _summary(cfg, rows, final, eval_model, wall, population)
     summary["local_state_evictions"] = store.evicted
     if plan is not None:
-        summary.update(privacy_summary(cfg, plan, state.round, state, vocabulary))
+        summary.update(privacy_summary(cfg, plan, state.round, state, vocabulary, realized or None))
         summary["stopped_at_target_epsilon"] = stopped_at is not None
     return TrainResult(summary=summary, rows=rows, rows_name="rounds.csv", model=eval_model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import dp_accounting as dpa
 from dp_accounting.pld import pld_privacy_accountant
@@ -42,6 +43,14 @@ class PrivacyPlan:
     vocabulary_noise: float | None  # z of the DP row count; None: no count (no sparse tables)
     clip_count_std: float  # std of the noise on the count of unclipped phones (adaptive clipping)
     adaptive_clip: bool
+    #: expected share of sampled phones whose upload arrives (online and not dropping
+    #: out, from the device profiles, not from any phone's data): the fixed denominator
+    #: of the DP sum is ``cohort * participation``, the expected number of uploads
+    participation: float = 1.0
+
+    @property
+    def denominator(self) -> float:
+        return self.cohort * self.participation
 
     @property
     def sampling_rate(self) -> float:
@@ -63,7 +72,8 @@ class PrivacyPlan:
         return (z ** -2 - (2 * self.clip_count_std) ** -2) ** -0.5
 
 
-def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = None) -> PrivacyPlan:
+def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = None,
+              participation: float = 1.0) -> PrivacyPlan:
     """The plan of ``cfg.privacy`` over ``population`` phones; one-line ConfigErrors for
     settings no accountant can honour."""
     p = cfg.privacy
@@ -84,19 +94,26 @@ def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = 
                           f"({count_std:.3g}) with adaptive clipping: raise clip_count_noise or lower the noise")
     return PrivacyPlan(mechanism=p.mechanism, noise_multiplier=z, population=population, cohort=cohort,
                        delta=delta, vocabulary_noise=p.vocabulary_noise, clip_count_std=count_std,
-                       adaptive_clip=p.adaptive_clip)
+                       adaptive_clip=p.adaptive_clip, participation=participation)
 
 
 def _relation(plan: PrivacyPlan) -> NeighboringRelation:
     return NeighboringRelation.REPLACE_SPECIAL if plan.mechanism == "dp_ftrl" else NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
-def dp_event(plan: PrivacyPlan, rounds: int, *, with_vocabulary: bool = True) -> dpa.DpEvent:
-    """The dp-accounting event of ``rounds`` rounds under ``plan``."""
-    if plan.noise_multiplier == 0:
+def dp_event(plan: PrivacyPlan, rounds: int, *, with_vocabulary: bool = True,
+             realized: Sequence[float] | None = None) -> dpa.DpEvent:
+    """The dp-accounting event of ``rounds`` rounds under ``plan``. ``realized``: the
+    noise multiplier each round really carried (distributed noise: the phones' shares of
+    the phones that arrived), accounted round by round instead of the plan's."""
+    if plan.noise_multiplier == 0 or (realized is not None and min(realized, default=1.0) <= 0):
         return dpa.NonPrivateDpEvent()
     events: list[dpa.DpEvent] = []
-    if plan.mechanism == "dp_fedavg":
+    if realized is not None:
+        if plan.mechanism != "dp_fedavg" or len(realized) != rounds:
+            raise ValueError("realized noise is accounted for dp_fedavg, one multiplier per round")
+        events.extend(dpa.PoissonSampledDpEvent(plan.sampling_rate, dpa.GaussianDpEvent(z)) for z in realized)
+    elif plan.mechanism == "dp_fedavg":
         step = dpa.PoissonSampledDpEvent(plan.sampling_rate, dpa.GaussianDpEvent(plan.noise_multiplier))
         events.append(dpa.SelfComposedDpEvent(step, rounds))
     else:
@@ -111,14 +128,18 @@ def dp_event(plan: PrivacyPlan, rounds: int, *, with_vocabulary: bool = True) ->
     return dpa.ComposedDpEvent(events)
 
 
-def epsilon(plan: PrivacyPlan, rounds: int, *, accountant: str = "rdp", with_vocabulary: bool = True) -> float:
+def epsilon(plan: PrivacyPlan, rounds: int, *, accountant: str = "rdp", with_vocabulary: bool = True,
+            realized: Sequence[float] | None = None) -> float:
     """ε at ``plan.delta`` after ``rounds`` rounds; ``accountant`` is "rdp" (a conservative
-    bound, cheap: used every round) or "pld" (tighter; DP-FedAvg only)."""
+    bound, cheap: used every round) or "pld" (tighter; DP-FedAvg only). ``realized``: see
+    :func:`dp_event`."""
     if plan.noise_multiplier == 0:
         return math.inf
     if rounds == 0 and (not with_vocabulary or plan.vocabulary_noise is None):
         return 0.0
-    event = dp_event(plan, rounds, with_vocabulary=with_vocabulary)
+    event = dp_event(plan, rounds, with_vocabulary=with_vocabulary, realized=realized)
+    if isinstance(event, dpa.NonPrivateDpEvent):
+        return math.inf
     if accountant == "pld":
         if plan.mechanism != "dp_fedavg":
             raise ValueError("the PLD accountant has no tree-aggregation event; use accountant='rdp'")

@@ -9,15 +9,20 @@ On the phone (update pipeline transforms):
 - :class:`SkellamShare` (``privacy.noise = "distributed"``): after clipping, scales by
   ``privacy.quantization_scale``, rounds stochastically to integers and adds this
   phone's share of Skellam noise (the difference of two Poisson draws; Agarwal et al.
-  2021), so that the sum over the expected cohort carries noise of std ``z * C * scale``:
-  the server (under secure aggregation) never holds an un-noised sum. The server's
-  inverse divides by the scale.
+  2021), sized so that the sum over ``clients_per_round`` phones carries noise of std
+  ``z * C * scale``: the server (under secure aggregation) never holds an un-noised sum.
+  The server's inverse divides by the scale. When fewer phones arrive the sum carries
+  less noise, ``z sqrt(arrived / clients_per_round)``; the run accounts each round at the
+  multiplier it really had (and the Skellam sum as Gaussian of the same variance, ignoring
+  the rounding's small addition to the sensitivity: an approximation, stated in
+  docs/privacy.md).
 
 On the server (aggregator wrappers, :func:`adfed.fl.aggregators.register_wrapper`):
 
 - :class:`GaussianSum` (DP-FedAvg; McMahan et al. 2018): the sum of the clipped updates
   plus N(0, (z C)^2) on every released coordinate (dense part and vocabulary rows),
-  divided by the fixed denominator ``q N`` (the expected cohort), whoever arrived. With
+  divided by a fixed denominator, the expected number of uploads (``q N`` times the
+  expected participation from the device profiles), whoever arrived. With
   adaptive clipping (Andrew et al. 2021) the count of unclipped phones is noised too and
   moves C geometrically toward the target quantile.
 - :class:`TreeSum` (DP-FTRL; Kairouz et al. 2021): the same sum, with the noise of a
@@ -139,7 +144,7 @@ def _next_clip(plan: PrivacyPlan, clip: float, updates: Sequence[Update], rng: n
     """The noised fraction of phones whose norm was at most C, and the geometric update
     of C toward the target quantile (Andrew et al. 2021, Algorithm 1)."""
     below = sum(u.metrics.get(BELOW_CLIP, 0.0) for u in updates) + rng.normal(0.0, plan.clip_count_std)
-    frac = below / plan.cohort
+    frac = below / plan.denominator
     return {"below_clip": frac, "next_clip": clip * math.exp(-lr * (frac - target))}
 
 
@@ -160,7 +165,7 @@ class GaussianSum:
         dense, blocks = sum_uploads(updates, self.spec, vocab)
         std = 0.0 if self.distributed else self.plan.update_noise_multiplier * info.clip
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
-        denom = float(self.plan.cohort)
+        denom = self.plan.denominator
 
         def release(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * std if std > 0 else 0.0
@@ -169,6 +174,8 @@ class GaussianSum:
         out_dense = {k: release(v, self.spec.dense[k][1]) for k, v in dense.items()}
         out_sparse = {t: SparseRows(vocab[t], release(b, self.spec.tables[t][2])) for t, b in blocks.items()}
         stats = {"noise_std": std / denom, "arrived_dp": float(len(updates))}
+        if self.distributed:  # the phones' shares: z sqrt(arrived / cohort) of C on the sum
+            stats["realized_noise_multiplier"] = self.plan.noise_multiplier * math.sqrt(len(updates) / self.plan.cohort)
         if self.plan.adaptive_clip:
             stats |= _next_clip(self.plan, info.clip, updates, rng, self.target_quantile, self.clip_lr)
         return Aggregate(dense=out_dense, sparse=out_sparse, stats=stats)
@@ -215,7 +222,7 @@ class TreeSum:
         pass_no, t = divmod(info.step - 1, self.plan.rounds_per_pass)
         std = self.plan.noise_multiplier * info.clip
         now, before = self.prefix_noise(pass_no, t + 1, std), self.prefix_noise(pass_no, t, std)
-        denom = float(self.plan.cohort)
+        denom = self.plan.denominator
 
         def noise(k: str, like: torch.Tensor) -> torch.Tensor:
             return now.get(k, torch.zeros_like(like)) - before.get(k, torch.zeros_like(like))

@@ -35,7 +35,9 @@ def setup(cfg: Config, dataset: Dataset, population: Population, counted: np.nda
     scratch = model_from_config(cfg, dataset, user_rows=1)
     tables = {n: int(t.shape[0]) for n, t in get_dense(scratch, ParamGroup.SPARSE_SHARED).items()}
     needs_count = bool(tables) and p.vocabulary_size > 0 and any(p.vocabulary_size < n for n in tables.values())
-    plan = make_plan(cfg, len(population))
+    prof = population.profiles
+    participation = float(np.mean(prof.online_prob[population.clients] * (1 - prof.dropout_prob[population.clients])))
+    plan = make_plan(cfg, len(population), participation=participation)
     if not needs_count:
         plan = dataclasses.replace(plan, vocabulary_noise=None)
     if p.target_epsilon > 0:

@@ -89,3 +89,11 @@ def test_bad_privacy_settings_are_one_line_errors(over: list[str], population: i
 def test_dp_needs_the_sync_schedule() -> None:
     with pytest.raises(ConfigError, match=r'fl.schedule must be "sync" with privacy.dp'):
         _cfg('fl.schedule="async"')
+
+
+def test_realized_noise_is_accounted_round_by_round() -> None:
+    plan = dataclasses.replace(make_plan(_cfg("privacy.noise_multiplier=1.0"), 20_000), vocabulary_noise=None)
+    planned = epsilon(plan, 3)
+    assert epsilon(plan, 3, realized=[1.0, 1.0, 1.0]) == pytest.approx(planned, rel=1e-9)
+    assert epsilon(plan, 3, realized=[1.0, 0.7, 1.0]) > planned  # a round with fewer shares than planned
+    assert math.isinf(epsilon(plan, 2, realized=[1.0, 0.0]))

@@ -11,6 +11,7 @@ in-process and process-pool backends.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -25,11 +26,19 @@ from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.errors import DataError
 from adfed.fl import pipeline
+from adfed.fl.batched import client_updates, one_step, unsupported
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
-from adfed.fl.types import ClientSettings, SparseRows
+from adfed.fl.types import ClientSettings, SparseRows, Update
 from adfed.fl.wire import Envelope, WireSpec, decode_model, decode_rows, encode_rows, encode_update
 from adfed.model.assembly import model_from_config
+from adfed.model.pcvr import PCVRModel
+
+logger = logging.getLogger(__name__)
+#: one phone's local training (:func:`~adfed.fl.client.client_update`'s signature)
+Train = Callable[[PCVRModel, ClientTask, Examples], tuple[Update, dict[str, torch.Tensor]]]
+#: the reasons run_jobs could not batch, logged once each per process
+_LOGGED: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +107,14 @@ class WorkerContext:
         return self._model[1]
 
 
-def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = None) -> ClientResult:
+def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = None, *,
+            train: Train = client_update) -> ClientResult:
     """One phone's round: download the model and the rows it needs (both decoded from
     their wire bytes), train, run the update pipeline, encode the upload.
 
     ``data`` is the client's training data when the caller has already read it
-    (:meth:`Population.train_data_many`); otherwise it is read here.
+    (:meth:`Population.train_data_many`); otherwise it is read here. ``train`` is the
+    local training (:func:`run_jobs` passes updates trained batched).
     """
     if data is None:
         data = ctx.population.train_data(job.client_id)
@@ -115,7 +126,7 @@ def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = 
     _, rows = decode_rows(rows_payload, offer.spec)
     task = ClientTask(client_id=job.client_id, version=offer.version, settings=offer.settings,
                       dense=dense, rows=rows, local=job.phone, seed=job.seed, checked=True)
-    update, local = client_update(ctx.scratch, task, data)
+    update, local = train(ctx.scratch, task, data)
     update, kept = ctx.pipeline.apply(update, np.random.default_rng([*job.seed, 0x919E]), job.phone)
     payload = encode_update(update, Envelope("update", offer.round, offer.version, codec, job.client_id))
     return ClientResult(client_id=job.client_id, payload=payload, phone={**local, **kept},
@@ -128,8 +139,63 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _same_download(a: ClientTask, b: ClientTask) -> bool:
+    """True when two tasks of one phone train on the same model, rows and local state."""
+    return (a.client_id == b.client_id and a.version == b.version and a.settings == b.settings
+            and a.local is b.local and a.rows.keys() == b.rows.keys()
+            and all(torch.equal(a.rows[t].ids, b.rows[t].ids) for t in a.rows))
+
+
+def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Examples, offsets: np.ndarray, *,
+             batched: bool = True) -> list[ClientResult]:
+    """:func:`run_job` of every job, phone ``i`` on rows ``offsets[i]:offsets[i + 1]`` of
+    ``data``; the phones that run one local step train together first
+    (:func:`adfed.fl.batched.client_updates`: the same updates within float rounding),
+    the others (and all, with ``batched=False`` or settings the batched path cannot
+    express, logged once per reason) with :func:`~adfed.fl.client.client_update`.
+
+    Each phone still downloads, decodes, transforms and encodes on its own in
+    :func:`run_job`; a phone whose decoded download differs from what it was trained on
+    (it cannot, as rows are served from the offer's tables) is trained again on its own.
+    """
+    datas = [data.slice(int(a), int(b)) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+    reason = unsupported(offer.settings, ctx.scratch) if batched else None
+    if reason is not None and reason not in _LOGGED:
+        _LOGGED.add(reason)
+        logger.info("clients train one by one: %s", reason)
+    take = [i for i, d in enumerate(datas) if one_step(len(d), offer.settings)] if batched and reason is None else []
+    trained: dict[int, tuple[ClientTask, tuple[Update, dict[str, torch.Tensor]]]] = {}
+    if len(take) > 1:
+        dense = ctx.dense(offer)
+        tasks = [ClientTask(client_id=jobs[i].client_id, version=offer.version, settings=offer.settings, dense=dense,
+                            rows={t: SparseRows(v, offer.tables[t][v]) for t, v in needed_rows(ctx.scratch, datas[i]).items()},
+                            local=jobs[i].phone, seed=jobs[i].seed, checked=True) for i in take]
+        if len(take) == len(jobs):
+            part, part_offsets = data, offsets
+        else:
+            counts = np.diff(offsets)[take]
+            part = data.take(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in take]))
+            part_offsets = np.concatenate([[0], np.cumsum(counts)])
+        for i, task, result in zip(take, tasks, client_updates(ctx.scratch, tasks, part, part_offsets), strict=True):
+            trained[i] = (task, result)
+
+    def train_of(i: int) -> Train:
+        def train(scratch: PCVRModel, task: ClientTask, d: Examples) -> tuple[Update, dict[str, torch.Tensor]]:
+            done = trained.pop(i, None)
+            if done is not None and _same_download(done[0], task):
+                return done[1]
+            return client_update(scratch, task, d)
+        return train
+
+    return [run_job(ctx, offer, job, d, train=train_of(i)) for i, (job, d) in enumerate(zip(jobs, datas, strict=True))]
+
+
 class InProcessBackend:
-    """Runs clients one after another in this process (the default)."""
+    """Runs clients in this process (the default): the phones of a round that run one
+    local step train together (:func:`run_jobs`), unless ``batched`` is set False."""
+
+    #: train one-step phones together (False: one by one, the reference path)
+    batched: bool = True
 
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
         self.ctx = WorkerContext(data_path, cfg)
@@ -138,8 +204,8 @@ class InProcessBackend:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # once per round, not once per client (see client_update)
         try:
-            datas = self.ctx.population.train_data_many(np.array([j.client_id for j in jobs], dtype=np.int64))
-            return [run_job(self.ctx, offer, job, data) for job, data in zip(jobs, datas, strict=True)]
+            data, offsets = self.ctx.population.train_data_joined(np.array([j.client_id for j in jobs], dtype=np.int64))
+            return run_jobs(self.ctx, offer, jobs, data, offsets, batched=self.batched)
         finally:
             torch.set_num_threads(threads)
 
@@ -156,14 +222,18 @@ def _init_worker(data_path: str, cfg: Config) -> None:
     _WORKER = WorkerContext(data_path, cfg)
 
 
-def _run_in_worker(offer: Offer, job: Job) -> ClientResult:
+def _run_in_worker(offer: Offer, jobs: list[Job]) -> list[ClientResult]:
     if _WORKER is None:  # pragma: no cover - initializer always runs first
         raise RuntimeError("worker context not initialised")
-    return run_job(_WORKER, offer, job)
+    data, offsets = _WORKER.population.train_data_joined(np.array([j.client_id for j in jobs], dtype=np.int64))
+    return run_jobs(_WORKER, offer, jobs, data, offsets)
 
 
 class ProcessBackend:
-    """A pool of worker processes (spawned: no forked torch thread pools)."""
+    """A pool of worker processes (spawned: no forked torch thread pools), kept for the
+    whole run. A round's jobs go out as ``workers`` contiguous parts, one task each (the
+    offer is pickled once per part), and each worker runs its part like the in-process
+    backend (:func:`run_jobs`: one read, one batched pass), so both give the same bits."""
 
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -172,8 +242,9 @@ class ProcessBackend:
                                         initializer=_init_worker, initargs=(str(data_path), cfg))
 
     def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
-        chunk = max(1, len(jobs) // (4 * self.workers))
-        return list(self.pool.map(_run_in_worker, [offer] * len(jobs), jobs, chunksize=chunk))
+        bounds = np.linspace(0, len(jobs), min(self.workers, len(jobs)) + 1).round().astype(int).tolist()
+        parts = [list(jobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        return [r for part in self.pool.map(_run_in_worker, [offer] * len(parts), parts) for r in part]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -52,6 +52,7 @@ def test_in_process_map_keeps_job_order_and_equals_one_by_one(setup) -> None:  #
     cfg, backend, engine, offer, population = setup
     clients = [int(c) for c in population.clients[[5, 1, 9]]]
     jobs = [Job(client_id=c, phone=None, seed=(0, 1, c)) for c in clients]
+    backend.batched = False  # the reference path, bit for bit (batched: tests/unit/fl/test_batched.py)
 
     results = backend.map(offer, jobs)
     one_by_one = [run_job(backend.ctx, offer, j) for j in jobs]

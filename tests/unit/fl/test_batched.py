@@ -1,0 +1,179 @@
+"""Batched client training equals the per-phone reference (client_update) on every phone."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from adfed.config import Config
+from adfed.data.schema import ParamGroup
+from adfed.data.store import Dataset
+from adfed.fl import batched, strategies
+from adfed.fl.backends import InProcessBackend, Job, run_job
+from adfed.fl.client import ClientTask, client_update, needed_rows
+from adfed.fl.population import Population
+from adfed.fl.rounds import client_settings, make_offer
+from adfed.fl.simulation import build_engine, initial_server_state
+from adfed.fl.types import SparseRows, Update
+from adfed.fl.wire import decode_update
+from adfed.model.assembly import model_from_config
+from adfed.model.groups import get_dense, group_names, sparse_tables
+from adfed.trainer import Trainer
+
+TOL = 1e-5
+
+
+def _phones(cfg: Config, small_world, n: int = 40):  # noqa: ANN001, ANN202
+    """A perturbed round model, ``n`` phones' tasks (half with a local state) and their rows."""
+    dataset = Dataset.open(small_world)
+    population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    model = model_from_config(cfg, dataset, user_rows=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # away from the initial zeros (CVR head, match weights)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    dense = get_dense(model, ParamGroup.DENSE_SHARED)
+    tables = {t: model.get_parameter(t).detach().clone() for t in sparse_tables(model)}
+    users = np.random.default_rng(0).choice(population.clients, n, replace=False)
+    data, offsets = population.train_data_joined(users)
+    settings = client_settings(cfg)
+    tasks = []
+    for i, u in enumerate(users.tolist()):
+        rows = needed_rows(model, data.slice(int(offsets[i]), int(offsets[i + 1])))
+        local = None if i % 2 else {n: 0.1 * torch.randn(model.get_parameter(n).shape, generator=g)
+                                    for n in group_names(model, ParamGroup.LOCAL)}
+        tasks.append(ClientTask(client_id=u, version=0, settings=settings, dense=dense,
+                                rows={t: SparseRows(v, tables[t][v]) for t, v in rows.items()},
+                                local=local, seed=(0, u), checked=True))
+    return dataset, tasks, data, offsets
+
+
+def _assert_close(a: tuple[Update, dict], b: tuple[Update, dict]) -> None:
+    (ua, la), (ub, lb) = a, b
+    assert (ua.client_id, ua.num_examples, ua.base_version) == (ub.client_id, ub.num_examples, ub.base_version)
+    assert list(ua.dense) == list(ub.dense) and list(ua.sparse) == list(ub.sparse) and list(la) == list(lb)
+    for k in ua.dense:
+        torch.testing.assert_close(ua.dense[k], ub.dense[k], atol=TOL, rtol=0)
+    for k in ua.sparse:
+        assert torch.equal(ua.sparse[k].ids, ub.sparse[k].ids)
+        torch.testing.assert_close(ua.sparse[k].values, ub.sparse[k].values, atol=TOL, rtol=0)
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], atol=TOL, rtol=0)
+    assert ua.metrics["loss"] == pytest.approx(ub.metrics["loss"], abs=TOL)
+
+
+@pytest.mark.parametrize("overrides", [
+    (),  # the defaults: FedAvg, one full-batch SGD step, table lr 100
+    ("train.embedding_l2=0.001",),
+    ('fl.strategy="fedprox"', "fl.prox_mu=0.5"),  # the proximal gradient is zero at the first step
+    ('model.bag_pooling="mean"', "model.vocab_match=false"),
+    ('model.bag_pooling="sqrtn"', "model.tower=[16]"),
+])
+def test_batched_equals_client_update_on_every_phone(small_world, fl_config, overrides) -> None:  # noqa: ANN001
+    # Prepare
+    cfg = fl_config(small_world, *overrides)
+    dataset, tasks, data, offsets = _phones(cfg, small_world)
+    scratch = model_from_config(cfg, dataset, user_rows=1)
+
+    # Execute
+    want = [client_update(scratch, t, data.slice(int(a), int(b)))
+            for t, a, b in zip(tasks, offsets[:-1], offsets[1:], strict=True)]
+    got = batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
+
+    # Assert
+    assert len(got) == len(want)
+    for a, b in zip(want, got, strict=True):
+        _assert_close(a, b)
+
+
+def test_chunks_give_the_same_updates(small_world, fl_config, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    cfg = fl_config(small_world)
+    dataset, tasks, data, offsets = _phones(cfg, small_world, n=20)
+    whole = batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
+    monkeypatch.setattr(batched, "CHUNK_PHONES", 6)
+
+    parts = batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
+
+    for a, b in zip(whole, parts, strict=True):
+        _assert_close(a, b)
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    (('fl.local_optimizer="adam"',), "fl.local_optimizer = 'adam'"),
+    (("fl.local_epochs=2",), "fl.local_epochs = 2"),
+])
+def test_settings_it_cannot_express_are_refused_with_the_reason(small_world, fl_config, overrides,  # noqa: ANN001
+                                                                 reason) -> None:
+    cfg = fl_config(small_world, *overrides)
+    dataset, tasks, data, offsets = _phones(cfg, small_world, n=4)
+    scratch = model_from_config(cfg, dataset, user_rows=1)
+
+    assert reason in (batched.unsupported(client_settings(cfg), scratch) or "")
+    with pytest.raises(ValueError, match="batched client training cannot run this round"):
+        batched.client_updates(scratch, tasks, data, offsets)
+
+
+def test_a_phone_with_several_steps_is_refused(small_world, fl_config) -> None:  # noqa: ANN001
+    cfg = fl_config(small_world, "fl.local_batch_size=2")
+    dataset, tasks, data, offsets = _phones(cfg, small_world, n=6)
+    assert not all(batched.one_step(int(n), client_settings(cfg)) for n in np.diff(offsets))
+    with pytest.raises(ValueError, match="one local step"):
+        batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
+
+
+def _backend_round(cfg: Config, small_world, n: int = 30):  # noqa: ANN001, ANN202
+    dataset = Dataset.open(small_world)
+    backend = InProcessBackend(small_world, cfg)
+    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
+    state = initial_server_state(cfg, model_from_config(cfg, dataset), server_opt)
+    population = backend.ctx.population
+    engine = build_engine(cfg, dataset, population, state, backend, server_opt)
+    users = np.random.default_rng(1).choice(population.clients, n, replace=False)
+    jobs = [Job(client_id=int(u), phone=None, seed=(0, 1, int(u))) for u in users]
+    return backend, make_offer(state, engine, 1), jobs
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("fl.local_batch_size=16",),  # the phones with more rows run several steps, one by one
+    ('fl.local_optimizer="adam"',),  # all one by one
+    ('fl.strategy="fedprox"',),
+])
+def test_in_process_map_batched_equals_one_by_one(small_world, fl_config, overrides,  # noqa: ANN001
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    cfg = fl_config(small_world, *overrides)
+    backend, offer, jobs = _backend_round(cfg, small_world)
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="adfed.fl.backends"):
+        got = backend.map(offer, jobs)
+    want = [run_job(backend.ctx, offer, j) for j in jobs]
+
+    # Assert: the same uploads (decoded) within 1e-5, bytes down and local state alike
+    assert [r.client_id for r in got] == [j.client_id for j in jobs]
+    for a, b in zip(want, got, strict=True):
+        assert (a.bytes_down, a.num_examples, a.phone.keys()) == (b.bytes_down, b.num_examples, b.phone.keys())
+        ua, ub = decode_update(a.payload, offer.spec)[1], decode_update(b.payload, offer.spec)[1]
+        _assert_close((ua, a.phone), (ub, b.phone))
+        if len(a.payload) != len(b.payload):  # only float bits may differ, never the layout
+            pytest.fail(f"client {a.client_id}: upload of {len(a.payload)} vs {len(b.payload)} bytes")
+    if cfg.fl.local_optimizer == "adam":
+        assert [r.payload for r in got] == [r.payload for r in want]  # the reference path itself
+        assert "clients train one by one: fl.local_optimizer = 'adam'" in caplog.text
+
+
+def test_a_full_run_ends_at_the_per_phone_model(small_world, fl_config,  # noqa: ANN001
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = fl_config(small_world, "fl.rounds=3")
+    batched_run = Trainer(cfg).fit()
+    monkeypatch.setattr(InProcessBackend, "batched", False)
+    reference = Trainer(cfg).fit()
+
+    a, b = batched_run.model.state_dict(), reference.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)

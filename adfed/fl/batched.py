@@ -53,11 +53,17 @@ from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll
 #: (~150 KB per phone for the default model).
 CHUNK_PHONES = 256
 _USER_BIAS = "user_bias.weight"
+#: the ClientSettings fields the batched step implements
+_KNOWN_SETTINGS = frozenset({"epochs", "batch_size", "lr", "sparse_lr", "prox_mu", "optimizer", "embedding_l2",
+                             "table_lr"})
 
 
 def unsupported(settings: ClientSettings, model: PCVRModel) -> str | None:
     """Why the phones of a round with ``settings`` cannot train batched (None: they can,
     those with :func:`one_step` data)."""
+    for field in dataclasses.fields(settings):  # a setting added later may change local training
+        if field.name not in _KNOWN_SETTINGS and getattr(settings, field.name) != field.default:
+            return f"local setting {field.name} = {getattr(settings, field.name)!r} is unknown to the batched path"
     if settings.optimizer != "sgd":
         return (f"fl.local_optimizer = {settings.optimizer!r}: its per-phone state makes each step "
                 f"a function of the phone's own history (batched: 'sgd' only)")

@@ -177,3 +177,20 @@ def test_a_full_run_ends_at_the_per_phone_model(small_world, fl_config,  # noqa:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)
+
+
+def test_a_local_setting_it_does_not_know_is_a_reason(small_world, fl_config) -> None:  # noqa: ANN001
+    import dataclasses
+
+    from adfed.fl.types import ClientSettings
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(ClientSettings):
+        noise: float = 0.0
+
+    cfg = fl_config(small_world)
+    scratch = model_from_config(cfg, Dataset.open(small_world), user_rows=1)
+    s = client_settings(cfg)
+    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    assert batched.unsupported(Later(**fields), scratch) is None
+    assert "local setting noise = 0.5 is unknown" in (batched.unsupported(Later(**fields, noise=0.5), scratch) or "")

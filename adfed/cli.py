@@ -470,7 +470,7 @@ def _world_tag_truth(data: Path) -> Any:
     return out
 
 
-experiment_app = typer.Typer(help="Run the experiments that produce the README's tables.",
+experiment_app = typer.Typer(help="Run the experiments behind docs/results/ (tables and plots).",
                              no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
 
@@ -484,20 +484,42 @@ def experiment_run(
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    users: Annotated[int | None, typer.Option(
+        help="Instead of --data: a synthetic world of this many users (10,000 ads), generated "
+             "into OUT/world-USERS-SEED (reused when there).")] = None,
+    world_seed: Annotated[int, typer.Option(help="Seed of the world --users generates.")] = 0,
 ) -> None:
     """Run an experiment: several trainings, results.json, a comparison plot."""
     from experiments import fl_targets
 
     if name != "all" and name not in fl_targets.EXPERIMENTS:
         _fail(f"unknown experiment {name!r}; known: all, {', '.join(sorted(fl_targets.EXPERIMENTS))}")
+    if users is not None and data is not None:
+        _fail("--users generates a world; give either --users or --data, not both")
     names = sorted(fl_targets.EXPERIMENTS) if name == "all" else [name]
     try:
+        if users is not None:
+            data = str(_experiment_world(out, users, world_seed))
         cfg = _resolve_config(config_file, sets or [], {"data.path": data, "seed": seed, "fl.rounds": rounds})
         for n in names:
             results = fl_targets.run(n, cfg, out, progress=lambda msg: console.print(msg))
             print(json.dumps(results, indent=2, default=str))
     except (AdfedError, ValueError, OSError) as exc:
         _fail(str(exc))
+
+
+def _experiment_world(out: Path, users: int, seed: int) -> Path:
+    """The world of ``--users`` / ``--world-seed`` under OUT, generated once."""
+    from data_gen.generate import generate
+    from data_gen.params import WorldParams
+
+    if users < 1:
+        raise ValueError(f"--users must be an int >= 1; got {users}")
+    path = out / f"world-{users}-{seed}"
+    if not (path / "manifest.json").exists():
+        console.print(f"generating a world of {users} users (seed {seed}) into {path}", highlight=False)
+        generate(path, WorldParams(num_users=users, num_ads=10_000), seed=seed)
+    return path
 
 
 def main() -> None:  # pragma: no cover - console entry

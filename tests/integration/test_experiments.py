@@ -53,6 +53,30 @@ def test_fl_vs_central_measures_the_configured_strategy_and_fedavg(small_world, 
     assert reached is None or reached["auc_expected"] >= results["target_auc_expected"]
     for run in ("centralized", "fedadam", "fedavg"):
         assert (tmp_path / "fl_vs_central" / run / "summary.json").exists()
+    # one pass is ~3000 users / 10 = ~290 rounds: 2 rounds do not reach it, and say so
+    one = results["one_pass"]
+    assert one["rounds"] > 200 and one["reached"] is False and one["evaluated_round"] == 2
+    assert one["auc_gap"] == pytest.approx(results["centralized_auc"] - one["auc"])
+    assert one["auc_expected_gap"] == pytest.approx(results["centralized_auc_expected"] - one["auc_expected"])
+    assert one["wall_ratio"] == pytest.approx(one["federated_wall_s"] / one["centralized_train_s"]) and \
+        one["wall_ratio"] > 0
+
+
+def test_experiment_cli_generates_the_world_it_is_asked_for(tmp_path):
+    from typer.testing import CliRunner
+
+    from adfed.cli import app
+
+    args = ["experiment", "run", "fl_vs_central", "--users", "400", "--world-seed", "2", "--out", str(tmp_path),
+            "--rounds", "2", "--set", "fl.clients_per_round=200", "--set", "window.min_clients=2",
+            "--set", "model.tower=[16]", "--set", "fl.eval_every=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "world-400-2" / "manifest.json").exists()
+    one = json.loads((tmp_path / "fl_vs_central" / "results.json").read_text())["one_pass"]
+    assert one["rounds"] == 2 and one["reached"] is True  # ~390 clients / 200 per round
+    both = CliRunner().invoke(app, ["experiment", "run", "fl_vs_central", "--users", "10", "--data", "x"])
+    assert both.exit_code == 2 and "either --users or --data" in both.output
 
 
 def test_unknown_experiment_lists_known_names(small_world, fl_config, tmp_path):

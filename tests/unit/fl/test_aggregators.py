@@ -13,7 +13,14 @@ from hypothesis.extra import numpy as hnp
 from adfed.config import Config, with_overrides
 from adfed.errors import ConfigError
 from adfed.fl import aggregators, strategies
-from adfed.fl.aggregators import Aggregate, BuildContext, RoundInfo, WeightedMean, aggregate_sparse, weighted_mean
+from adfed.fl.aggregators import (
+    Aggregate,
+    BuildContext,
+    RoundInfo,
+    WeightedMean,
+    aggregate_sparse,
+    weighted_mean,
+)
 from adfed.fl.server import server_weights
 from adfed.fl.types import SparseRows, Update
 from adfed.fl.wire import WireSpec

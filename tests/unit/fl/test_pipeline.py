@@ -15,7 +15,6 @@ from adfed.fl.pipeline import Identity, Pipeline
 from adfed.fl.rounds import client_settings
 from adfed.fl.types import SparseRows, Update
 
-
 SETTINGS = client_settings(Config())
 
 

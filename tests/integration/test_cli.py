@@ -242,8 +242,8 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     (run / "notes.txt").write_text("mine")
     result = adfed("train", "--mode", "centralized", "--data", small_world, "--out", run, "--overwrite", *SMALL_TRAIN)
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "notes.txt", "plots", "steps.csv",
-                                                     "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "epochs.csv", "model.safetensors", "notes.txt",
+                                                     "plots", "steps.csv", "summary.json"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["learning_curve.png"]
     # a file as --out, both flags: one-line errors before any training
     target = tmp_path / "afile"

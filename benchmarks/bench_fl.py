@@ -14,12 +14,19 @@ Prints one JSON object. Three measurements, each against a baseline from the sam
 - ``bytes``: mean upload / download per client per round (serialized payload lengths),
   against shipping the whole model (``model_bytes``).
 - ``memory`` (``--memory``): peak RSS of a federated round over a large population
-  (``--pop-users``, default 1M) at ``--pop-clients`` per round, in a subprocess.
+  (``--pop-users``, default 1M; or the world ``--pop-data``) at ``--pop-clients`` per
+  round, in a subprocess, and the wall seconds of each of its rounds (evaluation
+  excluded; the first holds the cold reads of the store): seconds per 1000-phone round.
+- ``pass`` (``--pass``): one pass of federated training (users / clients_per_round
+  rounds, default settings, evaluation excluded) against one centralized epoch over the
+  same training rows (``train_examples / examples_per_s``: evaluation excluded), with
+  both AUCs; ``--per-phone`` adds the same pass with batched client training off.
 
 Usage::
 
     python benchmarks/bench_fl.py --data data/demo [--rounds 20] [--clients 100] [--repeat 2]
-    python benchmarks/bench_fl.py --memory --pop-users 1000000 --pop-clients 1000
+    python benchmarks/bench_fl.py --memory --pop-users 1000000 --pop-clients 1000 --rounds 5
+    python benchmarks/bench_fl.py --pass --data data/demo [--per-phone]
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.fl import devices
+from adfed.fl.backends import InProcessBackend
 from adfed.fl.client import local_batches
 from adfed.fl.population import Population
 from adfed.fl.rounds import client_settings, select
@@ -161,27 +169,70 @@ def overhead(data: str, rounds: int, clients: int, backend: str, repeat: int) ->
     }
 
 
+def _round_seconds(rows: list[dict]) -> list[float]:
+    """Each round's wall seconds, evaluation excluded (the first also holds the setup)."""
+    wall = [0.0] + [float(r["wall_time_s"]) for r in rows]
+    return [b - a - float(r.get("eval_s", 0.0)) for a, b, r in zip(wall[:-1], wall[1:], rows, strict=True)]
+
+
 def _memory_child(data: str, clients: int, rounds: int) -> None:
     cfg = _config(data, rounds, clients)
     cfg = with_overrides(cfg, ["data.max_test_users=1000", "fl.local_cache=0"])
-    Trainer(cfg).fit()
+    result = Trainer(cfg).fit()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
+    seconds = _round_seconds(result.rows)
+    print(json.dumps({"peak_rss_mib": peak_kib / 1024, "round_s": seconds,
+                      "median_round_s_after_first": float(np.median(seconds[1:])) if len(seconds) > 1 else None,
+                      "torch_threads": torch.get_num_threads()}))
 
 
-def memory(users: int, clients: int, rounds: int) -> dict[str, float]:
+def memory(users: int, clients: int, rounds: int, data: str | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        data = str(Path(tmp) / "pop")
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "adfed.cli", "data", "generate", "--users", str(users),
-                        "--ads", "20000", "--out", data], check=True, capture_output=True)
-        gen_s = time.perf_counter() - t0
+        gen_s = None
+        if data is None:
+            data = str(Path(tmp) / "pop")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "adfed.cli", "data", "generate", "--users", str(users),
+                            "--ads", "20000", "--out", data], check=True, capture_output=True)
+            gen_s = time.perf_counter() - t0
         out = subprocess.run([sys.executable, __file__, "--memory-child", data, "--pop-clients",
                               str(clients), "--rounds", str(rounds)], check=True, capture_output=True,
                              text=True)
         child = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"population": users, "clients_per_round": clients, "rounds": rounds,
+        population = Dataset.open(data).schema.num_users
+    return {"population": population, "clients_per_round": clients, "rounds": rounds,
             "generate_s": gen_s, **child}
+
+
+def one_pass(data: str, clients: int, per_phone: bool, central_threads: int) -> dict[str, object]:
+    """One federated pass (users / clients rounds, default settings) vs one centralized epoch
+    trained with ``central_threads`` torch threads (the engine trains phones on one)."""
+    dataset = Dataset.open(data)
+    base = [f'data.path="{data}"']
+    threads = torch.get_num_threads()
+    torch.set_num_threads(central_threads)
+    try:
+        central = Trainer(with_overrides(Config(), [*base, 'train.mode="centralized"', "train.epochs=1"])).fit(dataset)
+    finally:
+        torch.set_num_threads(threads)
+    epoch_s = central.summary["train_examples"] / central.summary["examples_per_s"]
+    rounds = dataset.schema.num_users // clients
+    cfg = with_overrides(Config(), [*base, 'train.mode="federated"', f"fl.rounds={rounds}",
+                                    f"fl.clients_per_round={clients}", f"fl.eval_every={rounds}"])
+    out: dict[str, object] = {"users": dataset.schema.num_users, "clients_per_round": clients, "rounds": rounds,
+                              "centralized_threads": central_threads, "centralized_epoch_s": epoch_s, "centralized_auc": central.summary["auc"],
+                              "train_examples": central.summary["train_examples"]}
+    for name, batched in [("batched", True), *([("per_phone", False)] if per_phone else [])]:
+        InProcessBackend.batched = batched
+        try:
+            fed = Trainer(cfg).fit(dataset)
+        finally:
+            InProcessBackend.batched = True
+        fed_s = sum(_round_seconds(fed.rows))
+        out[f"federated_pass_s_{name}"] = fed_s
+        out[f"federated_auc_{name}"] = fed.summary["auc"]
+        out[f"pass_over_epoch_{name}"] = fed_s / epoch_s
+    return out
 
 
 def main() -> None:
@@ -195,13 +246,23 @@ def main() -> None:
     ap.add_argument("--pop-users", type=int, default=1_000_000)
     ap.add_argument("--pop-clients", type=int, default=1000)
     ap.add_argument("--memory-child")
+    ap.add_argument("--pop-data", help="an existing world for --memory (instead of generating --pop-users)")
+    ap.add_argument("--pass", dest="one_pass", action="store_true",
+                    help="one federated pass against one centralized epoch (--data, --clients)")
+    ap.add_argument("--per-phone", action="store_true", help="--pass: also with batched client training off")
+    ap.add_argument("--central-threads", type=int, default=1,
+                    help="--pass: torch threads of the centralized epoch (2 threads on a loaded 2-core machine "
+                         "measured 33x slower than 1)")
     args = ap.parse_args()
     if args.memory_child:
         _memory_child(args.memory_child, args.pop_clients, args.rounds)
         return
     out: dict[str, object] = {"machine": {"cpus": os.cpu_count()}}
+    out["torch_threads"] = torch.get_num_threads()
     if args.memory:
-        out["memory"] = memory(args.pop_users, args.pop_clients, args.rounds)
+        out["memory"] = memory(args.pop_users, args.pop_clients, args.rounds, args.pop_data)
+    elif args.one_pass:
+        out["pass"] = one_pass(args.data, args.clients, args.per_phone, args.central_threads)
     else:
         out["overhead"] = [overhead(args.data, args.rounds, args.clients, b, args.repeat) for b in args.backends.split(",")]
     print(json.dumps(out, indent=2))

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+import adfed.privacy  # noqa: F401 - registers the DP transforms in every worker
 from adfed.config import Config
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset
 from adfed.errors import DataError
-from adfed.fl import pipeline
+from adfed.fl import blocks, pipeline
 from adfed.fl.batched import client_updates, one_step, unsupported
 from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
@@ -49,7 +50,9 @@ class Offer:
     made once per version and sent to every phone as is); ``tables`` are the server's
     ``sparse_shared`` tables, from which the row service answers each phone's request
     for the rows its data reads (read, never written, by workers); ``spec`` is what
-    payloads are checked against.
+    payloads are checked against. ``vocabulary`` (privacy on): per sparse table the
+    round's row ids; phones then download and upload blocks over them
+    (:mod:`adfed.fl.blocks`) instead of the rows they read.
     """
 
     round: int
@@ -58,6 +61,7 @@ class Offer:
     model: bytes
     tables: dict[str, torch.Tensor]
     spec: WireSpec
+    vocabulary: dict[str, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +125,23 @@ def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = 
     dense = ctx.dense(offer)
     codec = ctx.pipeline.codec
     ids = needed_rows(ctx.scratch, data)
-    served = {t: SparseRows(i, offer.tables[t][i]) for t, i in ids.items()}
+    vocab = offer.vocabulary
+    if vocab is None:  # the rows it reads
+        served = {t: SparseRows(i, offer.tables[t][i]) for t, i in ids.items()}
+    else:  # the round's vocabulary blocks, whatever it reads
+        served = {t: blocks.serve_block(offer.tables[t], v) for t, v in vocab.items()}
     rows_payload = encode_rows(served, Envelope("rows", offer.round, offer.version, codec, job.client_id))
     _, rows = decode_rows(rows_payload, offer.spec)
+    if vocab is not None:
+        rows = {t: blocks.phone_rows(rows[t], i) for t, i in ids.items() if t in rows}
     task = ClientTask(client_id=job.client_id, version=offer.version, settings=offer.settings,
                       dense=dense, rows=rows, local=job.phone, seed=job.seed, checked=True)
     update, local = train(ctx.scratch, task, data)
-    update, kept = ctx.pipeline.apply(update, np.random.default_rng([*job.seed, 0x919E]), job.phone)
+    if vocab is not None:
+        update = dataclasses.replace(update, sparse={
+            t: blocks.upload_block(update.sparse.get(t), v, offer.spec.tables[t][1]) for t, v in vocab.items()})
+    update, kept = ctx.pipeline.apply(update, np.random.default_rng([*job.seed, 0x919E]), job.phone,
+                                      offer.settings)
     payload = encode_update(update, Envelope("update", offer.round, offer.version, codec, job.client_id))
     return ClientResult(client_id=job.client_id, payload=payload, phone={**local, **kept},
                         bytes_down=len(offer.model) + len(rows_payload), num_examples=len(data))
@@ -160,6 +174,8 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
     """
     datas = [data.slice(int(a), int(b)) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
     reason = unsupported(offer.settings, ctx.scratch) if batched else None
+    if reason is None and batched and offer.vocabulary is not None:
+        reason = "the round has a vocabulary (privacy): phones train on vocabulary blocks, not the tables' rows"
     if reason is not None and reason not in _LOGGED:
         _LOGGED.add(reason)
         logger.info("clients train one by one: %s", reason)

@@ -214,8 +214,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     stopped_at: int | None = None
     realized: list[float] = []  # distributed noise: each round's real noise multiplier
     if cfg.privacy.dp:
-        cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population,
-                                                    prior_sample(population, cfg.seed))
+        cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population)
     state = initial_server_state(cfg, eval_model, server_opt)
     store = LocalStore(capacity=cfg.fl.local_cache)
     async_state = AsyncState()

@@ -12,8 +12,8 @@ target ε after a number of rounds.
 - DP-FTRL: tree aggregation restarted every pass over the population; within a pass each
   phone participates at most once (``SingleEpochTreeAggregationDpEvent``), and the passes
   compose (replace-one-with-zero neighbours, as in Kairouz et al. 2021).
-- The round vocabulary's DP row count (one Gaussian release before round 1, no
-  amplification assumed) composes with either.
+- The round vocabulary's DP row count (one Gaussian release before round 1 over a
+  Poisson sample of the phones) composes with either.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class PrivacyPlan:
     #: out, from the device profiles, not from any phone's data): the fixed denominator
     #: of the DP sum is ``cohort * participation``, the expected number of uploads
     participation: float = 1.0
+    #: the Poisson rate at which phones are asked for the DP row count (one release)
+    vocabulary_rate: float = 1.0
 
     @property
     def denominator(self) -> float:
@@ -124,7 +126,8 @@ def dp_event(plan: PrivacyPlan, rounds: int, *, with_vocabulary: bool = True,
         if rest:
             events.append(dpa.SingleEpochTreeAggregationDpEvent(plan.noise_multiplier, rest))
     if with_vocabulary and plan.vocabulary_noise is not None:
-        events.append(dpa.GaussianDpEvent(plan.vocabulary_noise))
+        count = dpa.GaussianDpEvent(plan.vocabulary_noise)
+        events.append(count if plan.vocabulary_rate >= 1 else dpa.PoissonSampledDpEvent(plan.vocabulary_rate, count))
     return dpa.ComposedDpEvent(events)
 
 

@@ -26,18 +26,24 @@ logger = logging.getLogger(__name__)
 MAX_ROWS_PER_PHONE = 64
 
 
-def setup(cfg: Config, dataset: Dataset, population: Population, counted: np.ndarray
+#: phones asked, in expectation, for the DP row count
+COUNTED_PHONES = 1000
+
+
+def setup(cfg: Config, dataset: Dataset, population: Population
           ) -> tuple[Config, PrivacyPlan, Vocabulary | None]:
     """The run's config (noise multiplier calibrated when ``on_target = "calibrate"``), its
-    plan and vocabulary. ``counted``: the phones whose read rows are counted (the
-    server's pre-round sample). One-line ConfigErrors for targets that cannot be met."""
+    plan and vocabulary. The DP row count asks a Poisson sample of the phones (rate
+    ``COUNTED_PHONES / N``), which the accountant amplifies. One-line ConfigErrors for
+    targets that cannot be met."""
     p = cfg.privacy
     scratch = model_from_config(cfg, dataset, user_rows=1)
     tables = {n: int(t.shape[0]) for n, t in get_dense(scratch, ParamGroup.SPARSE_SHARED).items()}
     needs_count = bool(tables) and p.vocabulary_size > 0 and any(p.vocabulary_size < n for n in tables.values())
     prof = population.profiles
     participation = float(np.mean(prof.online_prob[population.clients] * (1 - prof.dropout_prob[population.clients])))
-    plan = make_plan(cfg, len(population), participation=participation)
+    rate = min(1.0, COUNTED_PHONES / len(population))
+    plan = dataclasses.replace(make_plan(cfg, len(population), participation=participation), vocabulary_rate=rate)
     if not needs_count:
         plan = dataclasses.replace(plan, vocabulary_noise=None)
     if p.target_epsilon > 0:
@@ -53,7 +59,8 @@ def setup(cfg: Config, dataset: Dataset, population: Population, counted: np.nda
             plan = dataclasses.replace(plan, noise_multiplier=z)
     if not needs_count:
         return cfg, plan, plan_vocabulary(tables, {}, 0, 0.0, cfg.seed) if tables else None
-    touched = [needed_rows(scratch, d) for d in population.train_data_many(counted)]
+    pick = np.random.default_rng([cfg.seed, 0xC0DE, 1]).random(len(population)) < rate
+    touched = [needed_rows(scratch, d) for d in population.train_data_many(population.clients[pick])]
     counts = dp_row_counts(touched, tables, max_rows=MAX_ROWS_PER_PHONE, noise_multiplier=p.vocabulary_noise,
                            rng=np.random.default_rng([cfg.seed, 0xC0DE]))
     return cfg, plan, plan_vocabulary(tables, counts, p.vocabulary_size, p.vocabulary_random, cfg.seed)

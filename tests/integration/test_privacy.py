@@ -14,7 +14,7 @@ from adfed.fl import strategies
 from adfed.fl.backends import InProcessBackend, Job
 from adfed.fl.population import Population
 from adfed.fl.rounds import make_offer, select_dp
-from adfed.fl.simulation import build_engine, initial_server_state, prior_sample
+from adfed.fl.simulation import build_engine, initial_server_state
 from adfed.fl.wire import decode_update
 from adfed.model.assembly import model_from_config
 from adfed.privacy import setup as privacy_setup
@@ -41,7 +41,7 @@ def test_dp_uploads_are_vocabulary_blocks_whatever_the_phone_read(small_world, f
     cfg = fl_config(small_world, *DP)
     dataset = Dataset.open(small_world)
     population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
-    cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population, prior_sample(population, cfg.seed))
+    cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population)
     opt = strategies.create("fedavg", 1.0)
     state = initial_server_state(cfg, model_from_config(cfg, dataset), opt)
     backend = InProcessBackend(small_world, cfg)

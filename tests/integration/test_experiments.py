@@ -271,7 +271,7 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
     results = backend.map(offer, [Job(client_id=int(u), phone=None, seed=(0, int(u))) for u in users])
     updates = [decode_update(r.payload, engine.spec)[1] for r in results]
     weights = server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
-    after = engine.aggregate(state, updates, weights, 1)
+    after, _ = engine.aggregate(state, updates, weights, 1)
     # the replay: one step on the same users' training rows
     model = federated_start(cfg, dataset)
     fl = cfg.fl

@@ -70,7 +70,7 @@ def test_invert_undoes_in_reverse_order() -> None:
 
 
 def test_unknown_or_repeated_transform_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"fl.update_pipeline lists 'zip'; known transforms: \['identity'"):
+    with pytest.raises(ConfigError, match=r"fl.update_pipeline lists 'zip'; known transforms: \[.*'identity'"):
         pipeline.build(with_overrides(Config(), ['fl.update_pipeline=["identity", "zip"]']))
     with pytest.raises(ConfigError, match="lists a transform twice"):
         pipeline.build(with_overrides(Config(), ['fl.update_pipeline=["identity", "identity"]']))

@@ -1,4 +1,4 @@
-"""adfed.model calls torch only through its public API (DESIGN.md: no private ``torch._*``)."""
+"""adfed calls torch only through its public API (DESIGN.md: no private ``torch._*``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import adfed.model
 
 MODEL_DIR = Path(adfed.model.__file__).parent
+PACKAGE_DIR = MODEL_DIR.parent
 
 
 def _private_uses(source: str) -> list[str]:
@@ -43,3 +44,11 @@ def test_model_package_uses_no_private_torch_function() -> None:
     found = {f.name: uses for f in files if (uses := _private_uses(f.read_text()))}
 
     assert files and found == {}
+
+
+def test_no_package_of_adfed_uses_a_private_torch_function() -> None:
+    files = sorted(PACKAGE_DIR.rglob("*.py"))
+
+    found = {str(f.relative_to(PACKAGE_DIR)): uses for f in files if (uses := _private_uses(f.read_text()))}
+
+    assert len(files) > 30 and found == {}

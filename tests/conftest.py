@@ -36,6 +36,17 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(out, WorldParams(num_users=3000, num_ads=6000), seed=7, workers=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 200-user, 50-ad synthetic dataset (seed 5), generated once; tests that damage
+    files work on a copy."""
+    from data_gen.generate import generate
+    from data_gen.params import WorldParams
+
+    return generate(tmp_path_factory.mktemp("tiny") / "D", WorldParams(num_users=200, num_ads=50),
+                    seed=5, workers=1)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -20,18 +20,10 @@ def errors(result: object) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_gen.generate import generate
-    from data_gen.params import WorldParams
-
-    return generate(tmp_path_factory.mktemp("fixes") / "D", WorldParams(num_users=200, num_ads=50),
-                    seed=5, workers=1)
-
-
 @pytest.fixture
-def data(pristine: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "D"))
+def data(tiny_world: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny world this test may damage."""
+    return Path(shutil.copytree(tiny_world, tmp_path / "D"))
 
 
 def test_verify_reports_each_changed_file_and_exits_1(data: Path) -> None:

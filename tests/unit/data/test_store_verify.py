@@ -13,18 +13,10 @@ from adfed.data.store import Dataset, read_manifest, verify_files
 from adfed.errors import DataError
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_gen.generate import generate
-    from data_gen.params import WorldParams
-
-    return generate(tmp_path_factory.mktemp("verify") / "D", WorldParams(num_users=200, num_ads=50),
-                    seed=5, workers=1)
-
-
 @pytest.fixture
-def data(pristine: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "D"))
+def data(tiny_world: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny world this test may damage."""
+    return Path(shutil.copytree(tiny_world, tmp_path / "D"))
 
 
 def flip(path: Path, offset: int, count: int) -> None:

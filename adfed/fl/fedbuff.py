@@ -153,8 +153,9 @@ def run_async_step(state: ServerState, st: AsyncState, engine: Engine, store: Lo
         else:
             if event.phone is not None:
                 store.put_inplace(event.client, event.phone)
-            buf = server.buffer_accept(buf, event.payload, event.at_s, engine.spec, engine.pipeline,
-                                       state.model.version)
+            with server.torch_threads(cfg.fl.server_threads):
+                buf = server.buffer_accept(buf, event.payload, event.at_s, engine.spec, engine.pipeline,
+                                           state.model.version)
             downs[event.client] = event.bytes_down
         st = dispatch(st, engine, 1)
     st = flush(st, state, engine, store)  # they started on this version

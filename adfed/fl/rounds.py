@@ -158,9 +158,10 @@ def run_attempt(rnd: SyncRound, state: ServerState, engine: Engine, store: Local
     for res in results:
         store.put_inplace(res.client_id, res.phone)
     arrive = simulated_times(population, cfg, results)
-    for i in np.argsort(arrive, kind="stable").tolist():
-        rnd = server.accept(rnd, results[i].client_id, results[i].payload, float(arrive[i]),
-                            engine.spec, engine.pipeline)
+    with server.torch_threads(cfg.fl.server_threads):  # decoding many small payloads: like aggregation
+        for i in np.argsort(arrive, kind="stable").tolist():
+            rnd = server.accept(rnd, results[i].client_id, results[i].payload, float(arrive[i]),
+                                engine.spec, engine.pipeline)
     if rnd.phase is server.Phase.OPEN:  # nobody arrived
         rnd = server.close(rnd, server.deadline_or(rnd, 0.0))
     return rnd, results

@@ -143,8 +143,12 @@ def _backend_round(cfg: Config, small_world, n: int = 30):  # noqa: ANN001, ANN2
     ('fl.strategy="fedprox"',),
 ])
 def test_in_process_map_batched_equals_one_by_one(small_world, fl_config, overrides,  # noqa: ANN001
-                                                  caplog: pytest.LogCaptureFixture) -> None:
-    # Prepare
+                                                  caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: each reason is logged once per process; forget what earlier tests logged
+    from adfed.fl import backends as backends_mod
+
+    monkeypatch.setattr(backends_mod, "_LOGGED", set())
     cfg = fl_config(small_world, *overrides)
     backend, offer, jobs = _backend_round(cfg, small_world)
 

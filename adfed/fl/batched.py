@@ -29,6 +29,7 @@ the global ones), so FedProx with one step is batched too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ from adfed.model.groups import (
     set_rows_inplace,
     sparse_tables,
 )
-from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll
+from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll, ensure_finite
 
 #: phones per forward/backward pass: bounds the per-phone gradients held at once
 #: (~150 KB per phone for the default model).
@@ -178,6 +179,7 @@ def client_updates(model: PCVRModel, tasks: Sequence[ClientTask], data: Examples
     ------
     ValueError : the tasks disagree on version or settings, a phone does not run exactly
         one step, or :func:`unsupported` names a reason.
+    TrainingError : a phone's loss is not finite (as :func:`~adfed.fl.client.client_update`).
     """
     if not tasks:
         return []
@@ -278,6 +280,9 @@ def _chunk(model: PCVRModel, tasks: Sequence[ClientTask], data: Examples,
     grads = torch.autograd.grad(per_row.sum(), inputs)
     with torch.no_grad():
         losses = _segment_sum(per_row.detach(), phone, num).tolist()
+        for t, value in zip(tasks, losses, strict=True):  # as client_update: stop, never upload NaN
+            if not math.isfinite(value):
+                ensure_finite(torch.tensor(value), where=f"client {t.client_id}, version {t.version}, step 0")
         g_leaves = grads[: len(leaves)]
         g_sites = grads[len(leaves): len(leaves) + len(sites)]
         g_logits = torch.stack([grads[-2], grads[-1]], dim=1)  # [B, 2]

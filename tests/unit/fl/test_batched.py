@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -198,3 +199,23 @@ def test_a_local_setting_it_does_not_know_is_a_reason(small_world, fl_config) ->
     fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
     assert batched.unsupported(Later(**fields), scratch) is None
     assert "local setting noise = 0.5 is unknown" in (batched.unsupported(Later(**fields, noise=0.5), scratch) or "")
+
+
+def test_a_non_finite_loss_raises_as_client_update_does(small_world, fl_config) -> None:  # noqa: ANN001
+    # Prepare: a finite round model whose CTR logits overflow to inf on every row
+    from adfed.errors import TrainingError
+
+    cfg = fl_config(small_world)
+    dataset, tasks, data, offsets = _phones(cfg, small_world, n=4)
+    head = "towers.ctr.2"
+    dense = dict(tasks[0].dense)
+    dense[f"{head}.weight"] = torch.full_like(dense[f"{head}.weight"], 3e38)
+    dense[f"{head}.bias"] = torch.full_like(dense[f"{head}.bias"], 3e38)
+    tasks = [dataclasses.replace(t, dense=dense) for t in tasks]
+    first = data.slice(int(offsets[0]), int(offsets[1]))
+    with pytest.raises(TrainingError, match=f"at client {tasks[0].client_id}, version 0, step 0"):
+        client_update(model_from_config(cfg, dataset, user_rows=1), tasks[0], first)
+
+    # Execute / Assert: the batched path stops too, naming the same phone and step
+    with pytest.raises(TrainingError, match=f"at client {tasks[0].client_id}, version 0, step 0"):
+        batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)

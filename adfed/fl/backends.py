@@ -206,22 +206,37 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
     return [run_job(ctx, offer, job, d, train=train_of(i)) for i, (job, d) in enumerate(zip(jobs, datas, strict=True))]
 
 
+def _parts(jobs: Sequence[Job], workers: int) -> list[list[Job]]:
+    """The round's jobs as ``workers`` contiguous parts (fewer when there are fewer jobs):
+    what each process worker trains batched. The in-process backend trains the same parts,
+    as a batched update is the same bits only among the same phones (float rounding
+    depends on the rows that share the pass)."""
+    bounds = np.linspace(0, len(jobs), min(workers, len(jobs)) + 1).round().astype(int).tolist()
+    return [list(jobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
 class InProcessBackend:
     """Runs clients in this process (the default): the phones of a round that run one
-    local step train together (:func:`run_jobs`), unless ``batched`` is set False."""
+    local step train together (:func:`run_jobs`), unless ``batched`` is set False; in
+    the process backend's parts (:func:`_parts`), so both give the same bits."""
 
     #: train one-step phones together (False: one by one, the reference path)
     batched: bool = True
 
     def __init__(self, data_path: str | Path, cfg: Config) -> None:
         self.ctx = WorkerContext(data_path, cfg)
+        self.workers = cfg.fl.workers
 
     def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # once per round, not once per client (see client_update)
         try:
-            data, offsets = self.ctx.population.train_data_joined(np.array([j.client_id for j in jobs], dtype=np.int64))
-            return run_jobs(self.ctx, offer, jobs, data, offsets, batched=self.batched)
+            out: list[ClientResult] = []
+            for part in _parts(jobs, self.workers):
+                data, offsets = self.ctx.population.train_data_joined(
+                    np.array([j.client_id for j in part], dtype=np.int64))
+                out.extend(run_jobs(self.ctx, offer, part, data, offsets, batched=self.batched))
+            return out
         finally:
             torch.set_num_threads(threads)
 
@@ -258,8 +273,7 @@ class ProcessBackend:
                                         initializer=_init_worker, initargs=(str(data_path), cfg))
 
     def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
-        bounds = np.linspace(0, len(jobs), min(self.workers, len(jobs)) + 1).round().astype(int).tolist()
-        parts = [list(jobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        parts = _parts(jobs, self.workers)
         return [r for part in self.pool.map(_run_in_worker, [offer] * len(parts), parts) for r in part]
 
     def close(self) -> None:

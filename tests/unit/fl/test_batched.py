@@ -219,3 +219,31 @@ def test_a_non_finite_loss_raises_as_client_update_does(small_world, fl_config) 
     # Execute / Assert: the batched path stops too, naming the same phone and step
     with pytest.raises(TrainingError, match=f"at client {tasks[0].client_id}, version 0, step 0"):
         batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
+
+
+def test_in_process_map_is_bitwise_what_the_process_workers_return(small_world, fl_config,  # noqa: ANN001
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the process backend's workers, run here on the same context (one part each)
+    from adfed.fl import backends as backends_mod
+
+    cfg = fl_config(small_world)
+    assert cfg.fl.workers == 2
+    backend, offer, jobs = _backend_round(cfg, small_world, n=100)
+    monkeypatch.setattr(backends_mod, "_WORKER", backend.ctx)
+    bounds = np.linspace(0, len(jobs), cfg.fl.workers + 1).round().astype(int).tolist()
+
+    # Execute
+    got = backend.map(offer, jobs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _init_worker
+    try:
+        want = [r for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                for r in backends_mod._run_in_worker(offer, jobs[a:b])]  # noqa: SLF001
+    finally:
+        torch.set_num_threads(threads)
+
+    # Assert: the same bits, whichever backend (a phone's batched update must not depend on
+    # which other phones shared its forward pass)
+    assert [r.payload for r in got] == [r.payload for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(a.phone[k], b.phone[k]) for k in a.phone)

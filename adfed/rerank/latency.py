@@ -34,11 +34,13 @@ def _percentiles(fn: Callable[[], object], reps: int, warmup: int) -> tuple[floa
 
 
 def synthetic_request(req: Requests, row: int, n: int, num_ads: int, rng: np.random.Generator) -> Requests:
-    """Request ``row``'s user and context with ``n`` distinct random ads (bids 1)."""
-    if not 1 <= n <= num_ads:
-        raise ValueError(f"candidates must be in [1, {num_ads}]; got {n}")
+    """Request ``row``'s user and context with ``n`` random ads (bids 1): distinct when
+    the world has ``n`` ads, otherwise drawn with repeats (a world of fewer ads than
+    the table's sizes is still timed at every size; the work per candidate is the same)."""
+    if n < 1 or num_ads < 1:
+        raise ValueError(f"candidates and ads must be >= 1; got {n} candidates of {num_ads} ads")
     one = req.take(np.array([row]))
-    ads = rng.choice(num_ads, size=n, replace=False).astype(np.int64)[None, :]
+    ads = rng.choice(num_ads, size=n, replace=n > num_ads).astype(np.int64)[None, :]
     return Requests(request_id=one.request_id, user_id=one.user_id, context=one.context,
                     candidates=ads, bid=np.ones((1, n), dtype=np.float32))
 

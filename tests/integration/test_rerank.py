@@ -75,3 +75,19 @@ def test_rerank_errors_are_one_line(small_world: Path, runs: tuple[Path, Path], 
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stderr.count("error:") == 1
+
+
+def test_rerank_runs_on_a_world_of_fewer_ads_than_the_latency_sizes(tiny_world: Path, tmp_path: Path) -> None:
+    # Prepare: a world of 50 ads (the latency table times 100 and 200 candidates)
+    device, cloud = tmp_path / "device", tmp_path / "cloud"
+    assert adfed("train", "--data", tiny_world, "--out", device, *TINY).exit_code == 0
+    assert adfed("train", "--data", tiny_world, "--out", cloud, *TINY,
+                 "--set", 'model.variant="cloud_only"').exit_code == 0
+    # Execute
+    result = adfed("rerank", "--run", device, "--data", tiny_world, "--out", tmp_path / "rr",
+                   "--cloud-run", cloud, "--no-tags")
+    # Assert
+    assert result.exit_code == 0, result.stderr
+    got = json.loads((tmp_path / "rr" / "rerank.json").read_text())
+    assert [r["candidates"] for r in got["latency"]] == [20, 100, 200]
+    assert got["latency_candidates"] == 100 and got["latency_p99_ms"] > 0

@@ -56,6 +56,8 @@ class RerankSettings:
             raise ValueError(f"--k and every cut-off must be ints >= 1; got {self.k} and {list(self.ks)}")
         if self.bootstrap < 1:
             raise ValueError(f"--bootstrap must be an int >= 1; got {self.bootstrap}")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ValueError(f"--seed must be an int >= 0; got {self.seed}")
 
 
 def ecpm(bid: np.ndarray, pctr: np.ndarray, pcvr: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ def test_cloud_sends_its_top_n_by_ecpm() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"blend": 1.5}, "--blend must be in"), ({"objective": "clicks"}, "--objective must be"),
     ({"top_n": -1}, "--top-n must be"), ({"k": 0}, "--k and every cut-off"),
+    ({"seed": -1}, "--seed must be an int >= 0; got -1"),
 ])
 def test_settings_refuse_bad_values(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -199,6 +199,10 @@ class PrivacyConfig:
     clip: float = 10.0  # L2 norm C of a phone's whole shared update (the first C if adaptive); ~median norm at the default lrs
     noise_multiplier: float = 1.0  # z: noise std on the sum is z * C
     adaptive_clip: bool = False  # follow target_quantile of update norms (Andrew et al. 2021)
+    # flat: one clip C for the whole update; per_tensor: a clip per tensor (C / sqrt(K) each
+    # to start, each adapted to its own quantile with adaptive_clip), noise per tensor in
+    # proportion to its clip (the small CVR head no longer shares a budget with the tables)
+    clip_mode: Literal["flat", "per_tensor"] = "flat"
     target_quantile: float = 0.5
     clip_lr: float = 0.2  # eta of the geometric clip update
     clip_count_noise: float = 0.0  # std of the noise on the count of clipped phones; 0: clients_per_round / 20

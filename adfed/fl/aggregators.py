@@ -52,6 +52,7 @@ class RoundInfo:
 
     step: int
     clip: float = 0.0
+    clips: tuple[tuple[str, float], ...] = ()  # per-tensor clips, when the phones clip per tensor
 
 
 @dataclasses.dataclass(frozen=True)

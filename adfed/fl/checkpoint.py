@@ -122,6 +122,7 @@ def encode(ck: Checkpoint) -> bytes:
     meta = {
         "format": FORMAT,
         "server": {"version": s.model.version, "round": s.round, "sim_time_s": s.sim_time_s, "clip": s.clip,
+                   "clips": [list(c) for c in s.clips],
                    "dense": _flatten("dense", s.model.dense, tensors),
                    "sparse": _flatten("sparse", s.model.sparse, tensors),
                    "opt_state": _flatten("opt", s.opt_state, tensors),
@@ -150,7 +151,8 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
                             version=int(srv["version"]))
         state = ServerState(model=model, opt_state=_unflatten(srv["opt_state"], tensors), window=window,
                             round=int(srv["round"]), sim_time_s=float(srv["sim_time_s"]),
-                            clip=float(srv.get("clip", 0.0)))
+                            clip=float(srv.get("clip", 0.0)),
+                            clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])))
         return Checkpoint(state=state, rows=list(meta["rows"]), async_state=_restore_async(meta["async"], tensors),
                           store=_restore_store(meta["store"], tensors), wall_s=float(meta["wall_s"]),
                           settings=dict(meta["settings"]))

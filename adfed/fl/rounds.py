@@ -107,7 +107,7 @@ def make_offer(state: ServerState, engine: Engine, round_no: int) -> Offer:
     """The round's offer: the model encoded once, the settings of ``state.round`` rounds done."""
     g = state.model
     model = encode_model(g.dense, Envelope("model", round_no, g.version, engine.pipeline.codec))
-    settings = dataclasses.replace(client_settings(engine.cfg, state.round), clip=state.clip)
+    settings = dataclasses.replace(client_settings(engine.cfg, state.round), clip=state.clip, clips=state.clips)
     vocab = engine.vocabulary.for_round(round_no) if engine.vocabulary is not None else None
     return Offer(round=round_no, version=g.version, settings=settings,
                  model=model, tables=g.sparse, spec=engine.spec, vocabulary=vocab)

@@ -52,6 +52,7 @@ class ServerState:
     round: int = 0
     sim_time_s: float = 0.0
     clip: float = 0.0  # the clip norm phones are sent (privacy.clip, adapted with adaptive clipping); 0: none
+    clips: tuple[tuple[str, float], ...] = ()  # per-tensor clips (privacy.clip_mode = "per_tensor")
 
 
 # -- weights and aggregation -----------------------------------------------------------
@@ -103,15 +104,20 @@ def aggregate(state: ServerState, updates: Sequence[Update], weights: np.ndarray
     """Aggregate ``updates`` with ``weights`` and apply the result (pure); returns the new
     state and the aggregate's stats. With no update or no weight the model is unchanged
     but for its version (the server stepped), unless ``release_empty`` (a DP round: the
-    noise is released whoever arrived). A ``next_clip`` stat becomes the state's clip."""
+    noise is released whoever arrived). A ``next_clip`` stat becomes the state's clip, and
+    ``next_clip/<tensor>`` stats its per-tensor clips (not returned: one per tensor)."""
     if not release_empty and (not len(updates) or float(np.sum(weights)) <= 0):
         return dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1)), {}
     with torch_threads(threads):
-        agg = aggregator(updates, weights, rng, RoundInfo(step=step, clip=state.clip))
+        agg = aggregator(updates, weights, rng, RoundInfo(step=step, clip=state.clip, clips=state.clips))
         new = apply_aggregate(state, agg, server_opt)
-    if "next_clip" in agg.stats:
-        new = dataclasses.replace(new, clip=float(agg.stats["next_clip"]))
-    return new, dict(agg.stats)
+    stats = dict(agg.stats)
+    if "next_clip" in stats:
+        new = dataclasses.replace(new, clip=float(stats["next_clip"]))
+    per_tensor = {k.split("/", 1)[1]: stats.pop(k) for k in sorted(stats) if k.startswith("next_clip/")}
+    if per_tensor:
+        new = dataclasses.replace(new, clips=tuple((k, float(v)) for k, v in per_tensor.items()))
+    return new, stats
 
 
 # -- uploads ---------------------------------------------------------------------------

@@ -72,8 +72,11 @@ def prior_sample(population: Population, seed: int) -> np.ndarray:
 def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.ServerOptimizer) -> ServerState:
     dense = get_dense(model, ParamGroup.DENSE_SHARED)
     sparse = get_dense(model, ParamGroup.SPARSE_SHARED)
+    per_tensor = cfg.privacy.dp and cfg.privacy.clip_mode == "per_tensor"
+    names = sorted([*dense, *sparse])
+    clips = tuple((n, cfg.privacy.clip / len(names) ** 0.5) for n in names) if per_tensor else ()
     return ServerState(model=GlobalState(dense=dense, sparse=sparse, version=0),
-                       clip=cfg.privacy.clip if cfg.privacy.dp else 0.0,
+                       clip=cfg.privacy.clip if cfg.privacy.dp else 0.0, clips=clips,
                        opt_state=server_opt.init(dense), window=initial_state(cfg.window))
 
 
@@ -169,6 +172,7 @@ def privacy_summary(cfg: Config, plan: PrivacyPlan, rounds: int, state: ServerSt
         "delta": plan.delta, "dp_denominator": plan.denominator,
         "accountant": "rdp", "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
         "clip": state.clip, "clip_initial": cfg.privacy.clip, "adaptive_clip": plan.adaptive_clip,
+        "clip_mode": cfg.privacy.clip_mode, "clips": dict(state.clips),
         "dp_noise": cfg.privacy.noise, "target_epsilon": cfg.privacy.target_epsilon or None,
         "vocabulary_rows": {t: vocabulary.size(t) for t in vocabulary.rows} if vocabulary else {},
     }

@@ -38,6 +38,8 @@ class ClientSettings:
     embedding_l2: float = 0.0  # train.embedding_l2: the same objective as centralized
     table_lr: float | None = None  # SGD lr of the dense_shared embedding tables; None: lr
     clip: float = 0.0  # L2 clip norm of the whole shared update (privacy); 0: no clipping
+    #: per-tensor clip norms (privacy.clip_mode = "per_tensor"): (name, clip) pairs; () : flat
+    clips: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

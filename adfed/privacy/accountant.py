@@ -49,6 +49,8 @@ class PrivacyPlan:
     participation: float = 1.0
     #: the Poisson rate at which phones are asked for the DP row count (one release)
     vocabulary_rate: float = 1.0
+    #: K: tensors clipped one by one (privacy.clip_mode = "per_tensor"); 1: flat clipping
+    clip_groups: int = 1
 
     @property
     def denominator(self) -> float:
@@ -71,11 +73,12 @@ class PrivacyPlan:
         z = self.noise_multiplier
         if not self.adaptive_clip or z == 0:
             return z
-        return (z ** -2 - (2 * self.clip_count_std) ** -2) ** -0.5
+        # K centred bits have L2 sensitivity sqrt(K) / 2
+        return (z ** -2 - (2 * self.clip_count_std / self.clip_groups ** 0.5) ** -2) ** -0.5
 
 
 def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = None,
-              participation: float = 1.0) -> PrivacyPlan:
+              participation: float = 1.0, clip_groups: int = 1) -> PrivacyPlan:
     """The plan of ``cfg.privacy`` over ``population`` phones; one-line ConfigErrors for
     settings no accountant can honour."""
     p = cfg.privacy
@@ -85,18 +88,22 @@ def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = 
     if delta >= 1 / population:
         raise ConfigError(f"privacy.delta must be < 1/N = {1 / population:.3g} for N = {population} phones "
                           f"(a larger delta allows releasing one phone's data); got {p.delta}")
-    if p.mechanism == "dp_ftrl" and (p.adaptive_clip or p.noise == "distributed"):
-        raise ConfigError("privacy.mechanism 'dp_ftrl' runs with a fixed clip and server noise: set "
-                          "privacy.adaptive_clip=false and privacy.noise=\"server\" (or use dp_fedavg)")
+    if p.mechanism == "dp_ftrl" and (p.adaptive_clip or p.noise == "distributed" or p.clip_mode != "flat"):
+        raise ConfigError("privacy.mechanism 'dp_ftrl' runs with a fixed flat clip and server noise: set "
+                          "privacy.adaptive_clip=false, privacy.clip_mode=\"flat\" and privacy.noise=\"server\" "
+                          "(or use dp_fedavg)")
+    if p.clip_mode != "flat" and p.noise == "distributed":
+        raise ConfigError('privacy.clip_mode="per_tensor" is built for server noise; use privacy.noise="server"')
     cohort = min(cfg.fl.clients_per_round, population)
     count_std = p.clip_count_noise or cohort / 20
     z = p.noise_multiplier if noise_multiplier is None else noise_multiplier
-    if p.adaptive_clip and z > 0 and z >= 2 * count_std:
-        raise ConfigError(f"privacy.noise_multiplier ({z:.3g}) must be < 2 x privacy.clip_count_noise "
-                          f"({count_std:.3g}) with adaptive clipping: raise clip_count_noise or lower the noise")
+    if p.adaptive_clip and z > 0 and z >= 2 * count_std / clip_groups ** 0.5:
+        raise ConfigError(f"privacy.noise_multiplier ({z:.3g}) must be < 2 x privacy.clip_count_noise / sqrt(K) "
+                          f"({2 * count_std / clip_groups ** 0.5:.3g}, K = {clip_groups} clipped parts) with "
+                          f"adaptive clipping: raise clip_count_noise or lower the noise")
     return PrivacyPlan(mechanism=p.mechanism, noise_multiplier=z, population=population, cohort=cohort,
                        delta=delta, vocabulary_noise=p.vocabulary_noise, clip_count_std=count_std,
-                       adaptive_clip=p.adaptive_clip, participation=participation)
+                       adaptive_clip=p.adaptive_clip, participation=participation, clip_groups=clip_groups)
 
 
 def _relation(plan: PrivacyPlan) -> NeighboringRelation:

@@ -72,14 +72,44 @@ def clip_update(update: Update, clip: float) -> tuple[Update, float]:
     return dataclasses.replace(update, dense=dense, sparse=sparse), norm
 
 
+def clip_per_tensor(update: Update, clips: dict[str, float]) -> tuple[Update, dict[str, float]]:
+    """Each tensor of ``update`` (a dense delta, or a sparse table's values) scaled to L2 norm
+    at most its own clip; returns the clipped update and the norms before. A tensor without
+    a clip is refused (it would leave the phone unbounded)."""
+    missing = sorted((set(update.dense) | set(update.sparse)) - set(clips))
+    if missing:
+        raise ValueError(f"no clip for {', '.join(missing)}; per-tensor clipping needs one for every tensor")
+
+    def scaled(t: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
+        norm = float(t.double().norm())
+        return (t if norm <= clip else t * (clip / norm)), norm
+
+    norms: dict[str, float] = {}
+    dense = {}
+    for k, v in update.dense.items():
+        dense[k], norms[k] = scaled(v, clips[k])
+    sparse = {}
+    for k, r in update.sparse.items():
+        values, norms[k] = scaled(r.values, clips[k])
+        sparse[k] = SparseRows(r.ids, values)
+    return dataclasses.replace(update, dense=dense, sparse=sparse), norms
+
+
 @dataclasses.dataclass(frozen=True)
 class Clip:
-    """The ``clip`` transform (see module doc)."""
+    """The ``clip`` transform (see module doc): the whole update to ``settings.clip``, or,
+    with per-tensor clips (``settings.clips``), each tensor to its own, reporting one bit
+    per tensor."""
 
     name: str = "clip"
 
     def forward(self, update: Update, rng: np.random.Generator, state: State | None,
                 settings: ClientSettings) -> tuple[Update, State | None]:
+        if settings.clips:
+            clips = dict(settings.clips)
+            clipped, norms = clip_per_tensor(update, clips)
+            bits = {f"{BELOW_CLIP}/{k}": 1.0 if n <= clips[k] else 0.0 for k, n in norms.items()}
+            return dataclasses.replace(clipped, num_examples=1, metrics=bits), state
         clipped, norm = clip_update(update, settings.clip)
         bit = 1.0 if norm <= settings.clip else 0.0
         return dataclasses.replace(clipped, num_examples=1, metrics={BELOW_CLIP: bit}), state
@@ -163,20 +193,32 @@ class GaussianSum:
                  info: RoundInfo) -> Aggregate:
         vocab = self.vocabulary.for_round(info.step) if self.vocabulary else {}
         dense, blocks = sum_uploads(updates, self.spec, vocab)
-        std = 0.0 if self.distributed else self.plan.update_noise_multiplier * info.clip
+        z = 0.0 if self.distributed else self.plan.update_noise_multiplier
+        clips = dict(info.clips)
+        # per tensor: the scaled update (each tensor / its clip) has norm <= sqrt(K), so the
+        # noise is z sqrt(K) there, z sqrt(K) C_k on tensor k in its own units
+        scale = self.plan.clip_groups ** 0.5 if clips else 1.0
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
         denom = self.plan.denominator
 
-        def release(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        def release(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            std = z * scale * (clips[name] if clips else info.clip)
             noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * std if std > 0 else 0.0
             return ((t + noise) / denom).to(dtype)
 
-        out_dense = {k: release(v, self.spec.dense[k][1]) for k, v in dense.items()}
-        out_sparse = {t: SparseRows(vocab[t], release(b, self.spec.tables[t][2])) for t, b in blocks.items()}
-        stats = {"noise_std": std / denom, "arrived_dp": float(len(updates))}
+        out_dense = {k: release(k, v, self.spec.dense[k][1]) for k, v in dense.items()}
+        out_sparse = {t: SparseRows(vocab[t], release(t, b, self.spec.tables[t][2])) for t, b in blocks.items()}
+        mean_clip = float(np.mean(list(clips.values()))) if clips else info.clip
+        stats = {"noise_std": z * scale * mean_clip / denom, "arrived_dp": float(len(updates))}
         if self.distributed:  # the phones' shares: z sqrt(arrived / cohort) of C on the sum
             stats["realized_noise_multiplier"] = self.plan.noise_multiplier * math.sqrt(len(updates) / self.plan.cohort)
-        if self.plan.adaptive_clip:
+        if self.plan.adaptive_clip and clips:
+            for k, c in sorted(clips.items()):
+                bits = [Update(u.client_id, {}, {}, 1, 0, {BELOW_CLIP: u.metrics.get(f"{BELOW_CLIP}/{k}", 0.0)})
+                        for u in updates]
+                nxt = _next_clip(self.plan, c, bits, rng, self.target_quantile, self.clip_lr)
+                stats[f"next_clip/{k}"] = nxt["next_clip"]
+        elif self.plan.adaptive_clip:
             stats |= _next_clip(self.plan, info.clip, updates, rng, self.target_quantile, self.clip_lr)
         return Aggregate(dense=out_dense, sparse=out_sparse, stats=stats)
 

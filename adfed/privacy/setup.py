@@ -43,7 +43,9 @@ def setup(cfg: Config, dataset: Dataset, population: Population
     prof = population.profiles
     participation = float(np.mean(prof.online_prob[population.clients] * (1 - prof.dropout_prob[population.clients])))
     rate = min(1.0, COUNTED_PHONES / len(population))
-    plan = dataclasses.replace(make_plan(cfg, len(population), participation=participation), vocabulary_rate=rate)
+    groups = len(get_dense(scratch, ParamGroup.DENSE_SHARED)) + len(tables) if p.clip_mode == "per_tensor" else 1
+    plan = dataclasses.replace(make_plan(cfg, len(population), participation=participation, clip_groups=groups),
+                               vocabulary_rate=rate)
     if not needs_count:
         plan = dataclasses.replace(plan, vocabulary_noise=None)
     if p.target_epsilon > 0:

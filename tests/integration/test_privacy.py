@@ -102,7 +102,8 @@ def test_a_target_spent_before_round_one_is_a_one_line_error(small_world, fl_con
 
 
 @pytest.mark.parametrize("extra", [['privacy.mechanism="dp_ftrl"'], ['privacy.noise="distributed"'],
-                                   ["privacy.adaptive_clip=true"]])
+                                   ["privacy.adaptive_clip=true"],
+                                   ['privacy.clip_mode="per_tensor"', "privacy.adaptive_clip=true"]])
 def test_every_mechanism_runs_and_resumes_to_the_same_model(small_world, fl_config, tmp_path, extra):
     cfg = fl_config(small_world, *DP, "fl.rounds=3", *extra)
     full = Trainer(cfg).fit()
@@ -111,5 +112,8 @@ def test_every_mechanism_runs_and_resumes_to_the_same_model(small_world, fl_conf
     assert np.isfinite(full.summary["auc"])
     a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    if "privacy.adaptive_clip=true" in extra:
+    if extra == ["privacy.adaptive_clip=true"]:
         assert full.summary["clip"] != 10.0  # the clip moved
+    if 'privacy.clip_mode="per_tensor"' in extra:  # one clip per tensor, each moved from C / sqrt(K)
+        clips = full.summary["clips"]
+        assert len(clips) > 10 and len(set(clips.values())) > 1

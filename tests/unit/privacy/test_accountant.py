@@ -78,7 +78,7 @@ def test_adaptive_clipping_takes_its_share_of_the_noise() -> None:
     (["privacy.delta=0.01"], 1000, r"privacy.delta must be < 1/N = 0.001 for N = 1000 phones"),
     (["privacy.noise_multiplier=-1"], 1000, r"privacy.noise_multiplier must be a float >= 0; got -1"),
     (["privacy.clip=0"], 1000, r"privacy.clip must be a float > 0; got 0"),
-    (['privacy.mechanism="dp_ftrl"', "privacy.adaptive_clip=true"], 1000, r"'dp_ftrl' runs with a fixed clip"),
+    (['privacy.mechanism="dp_ftrl"', "privacy.adaptive_clip=true"], 1000, r"'dp_ftrl' runs with a fixed flat clip"),
     ([], 1, r"privacy.dp needs at least 2 phones"),
 ])
 def test_bad_privacy_settings_are_one_line_errors(over: list[str], population: int, match: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from adfed.privacy.dp import (
     GaussianSum,
     SkellamShare,
     TreeSum,
+    clip_per_tensor,
     clip_update,
     tree_nodes,
     update_norm,
@@ -161,3 +164,28 @@ def test_blocks_hide_which_rows_a_phone_read() -> None:
     assert torch.equal(up.ids, vocab)
     assert up.values.tolist() == [[0, 0], [1, 1], [0, 0], [1, 1]]
     assert torch.equal(upload_block(None, vocab, 2).ids, vocab)
+
+
+def test_per_tensor_clipping_bounds_each_tensor_and_reports_a_bit_each() -> None:
+    s = client_settings(Config())
+    update = _update(10.0)
+    clips = (("ad", 0.5), ("w", 100.0))
+    out = Clip().forward(update, np.random.default_rng(0), None, type(s)(**{**s.__dict__, "clips": clips}))[0]
+    assert float(out.sparse["ad"].values.norm()) == pytest.approx(0.5, rel=1e-5)
+    assert torch.equal(out.dense["w"], update.dense["w"])  # under its clip: untouched
+    assert out.metrics == {"below_clip/ad": 0.0, "below_clip/w": 1.0} and out.num_examples == 1
+    with pytest.raises(ValueError, match="no clip for w"):
+        clip_per_tensor(update, {"ad": 1.0})
+
+
+def test_per_tensor_noise_is_in_proportion_to_each_clip() -> None:
+    # Prepare: K = 2 tensors with clips 0.1 and 4; the scaled update has sensitivity sqrt(2)
+    plan = dataclasses.replace(_plan("privacy.noise_multiplier=1"), clip_groups=2, participation=1.0)
+    agg = GaussianSum(plan, SPEC, plan_vocabulary({"ad": 50}, {}, 0, 0.0, seed=0), False, 0.5, 0.2)
+
+    # Execute: nobody arrived, noise only
+    out = agg([], np.zeros(0), np.random.default_rng(0), RoundInfo(step=1, clips=(("ad", 4.0), ("w", 0.1))))
+
+    # Assert
+    assert float(out.dense["w"].double().std()) == pytest.approx(2 ** 0.5 * 0.1 / 100, rel=0.3)
+    assert float(out.sparse["ad"].values.double().std()) == pytest.approx(2 ** 0.5 * 4.0 / 100, rel=0.15)

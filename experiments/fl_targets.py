@@ -41,17 +41,9 @@ from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.fl.population import Population
-from adfed.trainer import Trainer, TrainResult
+from adfed.trainer import TrainResult
 from experiments import ceiling, plotting, privacy, replay, scale
-
-Progress = Callable[[str], None]
-
-
-def _run(cfg: Config, dataset: Dataset, out: Path, progress: Progress) -> TrainResult:
-    progress(f"{out.name}: {cfg.train.mode} {cfg.fl.schedule if cfg.train.mode == 'federated' else ''}")
-    result = Trainer(cfg).fit(dataset)
-    rundir.write_run(out, cfg, result)
-    return result
+from experiments.runs import Progress, train_and_write
 
 
 def first_reaching(rows: list[dict[str, Any]], target: float, key: str = "auc") -> dict[str, Any] | None:
@@ -73,7 +65,7 @@ def smoothed(rows: list[dict[str, Any]], width: int = 3) -> list[dict[str, Any]]
 
 
 def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
-    central = _run(with_overrides(base, ['train.mode="centralized"']), dataset, out / "centralized", progress)
+    central = train_and_write(with_overrides(base, ['train.mode="centralized"']), dataset, out / "centralized", progress)
     target = central.summary["auc"] - 0.01
     # the same target in expected AUC (synthetic data only): free of label-sampling noise
     central_expected = central.summary.get("auc_expected")
@@ -85,7 +77,7 @@ def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress)
     federated = {}
     first: TrainResult | None = None
     for name, cfg in runs.items():
-        fed = _run(cfg, dataset, out / name, progress)
+        fed = train_and_write(cfg, dataset, out / name, progress)
         first = first or fed
         federated[name] = {
             "final_auc": fed.summary["auc"],
@@ -141,9 +133,9 @@ def one_pass(central: TrainResult, fed: TrainResult, cfg: Config, dataset: Datas
 def window(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
     fed = with_overrides(base, ['train.mode="federated"'])
     # The baseline waits for every sampled client: no deadline and no over-selection.
-    wait_all = _run(with_overrides(fed, ['window.kind="none"', "fl.over_selection=1.0"]),
+    wait_all = train_and_write(with_overrides(fed, ['window.kind="none"', "fl.over_selection=1.0"]),
                     dataset, out / "wait_all", progress)
-    adaptive = _run(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "adaptive", progress)
+    adaptive = train_and_write(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "adaptive", progress)
     med_all = wait_all.summary["median_round_sim_s"]
     med_ad = adaptive.summary["median_round_sim_s"]
     return {
@@ -166,12 +158,12 @@ def window(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dic
 
 def asynchronous(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
     fed = with_overrides(base, ['train.mode="federated"'])
-    sync = _run(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "sync", progress)
+    sync = train_and_write(with_overrides(fed, ['window.kind="adaptive"']), dataset, out / "sync", progress)
     k = fed.fl.clients_per_round
     # same number of client updates as the sync run: rounds * k = steps * buffer
     buffer = min(fed.fl.async_buffer, k)
     steps = fed.fl.rounds * k // buffer
-    asy = _run(with_overrides(fed, ['fl.schedule="async"', f"fl.async_concurrency={k}",
+    asy = train_and_write(with_overrides(fed, ['fl.schedule="async"', f"fl.async_concurrency={k}",
                                     f"fl.async_buffer={buffer}", f"fl.rounds={steps}",
                                     f"fl.eval_every={max(1, fed.fl.eval_every * k // buffer)}"]),
                dataset, out / "async", progress)
@@ -194,7 +186,7 @@ def asynchronous(base: Config, dataset: Dataset, out: Path, progress: Progress) 
 
 def model_ceiling(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
     ceiling.world_of(dataset)  # an import has no world to regenerate: say so before training
-    central = _run(with_overrides(base, ['train.mode="centralized"', "data.max_test_users=0"]),
+    central = train_and_write(with_overrides(base, ['train.mode="centralized"', "data.max_test_users=0"]),
                    dataset, out / "centralized", progress)
     return {"centralized_summary_auc": central.summary["auc"],
             **ceiling.analyse(base, dataset, central.model, progress)}

@@ -19,29 +19,20 @@ vocabulary costs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adfed import rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from adfed.fl.population import Population
 from adfed.privacy.accountant import calibrate, make_plan
-from adfed.trainer import Trainer, TrainResult
+from adfed.trainer import TrainResult
 from experiments import plotting
+from experiments.runs import Progress, train_and_write
 
-Progress = Callable[[str], None]
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 POPULATIONS = (100_000, 1_000_000, 10_000_000)
 VOCABULARY_SIZES = (256, 1024, 4096)
-
-
-def _run(cfg: Config, dataset: Dataset, out: Path, progress: Progress) -> TrainResult:
-    progress(f"{out.name}")
-    result = Trainer(cfg).fit(dataset)
-    rundir.write_run(out, cfg, result)
-    return result
 
 
 def _row(result: TrainResult) -> dict[str, Any]:
@@ -53,13 +44,13 @@ def _row(result: TrainResult) -> dict[str, Any]:
 
 def sweep(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
     fed = with_overrides(base, ['train.mode="federated"'])
-    runs: dict[str, dict[str, Any]] = {"non_private": _row(_run(fed, dataset, out / "non_private", progress))}
+    runs: dict[str, dict[str, Any]] = {"non_private": _row(train_and_write(fed, dataset, out / "non_private", progress))}
     dp = with_overrides(fed, ["privacy.dp=true"])
-    runs["eps_inf"] = _row(_run(with_overrides(dp, ["privacy.noise_multiplier=0"]), dataset, out / "eps_inf",
+    runs["eps_inf"] = _row(train_and_write(with_overrides(dp, ["privacy.noise_multiplier=0"]), dataset, out / "eps_inf",
                                 progress))
     for eps in EPSILONS:
         cfg = with_overrides(dp, [f"privacy.target_epsilon={eps}", 'privacy.on_target="calibrate"'])
-        runs[f"eps_{eps:g}"] = _row(_run(cfg, dataset, out / f"eps_{eps:g}", progress))
+        runs[f"eps_{eps:g}"] = _row(train_and_write(cfg, dataset, out / f"eps_{eps:g}", progress))
     base_auc = runs["non_private"]["auc"]
     for r in runs.values():
         r["auc_minus_non_private"] = r["auc"] - base_auc
@@ -84,10 +75,10 @@ def scaling(dp: Config, rounds: int, eps: float = 8.0) -> list[dict[str, float]]
 
 def vocabulary(base: Config, dataset: Dataset, out: Path, progress: Progress) -> dict[str, Any]:
     dp = with_overrides(base, ['train.mode="federated"', "privacy.dp=true", "privacy.noise_multiplier=0"])
-    runs = {"all_rows": _row(_run(with_overrides(dp, ["privacy.vocabulary_size=0"]), dataset, out / "all_rows",
+    runs = {"all_rows": _row(train_and_write(with_overrides(dp, ["privacy.vocabulary_size=0"]), dataset, out / "all_rows",
                                   progress))}
     for size in VOCABULARY_SIZES:
-        runs[f"vocab_{size}"] = _row(_run(with_overrides(dp, [f"privacy.vocabulary_size={size}"]), dataset,
+        runs[f"vocab_{size}"] = _row(train_and_write(with_overrides(dp, [f"privacy.vocabulary_size={size}"]), dataset,
                                           out / f"vocab_{size}", progress))
     for r in runs.values():
         r["auc_minus_all_rows"] = r["auc"] - runs["all_rows"]["auc"]

@@ -28,6 +28,7 @@ from adfed.fl.population import LocalStore
 from adfed.fl.server import ServerState
 from adfed.fl.types import GlobalState
 from adfed.fl.window import WindowState
+from adfed.fl.wirespec import read_header
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
@@ -140,8 +141,7 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
     """Inverse of :func:`encode`; a damaged or foreign file is a one-line ConfigError."""
     try:
         tensors = st_load(payload)
-        header_len = int.from_bytes(payload[:8], "little")
-        meta = json.loads(json.loads(payload[8:8 + header_len])["__metadata__"]["adfed"])
+        meta = json.loads(read_header(payload, len(payload), str(where))[0]["adfed"])
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
         srv = meta["server"]

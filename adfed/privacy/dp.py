@@ -169,11 +169,11 @@ def sum_uploads(updates: Sequence[Update], spec: WireSpec, vocab: dict[str, torc
     return dense, blocks
 
 
-def _next_clip(plan: PrivacyPlan, clip: float, updates: Sequence[Update], rng: np.random.Generator,
+def _next_clip(plan: PrivacyPlan, clip: float, updates: Sequence[Update], bit: str, rng: np.random.Generator,
                target: float, lr: float) -> dict[str, float]:
-    """The noised fraction of phones whose norm was at most C, and the geometric update
-    of C toward the target quantile (Andrew et al. 2021, Algorithm 1)."""
-    below = sum(u.metrics.get(BELOW_CLIP, 0.0) for u in updates) + rng.normal(0.0, plan.clip_count_std)
+    """The noised fraction of phones whose norm was at most C (their metric ``bit``), and
+    the geometric update of C toward the target quantile (Andrew et al. 2021, Algorithm 1)."""
+    below = sum(u.metrics.get(bit, 0.0) for u in updates) + rng.normal(0.0, plan.clip_count_std)
     frac = below / plan.denominator
     return {"below_clip": frac, "next_clip": clip * math.exp(-lr * (frac - target))}
 
@@ -214,12 +214,10 @@ class GaussianSum:
             stats["realized_noise_multiplier"] = self.plan.noise_multiplier * math.sqrt(len(updates) / self.plan.cohort)
         if self.plan.adaptive_clip and clips:
             for k, c in sorted(clips.items()):
-                bits = [Update(u.client_id, {}, {}, 1, 0, {BELOW_CLIP: u.metrics.get(f"{BELOW_CLIP}/{k}", 0.0)})
-                        for u in updates]
-                nxt = _next_clip(self.plan, c, bits, rng, self.target_quantile, self.clip_lr)
+                nxt = _next_clip(self.plan, c, updates, f"{BELOW_CLIP}/{k}", rng, self.target_quantile, self.clip_lr)
                 stats[f"next_clip/{k}"] = nxt["next_clip"]
         elif self.plan.adaptive_clip:
-            stats |= _next_clip(self.plan, info.clip, updates, rng, self.target_quantile, self.clip_lr)
+            stats |= _next_clip(self.plan, info.clip, updates, BELOW_CLIP, rng, self.target_quantile, self.clip_lr)
         return Aggregate(dense=out_dense, sparse=out_sparse, stats=stats)
 
 

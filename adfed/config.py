@@ -126,9 +126,23 @@ class FLConfig:
     lr_decay_start: int = 0
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
+    # rounds (async: server steps) at the full server lr; after n > server_lr_decay_start,
+    # the server lr (dense part and sparse rows) is scaled by server_lr_decay_start / n
+    # (0 = constant). The phones' lrs follow fl.lr_decay_start
+    server_lr_decay_start: int = 0
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
+    # decays of the first and second moments of fedadam/fedyogi (fedadagrad: the first);
+    # (0.9, 0.99) as in Reddi et al. 2021
+    server_betas: tuple[float, float] = (0.9, 0.99)
+    # Adam's bias correction of the moments in fedadam/fedyogi/fedadagrad (Reddi et al.
+    # leave it out; without it their first ~100 steps are up to 2-4.5x lr)
+    server_bias_correction: bool = True
+    # what fedadam/fedyogi/fedadagrad step: "all" shared parameters (dense and sparse rows)
+    # or the "towers" only (the dense part but the small tables; tables and sparse rows
+    # then step as FedAvg)
+    server_adaptive_scope: Literal["all", "towers"] = "all"
     prox_mu: float = 0.01
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"
@@ -158,11 +172,13 @@ class FLConfig:
         for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
+        _check(len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas), "fl.server_betas",
+               "two floats in [0, 1), e.g. [0.9, 0.99]", self.server_betas)
         _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",
                self.async_max_staleness)
         _check(self.local_cache >= 0, "fl.local_cache", "an int >= 0", self.local_cache)
-        _check(self.lr_decay_start >= 0, "fl.lr_decay_start", "an int >= 0 (0 = constant lr)",
-               self.lr_decay_start)
+        for key in ("lr_decay_start", "server_lr_decay_start"):
+            _check(getattr(self, key) >= 0, f"fl.{key}", "an int >= 0 (0 = constant lr)", getattr(self, key))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

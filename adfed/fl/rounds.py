@@ -55,7 +55,9 @@ class Engine:
     def aggregate(self, state: ServerState, updates: Sequence[Update], weights: np.ndarray,
                   step: int) -> tuple[ServerState, dict[str, float]]:
         rng = np.random.default_rng([self.cfg.seed, step, AGGREGATE_SALT])
-        return server.aggregate(state, updates, weights, self.aggregator, self.server_opt, rng, step=step,
+        # step n aggregates after n - 1 done, as client_settings(cfg, done) for the phones
+        server_opt = strategies.at_scale(self.server_opt, lr_decay_factor(step - 1, self.cfg.fl.server_lr_decay_start))
+        return server.aggregate(state, updates, weights, self.aggregator, server_opt, rng, step=step,
                                 threads=self.cfg.fl.server_threads, release_empty=self.cfg.privacy.dp)
 
 

@@ -84,16 +84,14 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def apply_aggregate(state: ServerState, agg: Aggregate, server_opt: strategies.ServerOptimizer) -> ServerState:
     """New server state after one aggregate (pure): the server optimizer steps the dense
-    part, the sparse row deltas are added to their rows; the model version goes up."""
+    part and each sparse table's aggregated rows; the model version goes up."""
     g = state.model
     dense, opt_state = server_opt.apply(g.dense, agg.dense, state.opt_state)
     tables = dict(g.sparse)
     for name, rows in agg.sparse.items():
         if name not in tables:
             raise ValueError(f"the aggregate names sparse table {name!r}, which the model lacks")
-        new = tables[name].clone()
-        new.index_add_(0, rows.ids, rows.values.to(new.dtype))
-        tables[name] = new
+        tables[name], opt_state = server_opt.apply_rows(name, tables[name], rows, opt_state)
     model = GlobalState(dense=dense, sparse=tables, version=g.version + 1)
     return dataclasses.replace(state, model=model, opt_state=opt_state)
 

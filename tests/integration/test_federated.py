@@ -394,6 +394,22 @@ def test_fl_lr_decay_start_scales_the_phones_lrs_after_start(small_world, fl_con
     assert any(not torch.equal(constant[k], early[k]) for k in constant)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_fl_server_lr_decay_start_scales_the_server_step_after_start(small_world, fl_config, strategy):
+    # a start past the last round steps exactly as a constant server lr; an early one moves
+    # the dense part and the sparse rows less (the sparse rows: server_lr now steps them too)
+    lr = "0.5" if strategy == "fedavg" else "0.01"
+    base = ("fl.rounds=3", f'fl.strategy="{strategy}"', f"fl.server_lr={lr}")
+    constant = _final_params(Trainer(fl_config(small_world, *base)).fit())
+    late = _final_params(Trainer(fl_config(small_world, *base, "fl.server_lr_decay_start=3")).fit())
+    early = _final_params(Trainer(fl_config(small_world, *base, "fl.server_lr_decay_start=1")).fit())
+    _assert_same(constant, late)
+    model = model_from_config(fl_config(small_world, *base), Dataset.open(small_world))
+    for group in (ParamGroup.DENSE_SHARED, ParamGroup.SPARSE_SHARED):
+        names = group_names(model, group)
+        assert names and any(not torch.equal(constant[k], early[k]) for k in names), group
+
+
 def test_a_negative_fl_lr_decay_start_is_a_one_line_config_error():
     from adfed.config import Config, with_overrides
     from adfed.errors import ConfigError

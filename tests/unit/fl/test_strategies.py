@@ -10,7 +10,7 @@ import torch
 
 from adfed.fl import strategies
 from adfed.fl.strategies import ServerAdaptive, ServerSGD
-from adfed.fl.types import Update
+from adfed.fl.types import SparseRows, Update
 
 ALL = strategies.names()
 
@@ -62,7 +62,7 @@ def test_apply_does_not_mutate_its_inputs(name: str, rng: np.random.Generator) -
     state = opt.init(params)
     before = ({k: v.clone() for k, v in params.items()},
               {k: v.clone() for k, v in delta.items()},
-              {s: {k: v.clone() for k, v in d.items()} for s, d in state.items()})
+              {s: {k: v.clone() for k, v in d.items()} for s, d in state.items() if isinstance(d, dict)})
 
     # Execute
     opt.apply(params, delta, state)
@@ -71,9 +71,9 @@ def test_apply_does_not_mutate_its_inputs(name: str, rng: np.random.Generator) -
     # Assert
     for k in params:
         assert torch.equal(params[k], before[0][k]) and torch.equal(delta[k], before[1][k])
-    for s, d in state.items():
+    for s, d in before[2].items():
         for k, v in d.items():
-            assert torch.equal(v, before[2][s][k])
+            assert torch.equal(state[s][k], v)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -124,9 +124,10 @@ def test_server_sgd_scales_by_lr() -> None:
 
 # -- FedAdam / FedYogi / FedAdagrad by hand --------------------------------------------------
 
-def test_fedadam_one_step_by_hand() -> None:
+@pytest.mark.parametrize("corrected", [True, False])
+def test_fedadam_one_step_by_hand(corrected: bool) -> None:
     # Prepare
-    opt = strategies.create("fedadam", 0.1)
+    opt = strategies.create("fedadam", 0.1, bias_correction=corrected)
     assert isinstance(opt, ServerAdaptive)
     params = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
     delta = {"w": torch.tensor([0.5, -4.0], dtype=torch.float64)}
@@ -141,11 +142,15 @@ def test_fedadam_one_step_by_hand() -> None:
         v = b2 * tau**2 + (1 - b2) * d * d
         assert state["m"]["w"][i].item() == pytest.approx(m)
         assert state["v"]["w"][i].item() == pytest.approx(v)
-        assert new["w"][i].item() == pytest.approx(x + 0.1 * m / (math.sqrt(v) + tau))
+        if corrected:  # Adam's: m / (1 - b1^1), v / (1 - b2^1)
+            assert new["w"][i].item() == pytest.approx(x + 0.1 * (m / (1 - b1)) / (math.sqrt(v / (1 - b2)) + tau))
+        else:  # Reddi et al.'s Algorithm 2
+            assert new["w"][i].item() == pytest.approx(x + 0.1 * m / (math.sqrt(v) + tau))
+    assert state["t"] == 1
 
 
 def test_fedadam_second_step_uses_the_state() -> None:
-    opt = ServerAdaptive(kind="adam", lr=1.0, beta1=0.5, beta2=0.5, tau=0.0)
+    opt = ServerAdaptive(kind="adam", lr=1.0, beta1=0.5, beta2=0.5, tau=0.0, bias_correction=False)
     params = {"w": torch.tensor([0.0], dtype=torch.float64)}
     d = {"w": torch.tensor([2.0], dtype=torch.float64)}
     p1, s1 = opt.apply(params, d, opt.init(params))  # m=1, v=2
@@ -193,8 +198,8 @@ def test_register_new_and_force_replace(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(strategies, "_REGISTRY", dict(strategies._REGISTRY))
 
     # Execute
-    strategies.register("halfavg", lambda lr, tau: ServerSGD(lr=lr / 2))
-    strategies.register("fedavg", lambda lr, tau: ServerSGD(lr=3 * lr), force=True)
+    strategies.register("halfavg", lambda p: ServerSGD(lr=p.lr / 2))
+    strategies.register("fedavg", lambda p: ServerSGD(lr=3 * p.lr), force=True)
 
     # Assert
     assert "halfavg" in strategies.names()
@@ -216,3 +221,81 @@ def test_create_passes_tau_to_the_adaptive_optimizers() -> None:
     for name in ("fedadam", "fedyogi", "fedadagrad"):
         opt = strategies.create(name, 0.01, 1e-7)
         assert isinstance(opt, ServerAdaptive) and opt.tau == 1e-7 and opt.lr == 0.01
+
+
+# -- sparse rows and the server lr schedule -------------------------------------------------
+
+def _rows(ids: list[int], values: list[list[float]]) -> SparseRows:
+    return SparseRows(ids=torch.tensor(ids, dtype=torch.int64), values=torch.tensor(values, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_rows_moves_only_the_named_rows_and_keeps_inputs(name: str) -> None:
+    # Prepare
+    opt = strategies.create(name, 0.5)
+    table = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    before = table.clone()
+    rows = _rows([1, 4], [[1.0, -1.0], [0.5, 2.0]])
+    state = opt.init({})
+
+    # Execute
+    new, new_state = opt.apply_rows("ad_id", table, rows, state)
+
+    # Assert
+    assert torch.equal(table, before)  # pure
+    moved = (new != table).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [1, 4]
+    assert torch.equal(torch.sign(new[[1, 4]] - table[[1, 4]]), torch.sign(rows.values))
+
+
+def test_fedavg_rows_step_by_the_server_lr() -> None:
+    table = torch.zeros(3, 2)
+    rows = _rows([0, 2], [[1.0, 2.0], [3.0, 4.0]])
+
+    full, _ = ServerSGD(lr=1.0).apply_rows("t", table, rows, {})
+    half, _ = ServerSGD(lr=0.5).apply_rows("t", table, rows, {})
+
+    assert torch.equal(full[[0, 2]], rows.values)  # lr 1: the mean delta added (FedAvg)
+    assert torch.equal(half[[0, 2]], 0.5 * rows.values)
+
+
+def test_adam_rows_are_lazy_per_row_adam() -> None:
+    # a row's moments advance only in the rounds that name it; the step is Adam's on that row
+    opt = ServerAdaptive(kind="adam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-8)
+    table = torch.zeros(3, 1)
+    state = opt.apply({}, {}, opt.init({}))[1]  # the aggregate's dense step counts t
+    t1, state = opt.apply_rows("t", table, _rows([0, 1], [[1.0], [1.0]]), state)
+    state = opt.apply({}, {}, state)[1]
+    t2, state = opt.apply_rows("t", t1, _rows([1], [[1.0]]), state)
+
+    m = state["rows"]["t"]["m"].flatten().tolist()
+    assert m[0] == pytest.approx(0.1) and m[1] == pytest.approx(0.19) and m[2] == 0.0
+    # first step of a row: m^ / sqrt(v^) = 1 (d = 1), so the row moves by lr
+    assert t1[0, 0].item() == pytest.approx(0.1, rel=1e-5)
+    assert t2[0, 0].item() == t1[0, 0].item()  # not named in step 2: unchanged
+    assert t2[1, 0].item() > t1[1, 0].item()
+
+
+def test_at_scale_scales_the_lr_and_keeps_the_rest() -> None:
+    opt = ServerAdaptive(kind="yogi", lr=0.02, tau=1e-6)
+    assert strategies.at_scale(opt, 1.0) is opt
+    scaled = strategies.at_scale(opt, 0.25)
+    assert scaled.lr == pytest.approx(0.005) and scaled.kind == "yogi" and scaled.tau == 1e-6
+
+
+def test_towers_scope_steps_only_the_named_tensors_adaptively() -> None:
+    # Prepare: "w" is a tower tensor, "emb.age.weight" a small table; rows are FedAvg's
+    opt = strategies.create("fedadam", 0.01, only=frozenset({"w"}))
+    params = {"w": torch.zeros(2), "emb.age.weight": torch.zeros(3, 2)}
+    delta = {"w": torch.tensor([5.0, -5.0]), "emb.age.weight": torch.full((3, 2), 0.25)}
+    state = opt.init(params)
+
+    # Execute
+    new, state = opt.apply(params, delta, state)
+    table, _ = opt.apply_rows("ad_id", torch.zeros(4, 2), _rows([2], [[0.5, -0.5]]), state)
+
+    # Assert
+    assert set(state["m"]) == {"w"}  # no moments for what steps as FedAvg
+    assert new["w"].tolist() == pytest.approx([0.01, -0.01], rel=1e-3)  # Adam: lr-sized
+    assert torch.equal(new["emb.age.weight"], delta["emb.age.weight"])  # FedAvg: + delta
+    assert table[2].tolist() == [0.5, -0.5] and not table[[0, 1, 3]].any()

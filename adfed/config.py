@@ -120,6 +120,8 @@ class FLConfig:
     local_lr: float = 2.0
     local_sparse_lr: float = 2.0
     local_table_lr: float = 100.0
+    # SGD lr of the phone's own (LOCAL) rows, user embedding and bias; 0 = local_sparse_lr
+    local_user_lr: float = 0.0
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     # rounds (async: server steps) at the full local lrs; after n > lr_decay_start, every
     # phone lr is scaled by lr_decay_start / n (0 = constant; docs/results/2026-11-27-federated.md)
@@ -172,6 +174,7 @@ class FLConfig:
         for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
+        _check(self.local_user_lr >= 0, "fl.local_user_lr", "a float >= 0 (0 = fl.local_sparse_lr)", self.local_user_lr)
         _check(len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas), "fl.server_betas",
                "two floats in [0, 1), e.g. [0.9, 0.99]", self.server_betas)
         _check(self.async_max_staleness >= 0, "fl.async_max_staleness", "an int >= 0",

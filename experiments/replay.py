@@ -161,7 +161,7 @@ def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
     fl = base.fl
     step = fl.local_epochs * fl.server_lr
     sgd_lr, table_lr, sparse_lr = fl.local_lr * step, fl.local_table_lr * step, fl.local_sparse_lr * step
-    local_lr = fl.local_sparse_lr * fl.local_epochs  # a phone's own rows are never averaged
+    local_lr = (fl.local_user_lr or fl.local_sparse_lr) * fl.local_epochs  # a phone's own rows are never averaged
     split, test = pooled_split(base, dataset)
     most = int(np.bincount(split.train.ids[USER_KEY].astype(np.int64)).max()) if len(split.train) else 0
     curves: dict[str, dict[str, Any]] = {}

@@ -56,7 +56,7 @@ CHUNK_PHONES = 256
 _USER_BIAS = "user_bias.weight"
 #: the ClientSettings fields the batched step implements
 _KNOWN_SETTINGS = frozenset({"epochs", "batch_size", "lr", "sparse_lr", "prox_mu", "optimizer", "embedding_l2",
-                             "table_lr"})
+                             "table_lr", "user_lr"})
 
 
 def unsupported(settings: ClientSettings, model: PCVRModel) -> str | None:
@@ -338,6 +338,8 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
         bias_grad = _segment_sum(g_logits, phone, num) + (2 * l2 * bias_rows if l2 > 0 else 0)
 
     def lr_of(name: str) -> float:
+        if s.user_lr is not None and name in local_names:
+            return s.user_lr
         if model.has_sparse_grad(name):
             return s.sparse_lr
         return s.table_lr if (s.table_lr is not None and model.is_dense_table(name)) else s.lr

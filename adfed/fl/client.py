@@ -121,24 +121,28 @@ _SGD_CACHE: weakref.WeakKeyDictionary[PCVRModel, tuple[tuple[float, ...], list[t
 def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim.Optimizer]:
     """Local optimizers for one round; see ClientSettings.
 
-    SGD is one optimizer with up to three parameter groups (the towers and other dense
+    SGD is one optimizer with up to four parameter groups (the towers and other dense
     parameters at ``lr``, the small dense embedding tables at ``table_lr``, the sparse
-    rows at ``sparse_lr``): one ``zero_grad`` and one ``step`` per batch, the same work
+    rows at ``sparse_lr``, the phone's own rows at ``user_lr``): one ``zero_grad`` and one ``step`` per batch, the same work
     as a plain training loop. It is stateless (no momentum), so it is built once per
     scratch model and learning rates. Adam starts from a fresh state every round.
     """
-    key = (s.lr, s.sparse_lr, -1.0 if s.table_lr is None else s.table_lr)
+    key = (s.lr, s.sparse_lr, -1.0 if s.table_lr is None else s.table_lr, -1.0 if s.user_lr is None else s.user_lr)
     cached = _SGD_CACHE.get(scratch) if s.optimizer == "sgd" else None
     if cached is not None and cached[0] == key:
         return cached[1]
     named = parameters(scratch).items()
-    sparse = [p for n, p in named if scratch.has_sparse_grad(n)]
+    local = set(group_names(scratch, ParamGroup.LOCAL)) if s.user_lr is not None else set()
+    sparse = [g for g in ({"params": [p for n, p in named if scratch.has_sparse_grad(n) and n not in local],
+                           "lr": s.sparse_lr},
+                          {"params": [p for n, p in named if scratch.has_sparse_grad(n) and n in local],
+                           "lr": s.user_lr}) if g["params"]]
     if s.optimizer == "adam":
         dense = [p for n, p in named if not scratch.has_sparse_grad(n)]
         return [torch.optim.Adam(dense, lr=s.lr), *([RowSparseAdam(sparse, lr=s.sparse_lr)] if sparse else [])]
     if s.optimizer != "sgd":
         raise ValueError(f"fl.local_optimizer must be 'sgd' or 'adam'; got {s.optimizer!r}")
-    groups = [*dense_param_groups(scratch, s.lr, s.table_lr), *([{"params": sparse, "lr": s.sparse_lr}] if sparse else [])]
+    groups = [*dense_param_groups(scratch, s.lr, s.table_lr), *sparse]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(groups, lr=s.lr)]
     _SGD_CACHE[scratch] = (key, optimizers)
     return optimizers

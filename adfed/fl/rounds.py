@@ -70,7 +70,8 @@ def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
     return ClientSettings(epochs=cfg.fl.local_epochs, batch_size=cfg.fl.local_batch_size,
                           lr=cfg.fl.local_lr * f, sparse_lr=cfg.fl.local_sparse_lr * f, prox_mu=mu,
                           optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2,
-                          table_lr=cfg.fl.local_table_lr * f)
+                          table_lr=cfg.fl.local_table_lr * f,
+                          user_lr=cfg.fl.local_user_lr * f if cfg.fl.local_user_lr > 0 else None)
 
 
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:

@@ -37,6 +37,7 @@ class ClientSettings:
     optimizer: str = "sgd"
     embedding_l2: float = 0.0  # train.embedding_l2: the same objective as centralized
     table_lr: float | None = None  # SGD lr of the dense_shared embedding tables; None: lr
+    user_lr: float | None = None  # lr of the phone's own (LOCAL) rows; None: sparse_lr
     clip: float = 0.0  # L2 clip norm of the whole shared update (privacy); 0: no clipping
     #: per-tensor clip norms (privacy.clip_mode = "per_tensor"): (name, clip) pairs; () : flat
     clips: tuple[tuple[str, float], ...] = ()

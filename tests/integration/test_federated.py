@@ -269,6 +269,30 @@ def test_local_table_lr_scales_only_the_small_dense_tables(small_world, fl_confi
         assert torch.equal(fast.sparse[table].values, rows.values), table
 
 
+def test_local_user_lr_scales_only_the_phones_own_rows(small_world, fl_config):
+    # the same client's single step with its own rows at lr 0.1 and 1 (sparse rows at 0.1)
+    def one_step(user_lr: float):
+        cfg = fl_config(small_world, "fl.local_lr=0.1", "fl.local_sparse_lr=0.1", f"fl.local_user_lr={user_lr}",
+                        "fl.local_batch_size=100000")
+        backend = InProcessBackend(small_world, cfg)
+        state = initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
+                                     strategies.create("fedavg", 1.0))
+        client = int(backend.ctx.population.clients[0])
+        offer = _offer(cfg, state)
+        (res,) = backend.map(offer, [Job(client_id=client, phone=None, seed=(0,))])
+        return _update(res, offer), res.phone
+
+    (slow, slow_rows), (fast, fast_rows) = one_step(0.1), one_step(1.0)
+    # the phone's rows start at zero, so they move exactly 10x; what it uploads is the same
+    assert slow_rows and slow_rows.keys() == fast_rows.keys()
+    for name, row in slow_rows.items():
+        assert float(row.abs().max()) > 0 and torch.allclose(fast_rows[name], 10 * row, rtol=1e-5, atol=1e-8), name
+    for name, delta in slow.dense.items():
+        assert torch.equal(fast.dense[name], delta), name
+    for table, rows in slow.sparse.items():
+        assert torch.equal(fast.sparse[table].values, rows.values), table
+
+
 def test_a_non_finite_round_model_is_refused_before_any_client_trains(small_world, fl_config):
     # Prepare: a round model whose dense part holds a NaN (the phone decodes and checks
     # the model payload once per version, not per client)

@@ -68,6 +68,7 @@ def _assert_close(a: tuple[Update, dict], b: tuple[Update, dict]) -> None:
 
 @pytest.mark.parametrize("overrides", [
     (),  # the defaults: FedAvg, one full-batch SGD step, table lr 100
+    ("fl.local_user_lr=0.2",),  # the phone's own rows at their own lr
     ("train.embedding_l2=0.001",),
     ('fl.strategy="fedprox"', "fl.prox_mu=0.5"),  # the proximal gradient is zero at the first step
     ('model.bag_pooling="mean"', "model.vocab_match=false"),

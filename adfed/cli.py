@@ -477,7 +477,7 @@ app.add_typer(experiment_app, name="experiment")
 
 @experiment_app.command("run")
 def experiment_run(
-    name: Annotated[str, typer.Argument(help="fl_vs_central | window | async | ceiling | replay | scale | privacy | vocabulary | all")],
+    name: Annotated[str, typer.Argument(help="fl_vs_central | window | async | ceiling | replay | replay_parts | scale | privacy | vocabulary | all")],
     out: Annotated[Path, typer.Option(help="Directory for the experiment's runs and results.")] = Path("runs/experiments"),
     config_file: Annotated[Path | None, typer.Option("--config", help="Base TOML config.")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,

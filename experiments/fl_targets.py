@@ -23,6 +23,8 @@ comparison plot. Numbers are what these runs measured; nothing is tuned per targ
   1x, 4x and 16x its users, with decaying and constant learning rates (:mod:`experiments.scale`).
 - ``replay``: FedAvg's and FedAdam's arithmetic replayed centrally (one pass in batches
   of whole users, SGD vs Adam), no federation (:mod:`experiments.replay`).
+- ``replay_parts``: the same with Adam on one part at a time (towers, small tables, big
+  rows), users drawn once or redrawn as the engine does (:func:`experiments.replay.analyse_parts`).
 - ``privacy`` and ``vocabulary``: DP-FedAvg's ε sweep against non-private training, and
   the round vocabulary's cost (:mod:`experiments.privacy`).
 """
@@ -198,13 +200,14 @@ EXPERIMENTS: dict[str, Callable[[Config, Dataset, Path, Progress], dict[str, Any
     "async": asynchronous,
     "ceiling": model_ceiling,
     "replay": lambda base, dataset, out, progress: replay.analyse(base, dataset, progress),
+    "replay_parts": lambda base, dataset, out, progress: replay.analyse_parts(base, dataset, progress),
     "scale": scale.analyse,
     "privacy": privacy.sweep,
     "vocabulary": privacy.vocabulary,
 }
 #: Experiments whose plot is not the default AUC-vs-simulated-time one of their runs.
 PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
-    "ceiling": ceiling.plot, "replay": replay.plot, "scale": scale.plot,
+    "ceiling": ceiling.plot, "replay": replay.plot, "replay_parts": replay.plot_parts, "scale": scale.plot,
     "privacy": privacy.plot_sweep, "vocabulary": privacy.plot_vocabulary}
 
 

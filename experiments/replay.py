@@ -42,6 +42,7 @@ from adfed.fl.population import Population
 from adfed.fl.simulation import prior_sample
 from adfed.model.groups import group_names, make_optimizers
 from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll, ensure_finite, set_output_priors_
+from adfed.model.sparse_adam import RowSparseAdam
 from adfed.trainer import lr_decay, model_from_config, pooled_split
 from experiments import plotting
 
@@ -196,3 +197,119 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"step ({results['users_per_step']} whole users per batch)")
     ax.set_ylabel(f"test CVR {key.replace('_', ' ')}")
     plotting.save(fig, ax, path, "experiment replay: one pass, no federation")
+
+
+# -- the parts: which parameters need which optimizer (experiment replay_parts) -----------
+
+PARTS = ("towers", "tables", "rows", "local")
+#: the diagnosis variants: each part Adam at ``train.lr`` where named, FedAvg's SGD step otherwise
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "adam_towers": ("towers",),
+    "adam_tables": ("tables",),
+    "adam_rows": ("rows",),
+    "adam_shared": ("towers", "tables", "rows"),
+}
+
+
+def part_of(model: PCVRModel, name: str, local: set[str]) -> str:
+    """``towers`` (every dense parameter but the small tables), ``tables`` (the small dense
+    embedding tables), ``rows`` (the big tables' rows) or ``local`` (a phone's own rows)."""
+    if name in local:
+        return "local"
+    if model.has_sparse_grad(name):
+        return "rows"
+    return "tables" if model.is_dense_table(name) else "towers"
+
+
+def part_optimizers(model: PCVRModel, cfg: Config, adam: tuple[str, ...]) -> list[torch.optim.Optimizer]:
+    """One optimizer per part: Adam at ``train.lr`` (lazy row Adam for sparse parts) for
+    the parts in ``adam``, otherwise SGD at FedAvg's step for that part (``fl.local_lr``,
+    ``fl.local_table_lr``, ``fl.local_sparse_lr``; a phone's own rows at
+    ``fl.local_user_lr`` or else ``fl.local_sparse_lr``), times ``fl.server_lr``."""
+    fl = cfg.fl
+    sgd = {"towers": fl.local_lr * fl.server_lr, "tables": fl.local_table_lr * fl.server_lr,
+           "rows": fl.local_sparse_lr * fl.server_lr, "local": fl.local_user_lr or fl.local_sparse_lr}
+    local = set(group_names(model, ParamGroup.LOCAL))
+    params: dict[str, list[torch.nn.Parameter]] = {p: [] for p in PARTS}
+    for name, p in model.named_parameters():
+        params[part_of(model, name, local)].append(p)
+    optimizers: list[torch.optim.Optimizer] = []
+    for part, ps in params.items():
+        if not ps:
+            continue
+        if part not in adam:
+            optimizers.append(torch.optim.SGD(ps, lr=sgd[part]))
+        elif part in ("rows", "local"):
+            optimizers.append(RowSparseAdam([{"params": ps}], lr=cfg.train.lr))
+        else:
+            optimizers.append(torch.optim.Adam(ps, lr=cfg.train.lr))
+    return optimizers
+
+
+def redrawn_batches(user_ids: np.ndarray, users_per_batch: int, steps: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of ``steps`` batches, each ``users_per_batch`` users drawn uniformly
+    (without replacement within a batch, with it across batches, as the engine samples
+    its rounds): a user may come back with the rows it trained before."""
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]]) if len(user_ids) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(user_ids)]
+    k = min(users_per_batch, len(starts))
+    return [np.concatenate([np.arange(starts[u], ends[u]) for u in np.sort(rng.choice(len(starts), k, replace=False))])
+            for _ in range(steps)]
+
+
+def parts_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, adam: tuple[str, ...],
+               sampling: str) -> list[dict[str, Any]]:
+    """One pass of :func:`replay_step` with :func:`part_optimizers` and the phones' lr
+    schedule (``fl.lr_decay_start``), over batches of whole users drawn ``once`` (every user
+    exactly once) or ``redraw`` (:func:`redrawn_batches`, as many batches)."""
+    model = federated_start(cfg, dataset)
+    optimizers = part_optimizers(model, cfg, adam)
+    schedules = lr_decay(optimizers, cfg.fl.lr_decay_start)
+    per = cfg.fl.clients_per_round
+    user_ids = split.train.ids[USER_KEY]
+    batches = user_batches(user_ids, per, np.random.default_rng([cfg.seed, 0x5E9]))
+    if sampling == "redraw":
+        batches = redrawn_batches(user_ids, per, len(batches), np.random.default_rng([cfg.seed, 0x5E9, 1]))
+    rows: list[dict[str, Any]] = []
+    model.train()
+    for step, rows_of_batch in enumerate(batches, start=1):
+        replay_step(model, optimizers, split.train.take(rows_of_batch), cfg.fl.max_weight, where=f"replay step {step}")
+        for schedule in schedules:
+            schedule.step()
+        if step % cfg.fl.eval_every == 0 or step == len(batches):
+            m = evaluate(model, test)
+            rows.append({"step": step, "auc": m["auc"], "auc_expected": m.get("auc_expected")})
+            model.train()
+    return rows
+
+
+def analyse_parts(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
+    """Every :data:`VARIANTS` curve with users drawn once and redrawn: which part's
+    optimizer the gap to centralized training is in, and whether it survives the engine's
+    sampling (docs/results/2026-12-06-federated-quality.md)."""
+    split, test = pooled_split(base, dataset)
+    curves: dict[str, Any] = {}
+    for sampling in ("once", "redraw"):
+        for name, adam in VARIANTS.items():
+            progress(f"replay_parts: {name} ({sampling}), {base.fl.clients_per_round} users per step")
+            rows = parts_pass(base, dataset, split, test, adam, sampling)
+            curves[f"{name}/{sampling}"] = {"adam": list(adam), "sampling": sampling, "final": rows[-1], "curve": rows}
+    key = "auc_expected" if curves["sgd/once"]["final"]["auc_expected"] is not None else "auc"
+    return {"users_per_step": base.fl.clients_per_round, "compare_by": key, "adam_lr": base.train.lr,
+            "lr_decay_start": base.fl.lr_decay_start, "local_user_lr": base.fl.local_user_lr or base.fl.local_sparse_lr,
+            "curves": curves}
+
+
+def plot_parts(results: dict[str, Any], path: Path) -> None:
+    """Each variant's curve, users drawn once (solid) and redrawn (dashed), as a PNG."""
+    key = results["compare_by"]
+    fig, ax = plotting.new_axes()
+    for name, c in results["curves"].items():
+        rows = c["curve"]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], ls="-" if c["sampling"] == "once" else "--",
+                marker="o", ms=2, label=name)
+    ax.set_xlabel(f"step ({results['users_per_step']} whole users per batch)")
+    ax.set_ylabel(f"test CVR {key.replace('_', ' ')}")
+    plotting.save(fig, ax, path, "experiment replay_parts: Adam per part, users once / redrawn")

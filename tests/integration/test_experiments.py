@@ -7,6 +7,10 @@ import json
 
 import pytest
 
+from adfed.data.schema import ParamGroup
+from adfed.data.store import Dataset
+from adfed.model.groups import group_names
+from adfed.trainer import model_from_config
 from experiments import fl_targets
 
 
@@ -165,6 +169,41 @@ def test_replay_experiment_runs_one_pass_with_sgd_and_adam(small_world, fl_confi
         assert results[name]["best"]["auc_expected"] >= results[name]["final"]["auc_expected"]
     assert results["sgd"]["curve"] != results["adam"]["curve"]
     assert (tmp_path / "replay" / "replay.png").exists()
+
+
+def test_redrawn_batches_draw_whole_users_again_across_batches():
+    import numpy as np
+
+    from experiments.replay import redrawn_batches
+
+    uid = np.repeat(np.arange(6), [2, 1, 3, 1, 2, 1])
+    batches = redrawn_batches(uid, 3, 20, np.random.default_rng(0))
+    assert len(batches) == 20
+    drawn = [sorted(set(uid[b].tolist())) for b in batches]
+    assert all(len(d) == 3 for d in drawn)  # distinct users within a batch, each whole
+    assert all(len(b) == int(np.isin(uid, d).sum()) for b, d in zip(batches, drawn, strict=True))
+    assert len({u for d in drawn for u in d}) == 6 and sum(len(d) for d in drawn) == 60  # users come back
+
+
+def test_replay_parts_gives_each_part_its_optimizer(small_world, fl_config, tmp_path):
+    from experiments.replay import VARIANTS, part_of, part_optimizers
+
+    cfg = fl_config(small_world, "fl.clients_per_round=1000", "fl.eval_every=3", "fl.local_user_lr=0.3")
+    model = model_from_config(cfg, Dataset.open(small_world))
+    local = set(group_names(model, ParamGroup.LOCAL))
+    parts = {part_of(model, n, local) for n, _ in model.named_parameters()}
+    assert parts == {"towers", "tables", "rows", "local"}
+    opts = part_optimizers(model, cfg, ("towers",))
+    kinds = sorted((type(o).__name__, o.param_groups[0]["lr"]) for o in opts)
+    assert kinds == sorted([("Adam", cfg.train.lr), ("SGD", cfg.fl.local_table_lr), ("SGD", cfg.fl.local_sparse_lr),
+                            ("SGD", 0.3)])
+
+    results = fl_targets.run("replay_parts", cfg, tmp_path)
+    assert set(results["curves"]) == {f"{v}/{s}" for v in VARIANTS for s in ("once", "redraw")}
+    assert [r["step"] for r in results["curves"]["sgd/once"]["curve"]] == [3]
+    assert results["curves"]["sgd/once"]["curve"] != results["curves"]["adam_towers/once"]["curve"]
+    assert results["curves"]["sgd/once"]["curve"] != results["curves"]["sgd/redraw"]["curve"]
+    assert (tmp_path / "replay_parts" / "replay_parts.png").exists()
 
 
 def test_crosses_design_lays_out_each_truth_term_as_its_own_block(small_world):

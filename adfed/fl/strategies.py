@@ -34,7 +34,8 @@ class ServerOptimizer(Protocol):
     dense part, ``apply_rows(name, table, rows, state) -> (table, state)`` for one sparse
     table's aggregated rows. Pure: inputs are never written to. ``lr`` is the server lr."""
 
-    lr: float
+    @property
+    def lr(self) -> float: ...
 
     def init(self, params: Tensors) -> dict[str, Any]: ...
 

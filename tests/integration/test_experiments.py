@@ -327,3 +327,41 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
         for name, row in res.phone.items():
             torch.testing.assert_close(params[name][int(user)].detach(), row[0], atol=2e-6, rtol=1e-4, msg=name)
     assert any(float(row.abs().max()) > 0 for res in results for row in res.phone.values())
+
+
+def test_protocol_runs_worlds_and_seeds_and_resumes(fl_config, small_world, tmp_path, monkeypatch):
+    from experiments import protocol
+
+    base = fl_config(small_world, "fl.clients_per_round=100", "window.min_clients=3")
+    results = protocol.run(base, [(300, 5)], [0, 1], tmp_path / "cand", tmp_path / "worlds")
+    assert [(r["world"], r["seed"]) for r in results["rows"]] == [("300-5", 0), ("300-5", 1)]
+    for r in results["rows"]:
+        assert r["rounds"] == 3 and r["evaluated_round"] == 3  # one pass: ceil(300 / 100)
+        assert r["auc_expected_gap"] == pytest.approx(r["centralized_auc_expected"] - r["auc_expected"])
+    w = results["worlds"]["300-5"]
+    assert w["min_gap"] <= w["mean_gap"] <= w["max_gap"] and w["seeds"] == 2
+    assert json.loads((tmp_path / "cand" / "protocol.json").read_text())["worlds"] == results["worlds"]
+
+    # a second call reads what is there instead of training again
+    monkeypatch.setattr(protocol, "one", lambda *a, **k: pytest.fail("trained again"))
+    assert protocol.run(base, [(300, 5)], [0, 1], tmp_path / "cand", tmp_path / "worlds")["rows"] == results["rows"]
+
+
+def test_protocol_rule_and_target():
+    from experiments import protocol
+
+    def summary(*gaps_per_world):
+        rows = [{"world": f"w{i}", "auc_expected_gap": g, "auc_gap": g} for i, gaps in enumerate(gaps_per_world)
+                for g in gaps]
+        return protocol.summarize(rows)
+
+    defaults = summary([0.000, 0.002], [0.030, 0.020])
+    assert not defaults["target_met"] and defaults["mean_gap"] == pytest.approx(0.013)
+    assert summary([0.009, 0.011], [0.0, 0.0])["target_met"]
+    assert not summary([0.002, 0.016], [0.0, 0.0])["target_met"]  # one seed above 0.015
+    # wins where the gap is, loses 0.006 where there was none: not adopted
+    mixed = protocol.verdict(summary([0.007, 0.007], [0.005, 0.005]), defaults)
+    assert mixed["gain"] == pytest.approx(0.007) and set(mixed["worse"]) == {"w0"} and not mixed["adopt"]
+    assert protocol.verdict(summary([0.001, 0.003], [0.012, 0.010]), defaults)["adopt"]
+    with pytest.raises(ValueError, match="different worlds"):
+        protocol.verdict(summary([0.0]), defaults)

@@ -140,9 +140,18 @@ def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimi
     sparse = "sgd" if optimizer == "sgd" else "sparse_adam"
     optimizers = make_optimizers(model, lr=lr, dense_opt=optimizer, sparse_opt=sparse,  # type: ignore[arg-type]
                                  table_lr=table_lr, sparse_lr=sparse_lr, local_lr=local_lr)
-    schedules = lr_decay(optimizers, cfg.fl.lr_decay_start)
     per = cfg.fl.clients_per_round
     batches = user_batches(split.train.ids[USER_KEY], per, np.random.default_rng([cfg.seed, 0x5E9]))
+    rows = run_pass(model, optimizers, cfg, split, test, batches)
+    return [{**r, "users": min(r["step"] * per, len(batches) * per)} for r in rows]
+
+
+def run_pass(model: PCVRModel, optimizers: list[torch.optim.Optimizer], cfg: Config, split: Split,
+             test: Examples, batches: list[np.ndarray]) -> list[dict[str, Any]]:
+    """:func:`replay_step` on each batch of training rows with the phones' lr schedule
+    (``fl.lr_decay_start``), scoring ``test`` every ``fl.eval_every`` steps and at the
+    end; one row per evaluation: ``step``, ``auc``, ``auc_expected``."""
+    schedules = lr_decay(optimizers, cfg.fl.lr_decay_start)
     rows: list[dict[str, Any]] = []
     model.train()
     for step, rows_of_batch in enumerate(batches, start=1):
@@ -151,8 +160,7 @@ def one_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, optimi
             schedule.step()
         if step % cfg.fl.eval_every == 0 or step == len(batches):
             m = evaluate(model, test)
-            rows.append({"step": step, "users": min(step * per, len(batches) * per),
-                         "auc": m["auc"], "auc_expected": m.get("auc_expected")})
+            rows.append({"step": step, "auc": m["auc"], "auc_expected": m.get("auc_expected")})
             model.train()
     return rows
 
@@ -265,24 +273,12 @@ def parts_pass(cfg: Config, dataset: Dataset, split: Split, test: Examples, adam
     schedule (``fl.lr_decay_start``), over batches of whole users drawn ``once`` (every user
     exactly once) or ``redraw`` (:func:`redrawn_batches`, as many batches)."""
     model = federated_start(cfg, dataset)
-    optimizers = part_optimizers(model, cfg, adam)
-    schedules = lr_decay(optimizers, cfg.fl.lr_decay_start)
     per = cfg.fl.clients_per_round
     user_ids = split.train.ids[USER_KEY]
     batches = user_batches(user_ids, per, np.random.default_rng([cfg.seed, 0x5E9]))
     if sampling == "redraw":
         batches = redrawn_batches(user_ids, per, len(batches), np.random.default_rng([cfg.seed, 0x5E9, 1]))
-    rows: list[dict[str, Any]] = []
-    model.train()
-    for step, rows_of_batch in enumerate(batches, start=1):
-        replay_step(model, optimizers, split.train.take(rows_of_batch), cfg.fl.max_weight, where=f"replay step {step}")
-        for schedule in schedules:
-            schedule.step()
-        if step % cfg.fl.eval_every == 0 or step == len(batches):
-            m = evaluate(model, test)
-            rows.append({"step": step, "auc": m["auc"], "auc_expected": m.get("auc_expected")})
-            model.train()
-    return rows
+    return run_pass(model, part_optimizers(model, cfg, adam), cfg, split, test, batches)
 
 
 def analyse_parts(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def test_unknown_experiment_lists_all(tmp_path: Path) -> None:
     result = invoke("experiment", "run", "nope", "--out", tmp_path)
     assert result.exit_code == 2
     assert errors(result) == ["error: unknown experiment 'nope'; known: all, async, ceiling, fl_vs_central, "
-                              "privacy, replay, scale, vocabulary, window"]
+                              "privacy, replay, replay_parts, scale, vocabulary, window"]
 
 
 def test_ceiling_on_an_import_fails_before_training(tmp_path: Path) -> None:

@@ -139,8 +139,9 @@ class FLConfig:
     # (0.9, 0.99) as in Reddi et al. 2021
     server_betas: tuple[float, float] = (0.9, 0.99)
     # Adam's bias correction of the moments in fedadam/fedyogi/fedadagrad (Reddi et al.
-    # leave it out; without it their first ~100 steps are up to 2-4.5x lr)
-    server_bias_correction: bool = True
+    # leave it out, so their first ~100 steps are up to 2-4.5x lr; correcting did not help
+    # on a 20k world: docs/results/2026-12-06-federated-quality.md)
+    server_bias_correction: bool = False
     # what fedadam/fedyogi/fedadagrad step: "all" shared parameters (dense and sparse rows)
     # or the "towers" only (the dense part but the small tables; tables and sparse rows
     # then step as FedAvg)

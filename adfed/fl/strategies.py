@@ -77,19 +77,18 @@ class ServerSGD:
 @dataclasses.dataclass(frozen=True)
 class ServerAdaptive:
     """FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021, Algorithm 2), with Adam's bias
-    correction when ``bias_correction`` (Reddi et al. leave it out: without it the first
-    ~100 steps are up to 2x (beta2 0.99) or 4.5x (beta2 0.999) larger than ``lr``, which
-    cost 0.02-0.05 expected AUC in one pass on 20k- and 50k-user worlds;
-    docs/results/2026-12-06-federated-quality.md). The step count ``t`` is the server's
-    (every aggregate), also for the lazily stepped sparse rows, as in
-    ``torch.optim.SparseAdam``."""
+    correction when ``bias_correction`` (Reddi et al. leave it out, so their first ~100
+    steps are up to 2x (beta2 0.99) or 4.5x (beta2 0.999) ``lr``; correcting did not help
+    in one pass on a 20k-user world: docs/results/2026-12-06-federated-quality.md). The
+    step count ``t`` is the server's (every aggregate), also for the lazily stepped sparse
+    rows, as in ``torch.optim.SparseAdam``."""
 
     kind: str
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
-    bias_correction: bool = True
+    bias_correction: bool = False
     #: the dense tensors stepped adaptively (``fl.server_adaptive_scope = "towers"``); the
     #: other dense tensors and every sparse row then step as FedAvg (the mean delta added).
     #: None: every tensor and row adaptively
@@ -163,7 +162,7 @@ class ServerParams:
     lr: float
     tau: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.99)
-    bias_correction: bool = True
+    bias_correction: bool = False
     only: frozenset[str] | None = None
 
 
@@ -182,7 +181,7 @@ def register(name: str, factory: Factory, *, force: bool = False) -> None:
 
 
 def create(name: str, server_lr: float, tau: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
-           bias_correction: bool = True, only: frozenset[str] | None = None) -> ServerOptimizer:
+           bias_correction: bool = False, only: frozenset[str] | None = None) -> ServerOptimizer:
     """Build the named server optimizer (:class:`ServerParams` for the arguments); unknown
     names list the known ones."""
     try:

@@ -296,6 +296,6 @@ def test_towers_scope_steps_only_the_named_tensors_adaptively() -> None:
 
     # Assert
     assert set(state["m"]) == {"w"}  # no moments for what steps as FedAvg
-    assert new["w"].tolist() == pytest.approx([0.01, -0.01], rel=1e-3)  # Adam: lr-sized
+    assert new["w"].tolist() == pytest.approx([0.01, -0.01], rel=5e-3)  # Adam: lr-sized (tau 1e-3)
     assert torch.equal(new["emb.age.weight"], delta["emb.age.weight"])  # FedAvg: + delta
     assert table[2].tolist() == [0.5, -0.5] and not table[[0, 1, 3]].any()

@@ -123,8 +123,8 @@ def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim
 
     SGD is one optimizer with up to four parameter groups (the towers and other dense
     parameters at ``lr``, the small dense embedding tables at ``table_lr``, the sparse
-    rows at ``sparse_lr``, the phone's own rows at ``user_lr``): one ``zero_grad`` and one ``step`` per batch, the same work
-    as a plain training loop. It is stateless (no momentum), so it is built once per
+    rows at ``sparse_lr``, the phone's own rows at ``user_lr`` when set): one
+    ``zero_grad`` and one ``step`` per batch, the same work as a plain training loop. It is stateless (no momentum), so it is built once per
     scratch model and learning rates. Adam starts from a fresh state every round.
     """
     key = (s.lr, s.sparse_lr, -1.0 if s.table_lr is None else s.table_lr, -1.0 if s.user_lr is None else s.user_lr)
@@ -132,11 +132,10 @@ def _local_optimizers(scratch: PCVRModel, s: ClientSettings) -> list[torch.optim
     if cached is not None and cached[0] == key:
         return cached[1]
     named = parameters(scratch).items()
-    local = set(group_names(scratch, ParamGroup.LOCAL)) if s.user_lr is not None else set()
-    sparse = [g for g in ({"params": [p for n, p in named if scratch.has_sparse_grad(n) and n not in local],
-                           "lr": s.sparse_lr},
-                          {"params": [p for n, p in named if scratch.has_sparse_grad(n) and n in local],
-                           "lr": s.user_lr}) if g["params"]]
+    own = set(group_names(scratch, ParamGroup.LOCAL)) if s.user_lr is not None else set()
+    rows = [(n, p) for n, p in named if scratch.has_sparse_grad(n)]
+    sparse = [g for g in ({"params": [p for n, p in rows if n not in own], "lr": s.sparse_lr},
+                          {"params": [p for n, p in rows if n in own], "lr": s.user_lr}) if g["params"]]
     if s.optimizer == "adam":
         dense = [p for n, p in named if not scratch.has_sparse_grad(n)]
         return [torch.optim.Adam(dense, lr=s.lr), *([RowSparseAdam(sparse, lr=s.sparse_lr)] if sparse else [])]

@@ -93,14 +93,13 @@ def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
         raise ValueError(f"weighted_mean: {len(tensors)} updates but {len(weights)} weights")
     if total <= 0:
         raise ValueError("weighted_mean: total weight is zero (no client had examples)")
-    names = list(tensors[0])
-    acc = [torch.zeros_like(tensors[0][n], dtype=torch.float64) for n in names]
-    for t, w in zip(tensors, weights, strict=True):
-        if w > 0:
-            alpha = float(w / total)
-            for a, n in zip(acc, names, strict=True):
-                a.add_(t[n], alpha=alpha)
-    return {n: a.to(tensors[0][n].dtype) for n, a in zip(names, acc, strict=True)}
+    live = [i for i, w in enumerate(weights) if w > 0]
+    alphas = torch.tensor([float(weights[i] / total) for i in live], dtype=torch.float64)
+    out = {}
+    for n in tensors[0]:  # per tensor, one stacked product: a Python loop over updates costs ~5 us a tensor
+        stacked = torch.stack([tensors[i][n] for i in live]).to(torch.float64)
+        out[n] = (alphas @ stacked.reshape(len(live), -1)).reshape(tensors[0][n].shape).to(tensors[0][n].dtype)
+    return out
 
 
 def aggregate_sparse(parts: Sequence[SparseRows], weights: np.ndarray, over: str = "touched") -> SparseRows:

@@ -16,7 +16,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from adfed.fl.population import Population
 from adfed.fl.types import ClientSettings, SparseRows, Update
 from adfed.fl.wire import Envelope, WireSpec, decode_model, decode_rows, encode_rows, encode_update
 from adfed.model.assembly import model_from_config
+from adfed.model.groups import touched_rows_many
 from adfed.model.pcvr import PCVRModel
 
 logger = logging.getLogger(__name__)
@@ -111,23 +112,42 @@ class WorkerContext:
         return self._model[1]
 
 
+def _serve_many(offer: Offer, reads: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, SparseRows]]:
+    """The rows each phone reads (``reads``: its ids per table), from the offer's tables,
+    one gather per table for all phones (each phone's values a view of it)."""
+    out: list[dict[str, SparseRows]] = [{} for _ in reads]
+    if not reads:
+        return out
+    for table in reads[0]:
+        ids = [r[table] for r in reads]
+        values = offer.tables[table][torch.cat(ids)].split([len(i) for i in ids])
+        for served, i, v in zip(out, ids, values, strict=True):
+            served[table] = SparseRows(i, v)
+    return out
+
+
 def run_job(ctx: WorkerContext, offer: Offer, job: Job, data: Examples | None = None, *,
-            train: Train = client_update) -> ClientResult:
+            train: Train = client_update, reads: dict[str, torch.Tensor] | None = None,
+            served: dict[str, SparseRows] | None = None) -> ClientResult:
     """One phone's round: download the model and the rows it needs (both decoded from
     their wire bytes), train, run the update pipeline, encode the upload.
 
     ``data`` is the client's training data when the caller has already read it
     (:meth:`Population.train_data_many`); otherwise it is read here. ``train`` is the
-    local training (:func:`run_jobs` passes updates trained batched).
+    local training (:func:`run_jobs` passes updates trained batched). ``reads`` (the
+    rows its data reads, :func:`needed_rows`) and ``served`` (those rows from the
+    offer's tables, without a vocabulary) are what :func:`run_jobs` computed for all
+    phones at once; computed here when absent.
     """
     if data is None:
         data = ctx.population.train_data(job.client_id)
     dense = ctx.dense(offer)
     codec = ctx.pipeline.codec
-    ids = needed_rows(ctx.scratch, data)
+    ids = needed_rows(ctx.scratch, data) if reads is None else reads
     vocab = offer.vocabulary
     if vocab is None:  # the rows it reads
-        served = {t: SparseRows(i, offer.tables[t][i]) for t, i in ids.items()}
+        if served is None:
+            served = {t: SparseRows(i, offer.tables[t][i]) for t, i in ids.items()}
     else:  # the round's vocabulary blocks, whatever it reads
         served = {t: blocks.serve_block(offer.tables[t], v) for t, v in vocab.items()}
     rows_payload = encode_rows(served, Envelope("rows", offer.round, offer.version, codec, job.client_id))
@@ -180,12 +200,16 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
         _LOGGED.add(reason)
         logger.info("clients train one by one: %s", reason)
     take = [i for i, d in enumerate(datas) if one_step(len(d), offer.settings)] if batched and reason is None else []
+    reads = touched_rows_many(ctx.scratch, data, offsets)
+    served: list[dict[str, SparseRows] | None] = [None] * len(jobs)
+    if offer.vocabulary is None:
+        served = list(_serve_many(offer, reads))
     trained: dict[int, tuple[ClientTask, tuple[Update, dict[str, torch.Tensor]]]] = {}
     if len(take) > 1:
         dense = ctx.dense(offer)
         tasks = [ClientTask(client_id=jobs[i].client_id, version=offer.version, settings=offer.settings, dense=dense,
-                            rows={t: SparseRows(v, offer.tables[t][v]) for t, v in needed_rows(ctx.scratch, datas[i]).items()},
-                            local=jobs[i].phone, seed=jobs[i].seed, checked=True) for i in take]
+                            rows=cast(dict[str, SparseRows], served[i]), local=jobs[i].phone, seed=jobs[i].seed,
+                            checked=True) for i in take]
         if len(take) == len(jobs):
             part, part_offsets = data, offsets
         else:
@@ -203,7 +227,8 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
             return client_update(scratch, task, d)
         return train
 
-    return [run_job(ctx, offer, job, d, train=train_of(i)) for i, (job, d) in enumerate(zip(jobs, datas, strict=True))]
+    return [run_job(ctx, offer, job, d, train=train_of(i), reads=reads[i], served=served[i])
+            for i, (job, d) in enumerate(zip(jobs, datas, strict=True))]
 
 
 def _parts(jobs: Sequence[Job], workers: int) -> list[list[Job]]:

@@ -101,31 +101,44 @@ def _segment_sum(values: torch.Tensor, phone: torch.Tensor, num: int) -> torch.T
     return values.new_zeros(num, *values.shape[1:]).index_add_(0, phone, values)
 
 
-def _segment_outer(g: torch.Tensor, a: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-    """``out[i] = g[rows_i].T @ a[rows_i]`` for each segment ``i`` of rows
-    ``offsets[i]:offsets[i + 1]``: float [P, o, k] from g [B, o], a [B, k].
+#: how :func:`_segment_outer` pads a chunk's phones: per bucket, (phones, row index
+#: [phones, width], ``rows`` (the zero pad row) past a phone's own rows).
+Buckets = list[tuple[torch.Tensor, torch.Tensor]]
 
-    Segments are bucketed by size (at most ~2x apart) and zero-padded within a bucket, so
-    a few ``bmm`` calls cover every phone however heavy-tailed their row counts are.
-    """
+
+def _buckets(offsets: np.ndarray) -> Buckets:
+    """The phones of segments ``offsets[i]:offsets[i + 1]`` bucketed by size (at most ~2x
+    apart), each bucket's rows as an index padded with the pad row ``offsets[-1]``."""
     counts = np.diff(offsets)
-    num, rows = len(counts), g.shape[0]
-    out = g.new_zeros(num, g.shape[1], a.shape[1])
+    num, rows = len(counts), int(offsets[-1])
     order = np.argsort(counts, kind="stable")
     sorted_counts = counts[order]
-    g_pad = torch.cat([g, g.new_zeros(1, g.shape[1])])
-    a_pad = torch.cat([a, a.new_zeros(1, a.shape[1])])
+    out: Buckets = []
     i = 0
     while i < num:
         low = int(sorted_counts[i])
         j = int(np.searchsorted(sorted_counts, max(2 * low, low + 8), side="right"))
         sel = order[i:j]
-        width = int(sorted_counts[j - 1])
-        steps = np.arange(width)
+        steps = np.arange(int(sorted_counts[j - 1]))
         idx = np.where(steps[None, :] < counts[sel][:, None], offsets[sel][:, None] + steps[None, :], rows)
-        index = torch.from_numpy(idx)
-        out[torch.from_numpy(sel)] = torch.bmm(g_pad[index].transpose(1, 2), a_pad[index])
+        out.append((torch.from_numpy(sel), torch.from_numpy(idx)))
         i = j
+    return out
+
+
+def _segment_outer(g: torch.Tensor, a: torch.Tensor, buckets: Buckets) -> torch.Tensor:
+    """``out[i] = g[rows_i].T @ a[rows_i]`` for each segment ``i`` of :func:`_buckets`:
+    float [P, o, k] from g [B, o], a [B, k].
+
+    Segments are zero-padded within their bucket, so a few ``bmm`` calls cover every
+    phone however heavy-tailed their row counts are.
+    """
+    num = sum(len(sel) for sel, _ in buckets)
+    out = g.new_zeros(num, g.shape[1], a.shape[1])
+    g_pad = torch.cat([g, g.new_zeros(1, g.shape[1])])
+    a_pad = torch.cat([a, a.new_zeros(1, a.shape[1])])
+    for sel, index in buckets:
+        out[sel] = torch.bmm(g_pad[index].transpose(1, 2), a_pad[index])
     return out
 
 
@@ -302,11 +315,12 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
     emb = model.embeddings
     l2 = s.embedding_l2
     dense_grads: dict[str, torch.Tensor] = {}  # name -> [P, *shape]
+    buckets = _buckets(offsets)
     for (name, a, _), gz in zip(sites, g_sites, strict=True):
-        dense_grads[f"{name}.weight"] = _segment_outer(gz, a, offsets)
+        dense_grads[f"{name}.weight"] = _segment_outer(gz, a, buckets)
         dense_grads[f"{name}.bias"] = _segment_sum(gz, phone, num)
     if match_counts is not None:
-        dense_grads["match.weight"] = _segment_outer(g_logits, match_counts, offsets).transpose(1, 2)
+        dense_grads["match.weight"] = _segment_outer(g_logits, match_counts, buckets).transpose(1, 2)
     lengths = {f.name: batch.bag_lengths(f.name) for f in emb.embedded if f.is_bag}
     reads = _table_reads(model, batch.ids, batch.bags, lengths, g_leaves, phone, emb.bag_pooling)
     sparse_grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # phone, ids, grads
@@ -345,35 +359,52 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
         return s.table_lr if (s.table_lr is not None and model.is_dense_table(name)) else s.lr
 
     names = list(tasks[0].dense)
-    deltas: dict[str, torch.Tensor] = {}
+    deltas: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> each phone's delta (views)
     for name in names:
         theta = tasks[0].dense[name]
         grad_of = dense_grads.get(name)
-        deltas[name] = theta.new_zeros(num, *theta.shape) if grad_of is None else (theta - lr_of(name) * grad_of) - theta
-    bounds: dict[str, np.ndarray] = {
-        name: np.searchsorted(owner.numpy(), np.arange(num + 1)) for name, (owner, _, _) in sparse_grads.items()}
+        if grad_of is None:
+            delta = theta.new_zeros(num, *theta.shape)
+        else:  # (theta - lr * grad) - theta, as the phone computes it, in grad's memory
+            delta = torch.sub(theta, grad_of.mul_(lr_of(name)), out=grad_of).sub_(theta)
+        deltas[name] = delta.unbind(0)
+    sparse_deltas: list[dict[str, SparseRows]] = [{} for _ in tasks]
+    for table in sparse_tables(model):
+        _sparse_steps(tasks, table, params[table].shape[0], sparse_grads.get(table), lr_of(table), sparse_deltas)
     new_local: dict[str, torch.Tensor] = {}
     if user_rows is not None and user_grad is not None:
         name = model.table_name(USER_KEY)
         new_local[name] = user_rows - lr_of(name) * user_grad
     if bias_rows is not None and bias_grad is not None:
         new_local[_USER_BIAS] = bias_rows - lr_of(_USER_BIAS) * bias_grad
+    local_rows = {n: new_local[n].split(1) for n in local_names}
     out = []
     for i, task in enumerate(tasks):
-        sparse_delta = {}
-        for table in sparse_tables(model):
-            rows = task.rows.get(table)
-            if rows is None or not len(rows.ids):
-                continue
-            grad = torch.zeros_like(rows.values)
-            if table in sparse_grads:
-                _, got_ids, sums = sparse_grads[table]
-                lo, hi = int(bounds[table][i]), int(bounds[table][i + 1])
-                pos = torch.searchsorted(rows.ids, got_ids[lo:hi])
-                grad[pos] = sums[lo:hi]
-            sparse_delta[table] = SparseRows(rows.ids, (rows.values - lr_of(table) * grad) - rows.values)
-        update = Update(client_id=task.client_id, dense={n: deltas[n][i] for n in names}, sparse=sparse_delta,
+        update = Update(client_id=task.client_id, dense={n: deltas[n][i] for n in names}, sparse=sparse_deltas[i],
                         num_examples=int(counts[i]), base_version=task.version, metrics={"loss": losses[i]})
-        local = {n: new_local[n][i: i + 1].clone() for n in local_names}
-        out.append((update, local))
+        out.append((update, {n: local_rows[n][i].clone() for n in local_names}))
     return out
+
+
+def _sparse_steps(tasks: Sequence[ClientTask], table: str, nrows: int,
+                  grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, lr: float,
+                  out: list[dict[str, SparseRows]]) -> None:
+    """Each phone's SGD step on its served rows of ``table`` into ``out[i][table]``, for
+    all phones at once: the served rows back to back (phones in order, ids sorted within
+    a phone), keyed ``phone * nrows + id`` like ``grads`` (owner, row, summed gradient;
+    sorted by that key). The deltas are views of one tensor."""
+    present = [i for i, t in enumerate(tasks) if table in t.rows and len(t.rows[table].ids)]
+    if not present:
+        return
+    served = [tasks[i].rows[table] for i in present]
+    sizes = [len(r.ids) for r in served]
+    values = torch.cat([r.values for r in served])
+    grad = torch.zeros_like(values)
+    if grads is not None:
+        owner, rows, sums = grads
+        keys = torch.repeat_interleave(torch.tensor(present) * nrows, torch.tensor(sizes), output_size=len(values))
+        keys += torch.cat([r.ids for r in served])
+        grad[torch.searchsorted(keys, owner * nrows + rows)] = sums
+    pieces = ((values - lr * grad) - values).split(sizes)
+    for i, r, piece in zip(present, served, pieces, strict=True):
+        out[i][table] = SparseRows(r.ids, piece)

@@ -42,6 +42,7 @@ WIRE_DTYPES: Final[Mapping[str, torch.dtype]] = MappingProxyType({
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
 })
 _TAGS: Final = {dtype: tag for tag, dtype in WIRE_DTYPES.items()}
+_DTYPE_OF: Final = dict(WIRE_DTYPES)  # a plain dict: the header reader's lookup
 
 #: The default :attr:`WireSpec.max_bytes` is twice the largest honest payload plus this
 #: room for the header (names, offsets, metadata, metrics).
@@ -210,6 +211,23 @@ def _is_int(x: object) -> bool:
 
 
 def _entry(where: str, name: str, info: object) -> Entry:
+    # the common case in one pass of exact type tests; anything else goes the long way
+    # round, which accepts exactly the same entries and names what is wrong
+    if type(info) is dict:
+        tag, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        dtype = _DTYPE_OF.get(tag) if type(tag) is str else None
+        if (dtype is not None and type(shape) is list and len(shape) <= _MAX_RANK and type(offsets) is list
+                and len(offsets) == 2):
+            begin, end = offsets
+            if (type(begin) is int and type(end) is int and 0 <= begin <= end
+                    and all(type(d) is int and d >= 0 for d in shape)):
+                size = dtype.itemsize
+                if math.prod(shape) * size == end - begin and not begin % size:
+                    return dtype, tuple(shape), begin, end
+    return _entry_checked(where, name, info)
+
+
+def _entry_checked(where: str, name: str, info: object) -> Entry:
     bad = f"{where}: header entry {show(name)}"
     if not isinstance(info, dict):
         raise DataError(f"{bad} is not an object: not safetensors")

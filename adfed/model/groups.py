@@ -171,6 +171,26 @@ def touched_rows(model: PCVRModel, batch: Batch | Examples) -> dict[str, torch.T
     return out
 
 
+def touched_rows_many(model: PCVRModel, data: Examples, offsets: np.ndarray) -> list[dict[str, torch.Tensor]]:
+    """:func:`touched_rows` of each part ``offsets[i]:offsets[i + 1]`` of ``data`` (the
+    phones of a round, back to back), all parts at once: one sort per table. Each
+    part's ids are a view of one tensor per table."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    num = len(offsets) - 1
+    part_of = np.repeat(np.arange(num, dtype=np.int64), np.diff(offsets))
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(num)]
+    for name in sparse_tables(model):
+        ids = model.rows_read(name, data)
+        assert isinstance(ids, np.ndarray)  # Examples give their numpy columns
+        nrows = _param(model, name).shape[0]
+        keys = np.unique(part_of[model.read_positions(name, data)] * nrows + ids)
+        bounds = np.searchsorted(keys, np.arange(num + 1, dtype=np.int64) * nrows).tolist()
+        rows = torch.from_numpy(keys - np.repeat(np.arange(num, dtype=np.int64) * nrows, np.diff(bounds)))
+        for i in range(num):
+            out[i][name] = rows[bounds[i] : bounds[i + 1]]
+    return out
+
+
 def _check_ids(name: str, ids: torch.Tensor, rows: int) -> None:
     if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"row ids for {name} must be a 1-d integer tensor; got {ids.dtype} {tuple(ids.shape)}")

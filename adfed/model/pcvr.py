@@ -196,6 +196,14 @@ class PCVRModel(nn.Module):
             return torch.cat(cast(list[torch.Tensor], reads))
         return np.concatenate(reads)
 
+    def read_positions(self, name: str, data: Examples) -> np.ndarray:
+        """The example (row of ``data``) of each read :meth:`rows_read` gives for the
+        embedding table ``name``, in the same order: int64 [reads]."""
+        n = len(data)
+        parts = [np.repeat(np.arange(n, dtype=np.int64), np.diff(data.bags[f.name][1])) if f.is_bag
+                 else np.arange(n, dtype=np.int64) for f in self.embeddings.fields_of(name[len("embeddings."):])]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     # ---- forward -------------------------------------------------------------------
 
     def _plan_blocks(self) -> _BlockPlan:

@@ -8,8 +8,30 @@ payloads are the touched row ids and their row deltas.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
+
+
+def flat_span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One 1-D view of ``tensors`` when they lie back to back in one storage, in this
+    order, contiguous and of one dtype (a decoded payload's tensors of one dtype do, in
+    the wire's name order); None otherwise. Lets a loop over many small tensors make
+    one call instead."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    end, total = first.data_ptr() + first.numel() * first.element_size(), first.numel()
+    for t in tensors[1:]:
+        if t.dtype != first.dtype or not t.is_contiguous() or t.data_ptr() != end:
+            return None
+        end += t.numel() * t.element_size()
+        total += t.numel()
+    if tensors[-1].untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+        return None  # adjacent by chance, in two allocations
+    return first.as_strided((total,), (1,))
 
 
 @dataclasses.dataclass(frozen=True)

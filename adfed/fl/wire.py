@@ -64,15 +64,32 @@ def _save(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     per-tensor numpy/ctypes round trip (~50 us per tensor). Tests check that
     ``safetensors.torch.load`` reads them."""
     flat = sorted((-t.element_size(), key, t) for key, t in tensors.items())  # alignment desc, then name
-    header: dict[str, Any] = {"__metadata__": meta}
+    # json.dumps(header, separators=(",", ":"), ensure_ascii=False) of {"__metadata__": meta,
+    # key: {"dtype", "shape", "data_offsets"}, ...}, written piece by piece (half the time)
+    parts = ['{"__metadata__":', json.dumps(meta, separators=(",", ":"), ensure_ascii=False)]
     offset = 0
     for _, key, t in flat:
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": wire_tag(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        parts.append(f',{_json_key(key)}:{{"dtype":"{wire_tag(t.dtype)}","shape":[{",".join(map(str, t.shape))}],'
+                     f'"data_offsets":[{offset},{offset + size}]}}')
         offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    parts.append("}")
+    text = "".join(parts).encode()
     text += b" " * (-len(text) % 8)
     return b"".join([len(text).to_bytes(8, "little"), text, *(_raw(t) for *_, t in flat)])
+
+
+_KEYS: dict[str, str] = {}
+
+
+def _json_key(key: str) -> str:
+    """``key`` as a JSON string (remembered: a model has few tensor names)."""
+    out = _KEYS.get(key)
+    if out is None:
+        out = json.dumps(key, ensure_ascii=False)
+        if len(_KEYS) < 4096:
+            _KEYS[key] = out
+    return out
 
 
 def _rows_tensors(rows: Mapping[str, SparseRows]) -> dict[str, torch.Tensor]:

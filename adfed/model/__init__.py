@@ -12,6 +12,7 @@ from adfed.model.groups import (
     set_rows_inplace,
     sparse_tables,
     touched_rows,
+    touched_rows_many,
 )
 from adfed.model.pcvr import Output, PCVRModel, build_model, ensure_finite, esmm_loss, remap_user
 from adfed.model.predict import predict
@@ -35,4 +36,5 @@ __all__ = [
     "set_rows_inplace",
     "sparse_tables",
     "touched_rows",
+    "touched_rows_many",
 ]

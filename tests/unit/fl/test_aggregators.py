@@ -22,7 +22,7 @@ from adfed.fl.aggregators import (
     weighted_mean,
 )
 from adfed.fl.server import server_weights
-from adfed.fl.types import SparseRows, Update
+from adfed.fl.types import SparseRows, Update, flat_span
 from adfed.fl.wire import WireSpec
 
 
@@ -96,6 +96,40 @@ def test_weighted_mean_matches_numpy(rng: np.random.Generator) -> None:
         want = np.tensordot(weights / weights.sum(), stacked, axes=1)
         np.testing.assert_allclose(mean[name].numpy(), want, rtol=1e-6, atol=1e-6)
         assert mean[name].dtype == torch.float32
+
+
+def test_weighted_mean_of_decoded_updates_equals_it_tensor_by_tensor(rng: np.random.Generator) -> None:
+    # Prepare: the same updates as separate tensors and as views of one buffer each, in
+    # the wire's name order (what the server decodes), and one update with its two
+    # tensors in the other order (no span: tensor by tensor)
+    names = {"z.weight": (3, 2), "a.bias": (4,), "m.weight": (2, 2)}
+    arrays = [{n: torch.from_numpy(rng.normal(size=s).astype(np.float32)) for n, s in names.items()} for _ in range(4)]
+    def packed(d: dict[str, torch.Tensor], order: list[str]) -> dict[str, torch.Tensor]:
+        flat = torch.cat([d[n].reshape(-1) for n in order])
+        views = dict(zip(order, flat.split([d[n].numel() for n in order]), strict=True))
+        return {n: views[n].view(d[n].shape) for n in d}
+    decoded = [packed(d, sorted(names)) for d in arrays[:3]] + [packed(arrays[3], list(names))]
+    weights = np.array([1.0, 2.0, 0.0, 0.5])
+
+    # Execute
+    plain, fast = weighted_mean(arrays, weights), weighted_mean(decoded, weights)
+
+    # Assert: bit for bit, the names in the first update's order
+    assert list(fast) == list(names)
+    for n in names:
+        assert torch.equal(plain[n], fast[n])
+
+
+def test_flat_span_only_of_tensors_back_to_back_in_one_storage() -> None:
+    flat = torch.arange(10, dtype=torch.float32)
+    a, b, c = flat[:2], flat[2:6].view(2, 2), flat[6:]
+    span = flat_span([a, b, c])
+    assert span is not None and span.data_ptr() == flat.data_ptr() and torch.equal(span, flat)
+    assert flat_span([a, c]) is None  # a gap
+    assert flat_span([b, a]) is None  # out of order
+    assert flat_span([a, flat[2:6].view(2, 2).t()]) is None  # not contiguous
+    assert flat_span([a, torch.zeros(3)]) is None  # another allocation
+    assert flat_span([]) is None
 
 
 def test_weighted_mean_zero_total_weight_raises() -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from adfed.errors import DataError
+from adfed.fl import wire
 from adfed.fl.types import SparseRows, Update
 from adfed.fl.wire import (
     KNOWN_CODECS,
@@ -463,3 +464,22 @@ def test_single_byte_flips_decode_validly_or_are_refused(kind: str, data: st.Dat
 @pytest.mark.parametrize("kind", sorted(_DECODERS))
 def test_valid_payloads_decode(kind: str) -> None:
     _check_valid(kind, _DECODERS[kind](_VALID[kind], _SPEC), _SPEC)
+
+
+def test_header_is_compact_json_with_names_and_metadata_escaped() -> None:
+    # Setup: names and metadata with quotes, backslashes, control and non-ASCII characters
+    tensors = {'dense/a"b\\c': torch.arange(6, dtype=torch.float32).view(2, 3), "sparse/é\n/ids": torch.arange(2)}
+    meta = {"kind": 'x"y\n', "é": "\\"}
+
+    # Execute
+    payload = wire._save(tensors, meta)
+
+    # Assert: the header is json.dumps' compact form of what it says (space-padded), and
+    # safetensors reads the tensors back
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    text = payload[8 : 8 + header_len]
+    header = json.loads(text)
+    assert text.rstrip(b" ") == json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    assert header["__metadata__"] == meta
+    assert header["sparse/é\n/ids"] == {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}
+    _equal(dict(sorted(st_load(payload).items())), dict(sorted(tensors.items())))

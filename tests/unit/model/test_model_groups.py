@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from adfed.data.examples import Batch
+from adfed.data.examples import Batch, Examples
 from adfed.data.schema import (
     Entity,
     FieldKind,
@@ -33,6 +33,7 @@ from adfed.model import (
     set_rows_inplace,
     sparse_tables,
     touched_rows,
+    touched_rows_many,
 )
 from adfed.model.pcvr import PCVRModel
 from adfed.model.sparse_adam import RowSparseAdam
@@ -171,6 +172,26 @@ def test_touched_rows_are_the_ids_in_the_batch(schema: Schema, make_batch: Calla
         ids = batch.bags[field][0] if field in batch.bags else batch.ids[field]
         assert rows.dtype == torch.int64
         np.testing.assert_array_equal(rows.numpy(), np.unique(ids.numpy()))
+
+
+def test_touched_rows_many_are_touched_rows_of_each_part(schema: Schema,
+                                                        make_examples: Callable[..., Examples]) -> None:
+    # Prepare: parts of uneven size, one of them empty, bags partly empty
+    model = build_model(schema)
+    data = make_examples(schema, 60, empty_bags=True)
+    offsets = np.array([0, 1, 1, 17, 40, 60])
+
+    # Execute
+    many = touched_rows_many(model, data, offsets)
+
+    # Assert
+    assert len(many) == 5
+    for i, got in enumerate(many):
+        want = touched_rows(model, data.slice(int(offsets[i]), int(offsets[i + 1])))
+        assert list(got) == list(want)
+        for table in want:
+            assert got[table].dtype == torch.int64
+            assert torch.equal(got[table], want[table]), (i, table)
 
 
 def test_get_and_set_rows_round_trip(schema: Schema) -> None:

@@ -359,14 +359,23 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
         return s.table_lr if (s.table_lr is not None and model.is_dense_table(name)) else s.lr
 
     names = list(tasks[0].dense)
+    # each phone's dense deltas back to back in the wire's order (by name), one row of
+    # ``block`` per phone: its upload writes them as one buffer (wire._spans)
+    order = sorted(names)
+    sizes = [tasks[0].dense[n].numel() for n in order]
+    block = torch.empty(num, sum(sizes), dtype=tasks[0].dense[order[0]].dtype) if order else None
     deltas: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> each phone's delta (views)
-    for name in names:
+    start = 0
+    for name, size in zip(order, sizes, strict=True):
         theta = tasks[0].dense[name]
+        assert block is not None
+        delta = block[:, start : start + size].view(num, *theta.shape)
+        start += size
         grad_of = dense_grads.get(name)
-        if grad_of is None:
-            delta = theta.new_zeros(num, *theta.shape)
-        else:  # (theta - lr * grad) - theta, as the phone computes it, in grad's memory
-            delta = torch.sub(theta, grad_of.mul_(lr_of(name)), out=grad_of).sub_(theta)
+        if grad_of is None or theta.dtype != block.dtype:
+            delta = theta.new_zeros(num, *theta.shape) if grad_of is None else (theta - lr_of(name) * grad_of) - theta
+        else:  # (theta - lr * grad) - theta, as the phone computes it
+            torch.sub(theta, grad_of.mul_(lr_of(name)), out=delta).sub_(theta)
         deltas[name] = delta.unbind(0)
     sparse_deltas: list[dict[str, SparseRows]] = [{} for _ in tasks]
     for table in sparse_tables(model):

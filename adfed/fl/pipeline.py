@@ -73,6 +73,12 @@ class Pipeline:
         """The payload's codec: the transform names joined by ``+``."""
         return "+".join(t.name for t in self.transforms)
 
+    @property
+    def plain(self) -> bool:
+        """True when every transform is :class:`Identity`: :meth:`apply` would return the
+        update as it is (so the caller need not derive an RNG for it)."""
+        return all(isinstance(t, Identity) for t in self.transforms)
+
     def apply(self, update: Update, rng: np.random.Generator, phone: Mapping[str, torch.Tensor] | None,
               settings: ClientSettings) -> tuple[Update, State]:
         """Run every transform on the phone with the round's ``settings`` (e.g. the clip

@@ -45,6 +45,12 @@ def test_default_pipeline_is_identity_and_keeps_no_state() -> None:
     out, kept = p.apply(update, np.random.default_rng(0), None, SETTINGS)
     assert p.codec == "identity" and out is update and kept == {}
     assert p.invert(out) is out
+    assert p.plain and Pipeline((Identity(), Identity())).plain
+
+
+def test_a_pipeline_with_any_other_transform_is_not_plain() -> None:
+    assert not Pipeline((Identity(), Scale(2.0))).plain
+    assert not Pipeline((Scale(1.0),)).plain
 
 
 def test_state_is_kept_under_the_transforms_prefix_and_comes_back_next_round() -> None:

@@ -13,11 +13,13 @@ directory is given;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,19 @@ def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
     return saved
 
 
+@contextlib.contextmanager
+def _settled_gc() -> Iterator[None]:
+    """Everything alive before the rounds (the libraries, the dataset, the model: ~400k
+    objects) out of the cyclic collector's sight while they run (``gc.freeze``): each full
+    collection would rescan them, 0.1-0.25 s at a time, several times a 1000-phone round
+    at 1M users. Unfrozen afterwards, so what became garbage meanwhile is collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None = None,
                   resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Run ``cfg.fl.rounds`` rounds (sync) or server steps (async); see module doc."""
@@ -236,9 +251,11 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     start = time.perf_counter()
     backend = create_backend(cfg.fl.backend, dataset.path, cfg)
     final: dict[str, float] = {}
+    stack = contextlib.ExitStack()
     try:
         engine = build_engine(cfg, dataset, population, state, backend, server_opt, plan=plan,
                               vocabulary=vocabulary)
+        stack.enter_context(_settled_gc())
         while state.round < cfg.fl.rounds:
             if plan is not None and cfg.privacy.target_epsilon > 0 and cfg.privacy.on_target == "stop" and \
                     privacy_accountant.epsilon(plan, state.round + 1) > cfg.privacy.target_epsilon:
@@ -271,6 +288,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
             if on_step:
                 on_step(row)
     finally:
+        stack.close()
         backend.close()
     if not final:  # resumed a finished run: evaluate the restored model
         load_global_inplace(eval_model, state, store)

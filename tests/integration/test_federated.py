@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import numpy as np
 import pytest
@@ -72,6 +73,25 @@ def test_sync_run_reports_rounds_and_summary(small_world, fl_config):
     # the full embedding tables are never shipped
     assert s["bytes_up_per_client"] < s["model_bytes"]
     assert s["bytes_up_sparse_per_client"] > 0
+
+
+def test_rounds_run_with_the_collector_settled_and_leave_it_as_they_found_it(small_world, fl_config, monkeypatch):
+    # Prepare: record the freeze count each round sees
+    import adfed.fl.simulation as simulation
+    seen = []
+    real = simulation.run_sync_round
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(simulation, "run_sync_round", spy)
+    before = gc.get_freeze_count()
+
+    # Execute
+    Trainer(fl_config(small_world)).fit()
+
+    # Assert: what was alive before the rounds is frozen during them, and unfrozen after
+    assert len(seen) == 4 and min(seen) > before
+    assert gc.get_freeze_count() == before
 
 
 def test_every_selected_client_is_counted_once_including_retried_attempts(small_world, fl_config):

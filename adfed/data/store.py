@@ -38,6 +38,9 @@ TRUTH_PREFIX = "truth_"
 #: all rows; otherwise it reads their own rows. A scan decodes the whole dataset at once
 #: (measured: +1.3 GiB peak RSS for 1,000 test users of a 1M-user world, 19M rows).
 _SCAN_SHARE = 0.125
+#: Row groups decoded at once by a read that keeps nothing (``cache=False``): bounds its
+#: memory (1,000 test users of a 1M-user world touch ~250 groups of users.parquet alone).
+_ONE_OFF_GROUPS = 16
 #: Bytes of decoded row groups kept per dataset (an LRU; a row group is ~0.1-1 MB
 #: decoded, so the demo dataset fits whole and a 1M-user one keeps its hottest groups).
 _CACHE_BYTES = 256 * 2**20
@@ -165,6 +168,21 @@ def _read_table(path: Path) -> pa.Table:
         raise DataError(_damaged(path, exc)) from exc
 
 
+def _batches(first: np.ndarray, last: np.ndarray, limit: int) -> list[int]:
+    """Cut points ``[0, ..., n]`` of ranges covering row groups ``first[i]..last[i]`` into
+    runs of consecutive ranges that together touch at most ``limit`` groups (a range
+    wider than that is a run of its own)."""
+    cuts, seen = [0], set[int]()
+    for i, (f, g) in enumerate(zip(first.tolist(), last.tolist(), strict=True)):
+        span = set(range(f, g + 1))
+        if seen and len(seen | span) > limit:
+            cuts.append(i)
+            seen = set()
+        seen |= span
+    cuts.append(len(first))
+    return cuts
+
+
 class _RowGroupFile:
     """A parquet file addressed by global row number, reading only needed row groups."""
 
@@ -189,20 +207,23 @@ class _RowGroupFile:
         except (pa.ArrowException, OSError) as exc:
             raise DataError(_damaged(self.path, exc)) from exc
 
-    def read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    def read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None = None, *,
+                    cache: bool = True) -> pa.Table:
         """Rows ``[starts[i], starts[i] + counts[i])`` of every range ``i``, back to back.
 
         Each row group is read (and decoded) at most once, however many ranges fall in
         it: the groups not in the cache are read in file order, then kept in the cache;
         no per-range Python beyond one zero-copy slice. Ranges of zero rows contribute
-        nothing.
+        nothing. ``cache=False`` (a one-off read, e.g. a test set) keeps nothing: the rows
+        are copied out of their groups, which are dropped at once.
         """
         try:
-            return self._read_ranges(np.asarray(starts, np.int64), np.asarray(counts, np.int64), columns)
+            return self._read_ranges(np.asarray(starts, np.int64), np.asarray(counts, np.int64), columns, cache)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(_damaged(self.path, exc)) from exc
 
-    def _read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None) -> pa.Table:
+    def _read_ranges(self, starts: np.ndarray, counts: np.ndarray, columns: list[str] | None,
+                     cache: bool = True) -> pa.Table:
         keep = counts > 0
         starts, counts = starts[keep], counts[keep]
         if not len(starts):
@@ -211,9 +232,14 @@ class _RowGroupFile:
                     self.file.schema_arrow.empty_table()
         first = np.searchsorted(self.starts, starts, side="right") - 1
         last = np.searchsorted(self.starts, starts + counts - 1, side="right") - 1
+        if not cache:  # a few groups decoded at a time, their rows copied out before the next
+            cuts = _batches(first, last, _ONE_OFF_GROUPS)
+            if len(cuts) > 2:
+                return pa.concat_tables([self._read_ranges(starts[a:b], counts[a:b], columns, False)
+                                         for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
         spans = [np.arange(f, g + 1) for f, g in zip(first[first != last], last[first != last], strict=True)]
         needed = np.unique(np.concatenate([first, *spans])).tolist()
-        tables = self._groups(needed, columns)
+        tables = self._groups(needed, columns, cache)
         group_start = self.starts
         if not spans:  # the common case: every range inside one group
             parts = [tables[f].slice(s - group_start[f], c)
@@ -225,11 +251,12 @@ class _RowGroupFile:
                 for h in range(f, g + 1):
                     lo, hi = max(s, int(group_start[h])), min(end, int(group_start[h + 1]))
                     parts.append(tables[h].slice(lo - int(group_start[h]), hi - lo))
-        return pa.concat_tables(parts)
+        out = pa.concat_tables(parts)
+        return out if cache else out.combine_chunks()  # a copy: the decoded groups go now
 
-    def _groups(self, groups: list[int], columns: list[str] | None) -> dict[int, pa.Table]:
+    def _groups(self, groups: list[int], columns: list[str] | None, cache: bool = True) -> dict[int, pa.Table]:
         """Decoded row groups ``groups`` (sorted, unique) by number: cached ones from the
-        cache, the others read (in file order) and cached."""
+        cache, the others read (in file order) and cached (unless ``cache`` is False)."""
         key = (str(self.path), tuple(columns or ()))
         out: dict[int, pa.Table] = {}
         with self._lock:  # ParquetFile is not thread-safe
@@ -243,7 +270,7 @@ class _RowGroupFile:
             for g in missing:  # in file order; one group at a time, so each is its own buffer
                 table = self.file.read_row_group(g, columns=columns)
                 out[g] = table
-                if self._cache is not None:
+                if self._cache is not None and cache:
                     self._cache.put((*key, g), table)
         return out
 
@@ -408,8 +435,8 @@ class Dataset:
             raise DataError(f"user_id {int(user_ids[bad][0])} has no impressions in {self.path}")
         return user_ids
 
-    def _rows_of(self, files: list[_RowGroupFile], user_ids: np.ndarray,
-                 columns: list[str] | None = None, counts: np.ndarray | None = None) -> pa.Table:
+    def _rows_of(self, files: list[_RowGroupFile], user_ids: np.ndarray, columns: list[str] | None = None,
+                 counts: np.ndarray | None = None, *, cache: bool = True) -> pa.Table:
         """The rows of ``user_ids`` (known users) from the sharded ``files``, back to back
         in the given order: each user's first ``counts`` rows (all of them by default).
 
@@ -417,12 +444,12 @@ class Dataset:
         shard for sorted users), so every row group is decoded at most once.
         """
         if not len(user_ids):
-            return files[0].read_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64), columns)
+            return files[0].read_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64), columns, cache=cache)
         shard, start = self._shard[user_ids], self._start[user_ids]
         count = self._count[user_ids] if counts is None else counts
         cut = np.flatnonzero(np.diff(shard)) + 1
         bounds = [0, *cut.tolist(), len(user_ids)]
-        return pa.concat_tables([files[int(shard[lo])].read_ranges(start[lo:hi], count[lo:hi], columns)
+        return pa.concat_tables([files[int(shard[lo])].read_ranges(start[lo:hi], count[lo:hi], columns, cache=cache)
                                  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
 
     def clients(self, user_ids: np.ndarray, *, with_truth: bool = True) -> list[Examples]:
@@ -471,14 +498,15 @@ class Dataset:
         rows = np.repeat(sorted_offsets[rank] - offsets[:-1], count) + np.arange(int(offsets[-1]))
         return joined.take(rows), offsets
 
-    def _joined(self, user_ids: np.ndarray, *, with_truth: bool, counts: np.ndarray | None = None) -> Examples:
+    def _joined(self, user_ids: np.ndarray, *, with_truth: bool, counts: np.ndarray | None = None,
+                cache: bool = True) -> Examples:
         """Every row (the first ``counts``) of ``user_ids`` (known users), users in the
-        given order, one join."""
+        given order, one join; ``cache=False`` leaves the row-group caches as they were."""
         count = self._count[user_ids] if counts is None else counts
-        imp = self._rows_of(self._imp, user_ids, self._imp_columns, count)
-        truth = self._rows_of(self._truth, user_ids, None, count) if self.has_truth and with_truth else None
+        imp = self._rows_of(self._imp, user_ids, self._imp_columns, count, cache=cache)
+        truth = self._rows_of(self._truth, user_ids, None, count, cache=cache) if self.has_truth and with_truth else None
         names = [f.name for f in self._user_fields if f.name != USER_KEY]
-        users = self._users.read_ranges(user_ids, np.ones(len(user_ids), np.int64), names)
+        users = self._users.read_ranges(user_ids, np.ones(len(user_ids), np.int64), names, cache=cache)
         return self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
 
     def labels(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -507,7 +535,9 @@ class Dataset:
             ids = np.unique(np.asarray(user_ids, dtype=np.int64))
             rows = self.rows_of_users(ids)
             if rows.any() and rows.sum() <= _SCAN_SHARE * self.num_impressions:
-                return self._joined(ids[rows > 0], with_truth=True)
+                # a one-off read (a test set): filling the caches with its row groups would
+                # hold ~0.5 GiB for 1,000 users of a 1M-user world and evict a round's
+                return self._joined(ids[rows > 0], with_truth=True, cache=False)
         imp = pa.concat_tables([f.read(self._imp_columns) for f in self._imp])
         truth = pa.concat_tables([f.read() for f in self._truth]) if self._truth else None
         if user_ids is not None:  # many users: one scan and a row mask beats many reads

@@ -296,6 +296,33 @@ def test_load_of_few_users_does_not_scan_the_shards(world: World, monkeypatch: p
     assert scans == []
 
 
+def test_load_of_some_users_keeps_nothing_cached_and_reads_few_groups_at_a_time(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: at most one row group decoded at a time (the world's groups hold 2 rows)
+    ds = Dataset.open(world.path)
+    monkeypatch.setattr(store_module, "_ONE_OFF_GROUPS", 1)
+    files = [*ds._imp, *ds._truth, ds._users]
+    cached = {id(f._cache): f._cache for f in files if f._cache is not None}
+
+    # Execute
+    some = ds.load(np.array([4, 0, 3]))
+
+    # Assert: the same rows as the cached reads, and no cache holds a group of them
+    assert all(not c._tables for c in cached.values())
+    _assert_examples_equal(some, Examples.concat([ds.client(0), ds.client(3), ds.client(4)]))
+    assert any(c._tables for c in cached.values())  # client() does cache
+
+
+@pytest.mark.parametrize(("first", "last", "limit", "cuts"), [
+    ([0, 0, 1, 2, 2, 5], [0, 1, 1, 2, 4, 5], 2, [0, 3, 4, 5, 6]),
+    ([0, 3], [2, 3], 2, [0, 1, 2]),  # a range wider than the limit is a run of its own
+    ([], [], 4, [0, 0]),
+])
+def test_batches_of_ranges_touch_at_most_limit_groups(first: list[int], last: list[int], limit: int,
+                                                      cuts: list[int]) -> None:
+    assert store_module._batches(np.array(first, dtype=np.int64), np.array(last, dtype=np.int64), limit) == cuts
+
+
 def test_to_batch_of_a_client(world: World) -> None:
     batch = Dataset.open(world.path).client(1).to_batch()
     assert len(batch) == 5

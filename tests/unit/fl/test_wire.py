@@ -483,3 +483,17 @@ def test_header_is_compact_json_with_names_and_metadata_escaped() -> None:
     assert header["__metadata__"] == meta
     assert header["sparse/é\n/ids"] == {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}
     _equal(dict(sorted(st_load(payload).items())), dict(sorted(tensors.items())))
+
+
+def test_tensors_back_to_back_in_memory_encode_to_the_same_bytes(update: Update, env: Envelope) -> None:
+    # Prepare: the dense deltas as views of one block in wire order (B's name sorts first),
+    # as the batched phones lay them out, and the sparse values as a slice of a bigger tensor
+    block = torch.cat([update.dense[B].reshape(-1), update.dense[W].reshape(-1)])
+    packed = dataclasses.replace(update, dense={W: block[4:].view(4, 3), B: block[:4]})
+    rows = update.sparse[AD]
+    wider = torch.cat([rows.values, torch.ones(2, 2)])[:3]
+    packed = dataclasses.replace(packed, sparse={**update.sparse, AD: SparseRows(rows.ids, wider)})
+
+    # Execute / Assert: one buffer or several, the same payload
+    assert encode_update(packed, env) == encode_update(update, env)
+    assert len(wire._spans([block[:4], block[4:].view(4, 3)])) == 1

@@ -311,6 +311,8 @@ class Dataset:
         self._user_fields = self.schema.by_entity(Entity.USER)
         self._ctx_fields = self.schema.by_entity(Entity.CONTEXT)
         self._imp_columns = [USER_KEY, AD_KEY, *[f.name for f in self._ctx_fields], *LABEL_COLUMNS]
+        del index  # then its decoding buffers back to the system: ~390 MB kept by arrow's pool at 10M users
+        release_arrow_memory()
 
     # -- opening and validation --------------------------------------------------------
     @classmethod
@@ -537,7 +539,9 @@ class Dataset:
             if rows.any() and rows.sum() <= _SCAN_SHARE * self.num_impressions:
                 # a one-off read (a test set): filling the caches with its row groups would
                 # hold ~0.5 GiB for 1,000 users of a 1M-user world and evict a round's
-                return self._joined(ids[rows > 0], with_truth=True, cache=False)
+                out = self._joined(ids[rows > 0], with_truth=True, cache=False)
+                release_arrow_memory()
+                return out
         imp = pa.concat_tables([f.read(self._imp_columns) for f in self._imp])
         truth = pa.concat_tables([f.read() for f in self._truth]) if self._truth else None
         if user_ids is not None:  # many users: one scan and a row mask beats many reads
@@ -571,6 +575,14 @@ class Dataset:
         """Held-out rerank requests, or None."""
         path = self.path / "requests.parquet"
         return pq.read_table(path) if path.exists() else None
+
+
+def release_arrow_memory() -> None:
+    """Hand the memory arrow's pool keeps after a one-off read of a whole table (the
+    index, the device profiles, a test set) back to the system: its allocator (mimalloc)
+    otherwise holds it as resident memory (measured at 10M users: 386 MB after opening,
+    520 MB after the device profiles). A few milliseconds; not for hot paths."""
+    pa.default_memory_pool().release_unused()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -93,10 +93,12 @@ class WorkerContext:
     """What a worker keeps between jobs: the dataset, a scratch model, the update
     pipeline, and the decoded model of the current version."""
 
-    def __init__(self, data_path: str | Path, cfg: Config) -> None:
-        dataset = Dataset.open(data_path)
-        self.population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
-        self.scratch = model_from_config(cfg, dataset, user_rows=1)
+    def __init__(self, data_path: str | Path, cfg: Config, population: Population | None = None) -> None:
+        if population is None:
+            dataset = Dataset.open(data_path)
+            population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        self.population = population
+        self.scratch = model_from_config(cfg, population.dataset, user_rows=1)
         self.pipeline = pipeline.build(cfg)
         self._model: tuple[tuple[int, int], dict[str, torch.Tensor]] = ((-1, -1), {})
 
@@ -250,8 +252,10 @@ class InProcessBackend:
     #: train one-step phones together (False: one by one, the reference path)
     batched: bool = True
 
-    def __init__(self, data_path: str | Path, cfg: Config) -> None:
-        self.ctx = WorkerContext(data_path, cfg)
+    def __init__(self, data_path: str | Path, cfg: Config, population: Population | None = None) -> None:
+        # the simulation's own population when given (opening the dataset again would hold
+        # its index and device profiles twice: ~1.4 GB at 10M users)
+        self.ctx = WorkerContext(data_path, cfg, population)
         self.workers = cfg.fl.workers
 
     def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
@@ -358,9 +362,13 @@ BACKENDS: dict[str, Callable[[str | Path, Config], Backend]] = {
     "inprocess": InProcessBackend, "process": ProcessBackend, "ray": RayBackend}
 
 
-def create_backend(name: str, data_path: str | Path, cfg: Config) -> Backend:
+def create_backend(name: str, data_path: str | Path, cfg: Config, population: Population | None = None) -> Backend:
+    """The backend ``name``; the in-process one shares ``population`` (the simulation's),
+    the others open the dataset in their own processes."""
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise ValueError(f"fl.backend must be one of {sorted(BACKENDS)}; got {name!r}") from None
+    if name == "inprocess" and population is not None:
+        return InProcessBackend(data_path, cfg, population)
     return factory(data_path, cfg)

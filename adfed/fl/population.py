@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from adfed.data.examples import Examples
-from adfed.data.store import Dataset
+from adfed.data.store import Dataset, release_arrow_memory
 from adfed.fl.devices import DeviceProfiles
 from adfed.model.pcvr import LabelCounts
 
@@ -35,6 +35,8 @@ class Population:
         table = dataset.devices()
         if table is not None:
             self.profiles = DeviceProfiles.from_table(table, dataset.schema.num_users)
+            del table
+            release_arrow_memory()
         else:
             rng = np.random.default_rng([seed, 0xDE71CE])
             self.profiles = DeviceProfiles.simulate(dataset.schema.num_users, rng)

@@ -224,7 +224,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         eval_users = test_users(dataset, cfg.data.max_test_users, cfg.seed)
         return split_examples(dataset.load(eval_users), cfg.data.test_fraction).test
 
-    eval_model = model_from_config(cfg, dataset)
+    eval_model = model_from_config(cfg, dataset, local_zeros=True)  # its user rows are the phones'
     if cfg.model.starts_at_base_rates("federated") and not resume:  # a resume restores the state
         set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
     towers = None if cfg.fl.server_adaptive_scope == "all" else frozenset(
@@ -249,7 +249,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         store = dataclasses.replace(saved.store, capacity=cfg.fl.local_cache)
         realized = [float(r["realized_noise_multiplier"]) for r in rows if "realized_noise_multiplier" in r]
     start = time.perf_counter()
-    backend = create_backend(cfg.fl.backend, dataset.path, cfg)
+    backend = create_backend(cfg.fl.backend, dataset.path, cfg, population)
     final: dict[str, float] = {}
     stack = contextlib.ExitStack()
     try:

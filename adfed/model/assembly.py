@@ -21,14 +21,17 @@ from adfed.config import Config
 from adfed.data.schema import ParamGroup, Schema
 from adfed.data.store import Dataset
 from adfed.model.groups import group_names, parameters, set_dense_inplace
+from adfed.model.layers import untouched_zeros
 from adfed.model.pcvr import PCVRModel, build_model
 
 Tensors = Mapping[str, torch.Tensor]
 
 
-def model_from_config(cfg: Config, source: Dataset | Schema, *, user_rows: int | None = None) -> PCVRModel:
+def model_from_config(cfg: Config, source: Dataset | Schema, *, user_rows: int | None = None,
+                      local_zeros: bool = False) -> PCVRModel:
     """The model ``cfg.model`` describes over a dataset's schema (or ``source`` itself when
-    it is a :class:`Schema`), its initial weights from ``cfg.seed``."""
+    it is a :class:`Schema`), its initial weights from ``cfg.seed`` (``local_zeros``: see
+    :func:`~adfed.model.pcvr.build_model`)."""
     return build_model(
         source.schema if isinstance(source, Dataset) else source,
         variant=cfg.model.variant,
@@ -39,6 +42,7 @@ def model_from_config(cfg: Config, source: Dataset | Schema, *, user_rows: int |
         bag_pooling=cfg.model.bag_pooling,
         share_vocab=cfg.model.share_vocab_tables,
         vocab_match=cfg.model.vocab_match,
+        local_zeros=local_zeros,
     )
 
 
@@ -85,7 +89,8 @@ def assemble_global_inplace(model: PCVRModel, dense: Tensors, tables: Tensors,
     params = parameters(model)
     with torch.no_grad():
         for name in group_names(model, ParamGroup.LOCAL):
-            params[name].zero_()
+            # fresh zeros rather than zero_(): a full-size user table's untouched pages stay unresident
+            params[name].data = untouched_zeros(tuple(params[name].shape))
             if phones:
                 users = torch.tensor(list(phones.keys()), dtype=torch.int64)
                 params[name][users] = torch.cat([e[name] for e in phones.values()])

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple, cast, get_args
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -530,16 +531,45 @@ class Towers(nn.Module):
         return self.ctr(h).squeeze(1), self.cvr(h).squeeze(1)
 
 
+#: values drawn at a time by :func:`skip_normal_` (a multiple of 16)
+_SKIP_CHUNK = 1 << 20
+
+
+def untouched_zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 zeros in fresh memory (calloc: large blocks are mapped zero pages, so
+    they cost no resident memory until written)."""
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+
+
+def skip_normal_(generator: torch.Generator, n: int) -> None:
+    """Advance ``generator`` exactly as ``normal_`` over ``n`` float32 values would, without
+    holding them: drawn in chunks of :data:`_SKIP_CHUNK` into a scratch buffer. torch's
+    CPU ``normal_`` fills 16 values at a time and treats fewer than 16 otherwise, so every
+    chunk is a multiple of 16 and the last one takes the remainder with it (a test checks
+    that the values drawn after it are the same)."""
+    buf = torch.empty(min(n, _SKIP_CHUNK + 16))
+    left = n
+    while left:
+        k = left if left < _SKIP_CHUNK + 16 else _SKIP_CHUNK
+        buf[:k].normal_(0.0, 1.0, generator=generator)
+        left -= k
+
+
 @torch.no_grad()
-def init_parameters_(module: nn.Module, generator: torch.Generator) -> None:
+def init_parameters_(module: nn.Module, generator: torch.Generator, *, zeros: set[int] | frozenset[int] = frozenset()) -> None:
     """Initialise every parameter of ``module`` from ``generator`` (never the global RNG).
 
     Embedding rows ~ N(0, EMBEDDING_INIT_STD²); ``nn.Linear`` weights ~ U(±1/sqrt(fan_in))
     (PyTorch's default bound), biases 0. Parameters are visited in ``named_modules``
-    order, so the same generator state gives the same model.
+    order, so the same generator state gives the same model. An embedding whose weight's
+    ``id`` is in ``zeros`` gets :func:`untouched_zeros` instead, its draws skipped
+    (:func:`skip_normal_`), so the other parameters are as without it.
     """
     for sub in module.modules():
-        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and id(sub.weight) in zeros:
+            skip_normal_(generator, sub.weight.numel())
+            sub.weight.data = untouched_zeros(tuple(sub.weight.shape))
+        elif isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
             sub.weight.normal_(0.0, EMBEDDING_INIT_STD, generator=generator)
         elif isinstance(sub, nn.Linear):
             bound = 1.0 / math.sqrt(sub.in_features)

@@ -94,6 +94,20 @@ def test_rounds_run_with_the_collector_settled_and_leave_it_as_they_found_it(sma
     assert gc.get_freeze_count() == before
 
 
+def test_the_in_process_backend_shares_the_simulations_dataset(small_world, fl_config, monkeypatch):
+    # Prepare: the dataset opened once, by the test; count any other opening
+    dataset = Dataset.open(small_world)
+    opened = []
+    real = Dataset.open.__func__
+    monkeypatch.setattr(Dataset, "open", classmethod(lambda cls, *a, **k: opened.append(a) or real(cls, *a, **k)))
+
+    # Execute
+    Trainer(fl_config(small_world)).fit(dataset)
+
+    # Assert: neither the phones' side nor anything else opened it again
+    assert opened == []
+
+
 def test_every_selected_client_is_counted_once_including_retried_attempts(small_world, fl_config):
     # min_clients = clients_per_round, no over-selection: an attempt with one failed or
     # late client is retried, and its on-time clients are counted as discarded

@@ -26,6 +26,7 @@ from adfed.model import (
     remap_user,
     set_dense_inplace,
 )
+from adfed.model import layers as layers_module
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -384,3 +385,31 @@ def test_build_model_defaults_are_the_config_defaults() -> None:
     assert (defaults["variant"], defaults["embedding_dim"], defaults["tower"], defaults["bag_pooling"],
             defaults["share_vocab"]) == (cfg.variant, cfg.embedding_dim, cfg.tower, cfg.bag_pooling,
                                          cfg.share_vocab_tables)
+
+
+@pytest.mark.parametrize("n", [0, 5, 16, 17, 32, 37, 48, 53, 80, 85])
+def test_skip_normal_leaves_the_generator_where_one_normal_over_n_values_would(
+        n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: chunks of 32, so the chunking and the remainder rules are exercised
+    monkeypatch.setattr(layers_module, "_SKIP_CHUNK", 32)
+    drawn, skipped = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.empty(n).normal_(0.0, 0.01, generator=drawn)
+
+    # Execute
+    layers_module.skip_normal_(skipped, n)
+
+    # Assert: the next values are the same
+    assert torch.equal(torch.empty(40).normal_(generator=drawn), torch.empty(40).normal_(generator=skipped))
+
+
+def test_local_zeros_starts_the_user_rows_at_zero_and_everything_else_as_drawn(schema: Schema) -> None:
+    drawn, lazy = build_model(schema, seed=4), build_model(schema, seed=4, local_zeros=True)
+    groups = drawn.parameter_groups()
+    local = [n for n, g in groups.items() if g is ParamGroup.LOCAL]
+    assert local  # the toy schema has a user_id field
+    lazy_params = dict(lazy.named_parameters())
+    for name, p in drawn.named_parameters():
+        if name in local:
+            assert not lazy_params[name].any() and lazy_params[name].shape == p.shape
+        else:
+            assert torch.equal(lazy_params[name], p), name

@@ -509,7 +509,7 @@ class Dataset:
         truth = self._rows_of(self._truth, user_ids, None, count, cache=cache) if self.has_truth and with_truth else None
         names = [f.name for f in self._user_fields if f.name != USER_KEY]
         users = self._users.read_ranges(user_ids, np.ones(len(user_ids), np.int64), names, cache=cache)
-        return self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count))
+        return _writable(self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count)))
 
     def labels(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The label columns (``LABEL_COLUMNS``) of every impression of ``user_ids``.
@@ -575,6 +575,18 @@ class Dataset:
         """Held-out rerank requests, or None."""
         path = self.path / "requests.parquet"
         return pq.read_table(path) if path.exists() else None
+
+
+def _writable(ex: Examples) -> Examples:
+    """``ex`` with a copy of each array numpy may not write to (a column arrow handed over
+    without a copy, when the rows read are one chunk), as ``torch.from_numpy`` expects.
+    For the reads of some users only: a whole-dataset scan keeps arrow's arrays (a copy
+    would double its peak; nothing writes into them)."""
+    def own(a: np.ndarray) -> np.ndarray:
+        return a if a.flags.writeable else a.copy()
+    return Examples(ids={k: own(v) for k, v in ex.ids.items()}, dense={k: own(v) for k, v in ex.dense.items()},
+                    bags={k: (own(v), own(o)) for k, (v, o) in ex.bags.items()},
+                    labels={k: own(v) for k, v in ex.labels.items()})
 
 
 def release_arrow_memory() -> None:

@@ -323,6 +323,15 @@ def test_batches_of_ranges_touch_at_most_limit_groups(first: list[int], last: li
     assert store_module._batches(np.array(first, dtype=np.int64), np.array(last, dtype=np.int64), limit) == cuts
 
 
+def test_every_array_of_some_users_is_writable(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a column arrow hands over without a copy is read-only; torch warns on those
+    ds = Dataset.open(world.path)
+    monkeypatch.setattr(store_module, "_SCAN_SHARE", 1.0)  # load() reads the users' rows, not a scan
+    for ex in (ds.client(1), ds.load(np.array([1])), *ds.clients(np.array([0, 3]))):
+        arrays = [*ex.ids.values(), *ex.dense.values(), *ex.labels.values(), *(a for bag in ex.bags.values() for a in bag)]
+        assert all(a.flags.writeable for a in arrays)
+
+
 def test_to_batch_of_a_client(world: World) -> None:
     batch = Dataset.open(world.path).client(1).to_batch()
     assert len(batch) == 5

@@ -372,8 +372,10 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
         delta = block[:, start : start + size].view(num, *theta.shape)
         start += size
         grad_of = dense_grads.get(name)
-        if grad_of is None or theta.dtype != block.dtype:
-            delta = theta.new_zeros(num, *theta.shape) if grad_of is None else (theta - lr_of(name) * grad_of) - theta
+        if grad_of is None:
+            delta.zero_()
+        elif theta.dtype != block.dtype:
+            delta = (theta - lr_of(name) * grad_of) - theta
         else:  # (theta - lr * grad) - theta, as the phone computes it
             torch.sub(theta, grad_of.mul_(lr_of(name)), out=delta).sub_(theta)
         deltas[name] = delta.unbind(0)

@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="directory for the runs and protocol.json")
     parser.add_argument("--worlds-dir", type=Path, help="where worlds are generated (default: OUT/../worlds)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override section.key=value")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="training seeds instead of the stage's (choice: 0; report: 0 1 2); runs already in "
+                             "OUT are reused, so adding a seed trains only that seed")
     parser.add_argument("--verdict", type=Path, help="a candidate's OUT: apply the rule against --against")
     parser.add_argument("--against", type=Path, help="the defaults' OUT (with --verdict)")
     args = parser.parse_args(argv)
@@ -144,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage is None or args.out is None:
             parser.error("give --stage and --out (or --verdict and --against)")
         worlds, seeds = STAGES[args.stage]
+        if args.seeds:
+            seeds = tuple(args.seeds)
         base = with_overrides(Config(), args.sets)
         results = run(base, worlds, seeds, args.out, args.worlds_dir or args.out.parent / "worlds",
                       progress=lambda msg: print(msg, file=sys.stderr))

@@ -347,6 +347,20 @@ def test_protocol_runs_worlds_and_seeds_and_resumes(fl_config, small_world, tmp_
     assert protocol.run(base, [(300, 5)], [0, 1], tmp_path / "cand", tmp_path / "worlds")["rows"] == results["rows"]
 
 
+def test_protocol_seeds_replace_the_stages(tmp_path, monkeypatch):
+    from experiments import protocol
+    seen = {}
+    def fake_run(base, worlds, seeds, out, worlds_dir, progress):  # noqa: ANN001, ANN202
+        seen["seeds"], seen["worlds"] = seeds, worlds
+        return {"rows": [], "worlds": {}, "mean_gap": None, "target_met": False}
+    monkeypatch.setattr(protocol, "run", fake_run)
+
+    assert protocol.main(["--stage", "choice", "--out", str(tmp_path / "o"), "--seeds", "0", "1"]) == 0
+    assert seen["seeds"] == (0, 1) and seen["worlds"] == protocol.CHOICE
+    assert protocol.main(["--stage", "report", "--out", str(tmp_path / "o")]) == 0
+    assert seen["seeds"] == (0, 1, 2)
+
+
 def test_protocol_rule_and_target():
     from experiments import protocol
 

@@ -9,6 +9,7 @@ generated for nothing else, training seeds 0-2)::
     python -m experiments.protocol --stage choice --out runs/protocol/defaults
     python -m experiments.protocol --stage choice --out runs/protocol/cand --set fl.local_user_lr=0.2
     python -m experiments.protocol --verdict runs/protocol/cand --against runs/protocol/defaults
+    python -m experiments.protocol --stage choice --out runs/protocol/defaults --seeds 0 1  # adds seed 1
 
 Each (world, seed) trains centralized (``train.epochs`` epochs) and federated for
 ``ceil(users / fl.clients_per_round)`` rounds, evaluating every tenth of them, and keeps

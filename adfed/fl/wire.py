@@ -245,22 +245,13 @@ def _check_tables(where: str, tables: dict[str, tuple[Entry, Entry]], spec: Wire
             raise DataError(f"{where}: sparse/{table}/values has dtype {dtype}; the table's is {want_dtype}")
 
 
-_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides (in elements) of ``shape`` (remembered: a model has few shapes;
-    a phone's row count is the only varying dimension)."""
-    out = _STRIDES.get(shape)
-    if out is None:
-        steps, step = [], 1
-        for d in reversed(shape):
-            steps.append(step)
-            step *= d
-        out = tuple(reversed(steps))
-        if len(_STRIDES) < 4096:
-            _STRIDES[shape] = out
-    return out
+    """C-order strides (in elements) of ``shape``."""
+    steps, step = [], 1
+    for d in reversed(shape):
+        steps.append(step)
+        step *= d
+    return tuple(reversed(steps))
 
 
 def _check_ids(where: str, table: str, ids_t: torch.Tensor, rows: int) -> None:

@@ -251,44 +251,42 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     start = time.perf_counter()
     backend = create_backend(cfg.fl.backend, dataset.path, cfg, population)
     final: dict[str, float] = {}
-    stack = contextlib.ExitStack()
     try:
         engine = build_engine(cfg, dataset, population, state, backend, server_opt, plan=plan,
                               vocabulary=vocabulary)
-        stack.enter_context(_settled_gc())
-        while state.round < cfg.fl.rounds:
-            if plan is not None and cfg.privacy.target_epsilon > 0 and cfg.privacy.on_target == "stop" and \
-                    privacy_accountant.epsilon(plan, state.round + 1) > cfg.privacy.target_epsilon:
-                logger.warning("privacy: stopped after round %d: round %d would exceed epsilon %.3g",
-                               state.round, state.round + 1, cfg.privacy.target_epsilon)
-                stopped_at = state.round
-                break
-            if cfg.fl.schedule == "sync":
-                state, row = run_sync_round(state, engine, store)
-            else:
-                state, async_state, row = run_async_step(state, async_state, engine, store)
-            if state.round % cfg.fl.eval_every == 0 or state.round == cfg.fl.rounds:
-                t_eval = time.perf_counter()
-                load_global_inplace(eval_model, state, store)
-                final = evaluate(eval_model, test())
-                row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss", "auc_expected") if k in final})
-                row["eval_s"] = time.perf_counter() - t_eval
-            if plan is not None:
-                if "realized_noise_multiplier" in row:
-                    realized.append(float(row["realized_noise_multiplier"]))
-                row["epsilon"] = privacy_accountant.epsilon(plan, state.round, realized=realized or None)
-                row["clip"] = state.clip
-            row["wall_time_s"] = wall_before + time.perf_counter() - start
-            rows.append(row)
-            logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
-            if checkpoint_dir is not None:
-                checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
-                                                           store=store, wall_s=row["wall_time_s"],
-                                                           settings=_resume_settings(cfg)))
-            if on_step:
-                on_step(row)
+        with _settled_gc():
+            while state.round < cfg.fl.rounds:
+                if plan is not None and cfg.privacy.target_epsilon > 0 and cfg.privacy.on_target == "stop" and \
+                        privacy_accountant.epsilon(plan, state.round + 1) > cfg.privacy.target_epsilon:
+                    logger.warning("privacy: stopped after round %d: round %d would exceed epsilon %.3g",
+                                   state.round, state.round + 1, cfg.privacy.target_epsilon)
+                    stopped_at = state.round
+                    break
+                if cfg.fl.schedule == "sync":
+                    state, row = run_sync_round(state, engine, store)
+                else:
+                    state, async_state, row = run_async_step(state, async_state, engine, store)
+                if state.round % cfg.fl.eval_every == 0 or state.round == cfg.fl.rounds:
+                    t_eval = time.perf_counter()
+                    load_global_inplace(eval_model, state, store)
+                    final = evaluate(eval_model, test())
+                    row.update({k: final[k] for k in ("auc", "ctcvr_auc", "logloss", "auc_expected") if k in final})
+                    row["eval_s"] = time.perf_counter() - t_eval
+                if plan is not None:
+                    if "realized_noise_multiplier" in row:
+                        realized.append(float(row["realized_noise_multiplier"]))
+                    row["epsilon"] = privacy_accountant.epsilon(plan, state.round, realized=realized or None)
+                    row["clip"] = state.clip
+                row["wall_time_s"] = wall_before + time.perf_counter() - start
+                rows.append(row)
+                logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
+                if checkpoint_dir is not None:
+                    checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
+                                                               store=store, wall_s=row["wall_time_s"],
+                                                               settings=_resume_settings(cfg)))
+                if on_step:
+                    on_step(row)
     finally:
-        stack.close()
         backend.close()
     if not final:  # resumed a finished run: evaluate the restored model
         load_global_inplace(eval_model, state, store)

@@ -43,8 +43,9 @@ class PrivacyPlan:
     vocabulary_noise: float | None  # z of the DP row count; None: no count (no sparse tables)
     clip_count_std: float  # std of the noise on the count of unclipped phones (adaptive clipping)
     adaptive_clip: bool
-    #: expected share of sampled phones whose upload arrives (online and not dropping
-    #: out, from the device profiles, not from any phone's data): the fixed denominator
+    #: expected share of sampled phones whose upload arrives (online, not dropping out,
+    #: on time under the adaptive window; from the device profiles and the window's
+    #: quantile, not from any phone's data): the fixed denominator
     #: of the DP sum is ``cohort * participation``, the expected number of uploads
     participation: float = 1.0
     #: the Poisson rate at which phones are asked for the DP row count (one release)

@@ -30,6 +30,20 @@ MAX_ROWS_PER_PHONE = 64
 COUNTED_PHONES = 1000
 
 
+def expected_participation(cfg: Config, population: Population) -> float:
+    """The expected share of sampled phones whose upload is aggregated: online, not
+    dropping out (the device profiles' probabilities, not anyone's data) and, under the
+    adaptive window, on time: the window's deadline follows ``window.quantile`` of the
+    completion times, so that share of the phones that finish arrives before it. A fixed
+    window or none counts no lateness (a fixed deadline's share depends on each phone's
+    example count, which a DP constant may not read)."""
+    prof = population.profiles
+    clients = population.clients
+    available = float(np.mean(prof.online_prob[clients] * (1 - prof.dropout_prob[clients])))
+    on_time = cfg.window.quantile if cfg.window.kind == "adaptive" else 1.0
+    return available * on_time
+
+
 def setup(cfg: Config, dataset: Dataset, population: Population
           ) -> tuple[Config, PrivacyPlan, Vocabulary | None]:
     """The run's config (noise multiplier calibrated when ``on_target = "calibrate"``), its
@@ -40,8 +54,7 @@ def setup(cfg: Config, dataset: Dataset, population: Population
     scratch = model_from_config(cfg, dataset, user_rows=1)
     tables = {n: int(t.shape[0]) for n, t in get_dense(scratch, ParamGroup.SPARSE_SHARED).items()}
     needs_count = bool(tables) and p.vocabulary_size > 0 and any(p.vocabulary_size < n for n in tables.values())
-    prof = population.profiles
-    participation = float(np.mean(prof.online_prob[population.clients] * (1 - prof.dropout_prob[population.clients])))
+    participation = expected_participation(cfg, population)
     rate = min(1.0, COUNTED_PHONES / len(population))
     groups = len(get_dense(scratch, ParamGroup.DENSE_SHARED)) + len(tables) if p.clip_mode == "per_tensor" else 1
     plan = dataclasses.replace(make_plan(cfg, len(population), participation=participation, clip_groups=groups),

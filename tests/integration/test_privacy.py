@@ -80,6 +80,22 @@ def test_the_dp_samplers_are_what_the_accountant_assumes(small_world, fl_config)
     assert len(seen) == len(set(seen.tolist())) == n
 
 
+def test_the_fixed_denominator_counts_the_phones_the_adaptive_window_cuts(small_world, fl_config):
+    # the denominator is what arrives on average: online, not dropping out, and on time
+    dataset = Dataset.open(small_world)
+    population = Population(dataset, test_fraction=0.2, seed=0)
+    cfg = fl_config(small_world, *DP, "fl.rounds=12", "privacy.vocabulary_size=0", "privacy.noise_multiplier=0")
+    prof = population.profiles
+    available = float(np.mean(prof.online_prob[population.clients] * (1 - prof.dropout_prob[population.clients])))
+    assert privacy_setup.expected_participation(cfg, population) == pytest.approx(available * cfg.window.quantile)
+    no_window = fl_config(small_world, *DP, 'window.kind="none"')
+    assert privacy_setup.expected_participation(no_window, population) == pytest.approx(available)
+    # and the run's arrivals agree with it, after the window's first rounds have adapted
+    result = Trainer(cfg).fit()
+    arrived = np.mean([r["arrived_dp"] for r in result.rows[4:]])
+    assert arrived == pytest.approx(result.summary["dp_denominator"], rel=0.1)  # without the window's share: 0.2 off
+
+
 def test_stop_policy_ends_before_the_target_is_exceeded(small_world, fl_config):
     # at z = 1 and q ~ 60/2900, epsilon is ~0.84 after 2 rounds and ~0.90 after 5
     cfg = fl_config(small_world, *DP, "fl.rounds=50", "privacy.target_epsilon=0.87",

@@ -68,13 +68,14 @@ class Population:
         store decoded at most once for the whole call).
         """
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        return self.dataset.clients_joined(user_ids, limit=self._num_train[user_ids], with_truth=False)
+        return self.dataset.clients_joined(user_ids, limit=self._num_train[user_ids], with_truth=False,
+                                           with_time=False)
 
     def label_counts(self, user_ids: np.ndarray) -> LabelCounts:
         """Summed label counts of these clients' training rows (their label columns only:
         :meth:`Dataset.labels`)."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        labels = self.dataset.labels(user_ids)
+        labels = self.dataset.labels(user_ids, with_time=False)
         count = self.dataset.rows_of_users(user_ids)
         # a user's rows are sorted by time: its training rows are its first num_train
         position = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)

@@ -230,6 +230,26 @@ def test_loaded_ids_and_bag_values_are_int32_and_batches_int64(world: World) -> 
     assert all(v.dtype == torch.int64 for v, _ in batch.bags.values())
 
 
+def test_decoded_row_groups_keep_each_id_column_in_the_narrowest_type_of_its_vocabulary(world: World) -> None:
+    # Prepare: users in both shards; user 3 gets no rows (limit 0), so its shard's read is empty
+    ds = Dataset.open(world.path)
+    users, limit = np.array([0, 1, 3]), np.array([3, 5, 0])
+
+    # Execute
+    joined, offsets = ds.clients_joined(users, limit=limit)
+
+    # Assert: the same values as a plain read, while every cached group holds narrowed ids
+    _assert_examples_equal(joined.slice(0, 8), Examples.concat([ds.client(0), ds.client(1)]))
+    assert offsets.tolist() == [0, 3, 8, 8]
+    tables = list(ds._imp[0]._cache._tables.values())
+    assert tables
+    for table in tables:
+        for name in table.column_names:
+            spec = next((f for f in ds.schema.fields if f.name == name), None)
+            if spec is not None and spec.kind is not FieldKind.DENSE and not spec.is_bag:
+                assert table.schema.field(name).type == pa.int8()  # every vocabulary here < 128
+
+
 @pytest.mark.parametrize("user", [2, -1, len(ROWS_PER_USER)])
 def test_client_without_rows_raises(world: World, user: int) -> None:
     ds = Dataset.open(world.path)

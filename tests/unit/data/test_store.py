@@ -268,6 +268,11 @@ def test_labels_are_the_label_columns_of_clients_in_order(world: World) -> None:
     assert all(len(v) == 0 for v in ds.labels(np.array([], dtype=np.int64)).values())
     with pytest.raises(DataError, match="user_id 2 has no impressions"):
         ds.labels(np.array([0, 2]))
+    # training's read: the same columns without the bookkeeping timestamp
+    untimed = ds.labels(users, with_time=False)
+    assert set(untimed) == set(LABEL_COLUMNS) - {"timestamp"}
+    assert all(np.array_equal(untimed[k], got[k]) for k in untimed)
+    assert set(ds.labels(np.array([], dtype=np.int64), with_time=False)) == set(untimed)
 
 
 def test_load_equals_concat_of_all_clients(world: World) -> None:

@@ -546,12 +546,15 @@ class Dataset:
         """Every row (the first ``counts``) of ``user_ids`` (known users), users in the
         given order, one join; ``cache=False`` leaves the row-group caches as they were."""
         count = self._count[user_ids] if counts is None else counts
-        columns = self._imp_columns if with_time else self._train_columns
-        imp = self._rows_of(self._imp, user_ids, columns, count, cache=cache)
+        imp = self._rows_of(self._imp, user_ids, self._columns(with_time), count, cache=cache)
         truth = self._rows_of(self._truth, user_ids, None, count, cache=cache) if self.has_truth and with_truth else None
         names = [f.name for f in self._user_fields if f.name != USER_KEY]
         users = self._users.read_ranges(user_ids, np.ones(len(user_ids), np.int64), names, cache=cache)
         return _writable(self._join(imp, truth, users, np.repeat(np.arange(len(user_ids)), count)))
+
+    def _columns(self, with_time: bool) -> list[str]:
+        """The impression columns a read takes: all, or training's (no ``timestamp``)."""
+        return self._imp_columns if with_time else self._train_columns
 
     def labels(self, user_ids: np.ndarray, *, with_time: bool = True) -> dict[str, np.ndarray]:
         """The label columns (``LABEL_COLUMNS``; without ``timestamp`` if not
@@ -567,7 +570,7 @@ class Dataset:
         if not len(user_ids):
             return {k: np.zeros(0, dtype=LABEL_COLUMNS[k]) for k in names}
         # the same columns as clients(), so both share the cached row groups
-        imp = self._rows_of(self._imp, user_ids, self._imp_columns if with_time else self._train_columns)
+        imp = self._rows_of(self._imp, user_ids, self._columns(with_time))
         return {k: imp.column(k).to_numpy(zero_copy_only=False) for k in names}
 
     def load(self, user_ids: np.ndarray | None = None) -> Examples:

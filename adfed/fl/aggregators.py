@@ -19,7 +19,8 @@ Entries now:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from adfed.config import Config
 from adfed.errors import ConfigError
-from adfed.fl.types import SparseRows, Update, flat_span
+from adfed.fl.types import FlatDense, SparseRows, Update, flat_span
 from adfed.fl.wire import WireSpec
 
 Tensors = dict[str, torch.Tensor]
@@ -83,7 +84,7 @@ class Aggregator(Protocol):
 
 # -- pure aggregation functions --------------------------------------------------------
 
-def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
+def weighted_mean(tensors: Sequence[Mapping[str, torch.Tensor]], weights: np.ndarray) -> Tensors:
     """Weighted mean of dicts of same-shaped tensors, summed in float64; zero total
     weight, no tensors or a weight count that differs raise ValueError."""
     total = float(weights.sum())
@@ -93,20 +94,28 @@ def weighted_mean(tensors: Sequence[Tensors], weights: np.ndarray) -> Tensors:
         raise ValueError(f"weighted_mean: {len(tensors)} updates but {len(weights)} weights")
     if total <= 0:
         raise ValueError("weighted_mean: total weight is zero (no client had examples)")
-    order = sorted(tensors[0])  # the wire's order: a decoded update's tensors lie back to back in it
-    sizes = [tensors[0][n].numel() for n in order]
+    first = tensors[0]
+    order = list(first)  # the wire's order: a decoded update's tensors lie back to back in it
+    shapes = {n: first[n].shape for n in order}
+    sizes = [math.prod(shapes[n]) for n in order]
     acc = torch.zeros(sum(sizes), dtype=torch.float64)
     parts = dict(zip(order, acc.split(sizes), strict=True))
+    index = first.index if isinstance(first, FlatDense) else None
+    dtype = first.flat.dtype if isinstance(first, FlatDense) else None
     for t, w in zip(tensors, weights, strict=True):
         if w > 0:
             alpha = float(w / total)
+            if isinstance(t, FlatDense) and t.index is index:  # one add instead of one per tensor
+                acc.add_(t.flat, alpha=alpha)
+                continue
             span = flat_span([t[n] for n in order])
-            if span is not None and span.numel() == acc.numel():  # one add instead of one per tensor
+            if span is not None and span.numel() == acc.numel():
                 acc.add_(span, alpha=alpha)
                 continue
             for n in order:
                 parts[n].add_(t[n].reshape(-1), alpha=alpha)
-    return {n: parts[n].view(first.shape).to(first.dtype) for n, first in tensors[0].items()}
+    dtypes = {n: first[n].dtype for n in order} if dtype is None else dict.fromkeys(order, dtype)
+    return {n: parts[n].view(shapes[n]).to(dtypes[n]) for n in order}
 
 
 def aggregate_sparse(parts: Sequence[SparseRows], weights: np.ndarray, over: str = "touched") -> SparseRows:

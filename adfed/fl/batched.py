@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from torch import nn
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, ParamGroup
 from adfed.fl.client import ClientTask
-from adfed.fl.types import ClientSettings, SparseRows, Update
+from adfed.fl.types import ClientSettings, FlatDense, SparseRows, Update, flat_index
 from adfed.model.groups import (
     group_names,
     parameters,
@@ -359,26 +359,31 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
         return s.table_lr if (s.table_lr is not None and model.is_dense_table(name)) else s.lr
 
     names = list(tasks[0].dense)
-    # each phone's dense deltas back to back in the wire's order (by name), one row of
-    # ``block`` per phone: its upload writes them as one buffer (wire._spans)
-    order = sorted(names)
-    sizes = [tasks[0].dense[n].numel() for n in order]
-    block = torch.empty(num, sum(sizes), dtype=tasks[0].dense[order[0]].dtype) if order else None
-    deltas: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> each phone's delta (views)
-    start = 0
-    for name, size in zip(order, sizes, strict=True):
+    # each phone's dense deltas back to back in the update's order (the wire's), one row
+    # of ``block`` per phone: its update is that row (a FlatDense), its upload one buffer
+    dtypes = {tasks[0].dense[n].dtype for n in names}
+    index = flat_index([(n, tuple(tasks[0].dense[n].shape)) for n in names])
+    size = sum(math.prod(shape) for shape, _, _ in index.values())
+    block = torch.empty(num, size, dtype=dtypes.pop()) if len(dtypes) == 1 else None
+    deltas: dict[str, torch.Tensor] = {}  # name -> every phone's delta [num, *shape]
+    for name, (shape, _, start) in index.items():
         theta = tasks[0].dense[name]
-        assert block is not None
-        delta = block[:, start : start + size].view(num, *theta.shape)
-        start += size
         grad_of = dense_grads.get(name)
+        if block is None:  # parameters of several dtypes (no such model yet): one tensor each
+            deltas[name] = (theta - lr_of(name) * grad_of) - theta if grad_of is not None else \
+                theta.new_zeros(num, *shape)
+            continue
+        delta = deltas[name] = block[:, start : start + math.prod(shape)].view(num, *shape)
         if grad_of is None:
             delta.zero_()
-        elif theta.dtype != block.dtype:
-            delta = (theta - lr_of(name) * grad_of) - theta
         else:  # (theta - lr * grad) - theta, as the phone computes it
             torch.sub(theta, grad_of.mul_(lr_of(name)), out=delta).sub_(theta)
-        deltas[name] = delta.unbind(0)
+    dense_of: list[Mapping[str, torch.Tensor]]
+    if block is not None:
+        rows = block.unbind(0)
+        dense_of = [FlatDense(rows[i], index) for i in range(num)]
+    else:
+        dense_of = [{n: deltas[n][i] for n in names} for i in range(num)]
     sparse_deltas: list[dict[str, SparseRows]] = [{} for _ in tasks]
     for table in sparse_tables(model):
         _sparse_steps(tasks, table, params[table].shape[0], sparse_grads.get(table), lr_of(table), sparse_deltas)
@@ -391,7 +396,7 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
     local_rows = {n: new_local[n].split(1) for n in local_names}
     out = []
     for i, task in enumerate(tasks):
-        update = Update(client_id=task.client_id, dense={n: deltas[n][i] for n in names}, sparse=sparse_deltas[i],
+        update = Update(client_id=task.client_id, dense=dense_of[i], sparse=sparse_deltas[i],
                         num_examples=int(counts[i]), base_version=task.version, metrics={"loss": losses[i]})
         out.append((update, {n: local_rows[n][i].clone() for n in local_names}))
     return out

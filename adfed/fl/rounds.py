@@ -27,7 +27,7 @@ from adfed.fl.backends import Backend, ClientResult, Job, Offer
 from adfed.fl.pipeline import Pipeline
 from adfed.fl.population import LocalStore, Population
 from adfed.fl.server import ServerState, SyncRound
-from adfed.fl.types import ClientSettings, Update
+from adfed.fl.types import ClientSettings, Update, dense_nbytes
 from adfed.fl.window import next_state
 from adfed.fl.wire import Envelope, WireSpec, encode_model
 from adfed.model.groups import lr_decay_factor
@@ -215,7 +215,7 @@ def byte_stats(uploads: Sequence[server.Upload], bytes_down: Mapping[int, int]) 
     return {
         "bytes_up": float(np.mean([u.bytes_up for u in uploads])),
         "bytes_down": float(np.mean([bytes_down[u.update.client_id] for u in uploads])),
-        "bytes_up_dense": float(np.mean([sum(_nbytes(t) for t in u.update.dense.values()) for u in uploads])),
+        "bytes_up_dense": float(np.mean([dense_nbytes(u.update.dense) for u in uploads])),
         "bytes_up_sparse": float(np.mean([sum(_nbytes(r.ids) + _nbytes(r.values) for r in u.update.sparse.values())
                                           for u in uploads])),
     }

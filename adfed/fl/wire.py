@@ -2,12 +2,17 @@
 
 A payload is safetensors bytes (``safetensors.torch.save``): an 8-byte little-endian
 header length, a JSON header (tensor entries and a ``__metadata__`` map of strings) and
-the raw tensor data. Keys: ``dense/<param>`` for ``dense_shared`` tensors,
-``sparse/<table>/ids`` (int64 [R], sorted, unique) and ``sparse/<table>/values`` [R, D]
-for rows of ``sparse_shared`` tables. Metadata: the :class:`Envelope` (kind, round,
-model_version, codec, client_id) and, for updates, num_examples, metrics (JSON) and
-groups (the parameter groups present, comma-joined). Every byte figure adfed reports is
-the ``len()`` of these payloads.
+the raw tensor data. Keys: ``dense/<TAG>`` (``F32``, ...: a dtype of
+:data:`~adfed.fl.wirespec.WIRE_DTYPES`) for the ``dense_shared`` parameters of that dtype,
+flattened in C order and back to back in one 1-D tensor, in the order the metadata
+``dense`` names them (a JSON list; :class:`~adfed.fl.wirespec.DenseLayout`: the shapes come
+from the model, the :class:`WireSpec`); ``sparse/<table>/ids`` (int64 [R], sorted, unique)
+and ``sparse/<table>/values`` [R, D] for rows of ``sparse_shared`` tables. Metadata: the
+:class:`Envelope` (kind, round, model_version, codec, client_id), for updates and the model
+``dense``, and for updates num_examples, metrics (JSON) and groups (the parameter groups
+present, comma-joined). The dense part is one tensor, not one per parameter, so that a
+payload has a handful of header entries whatever the model (encoding and decoding a phone's
+upload cost per entry). Every byte figure adfed reports is the ``len()`` of these payloads.
 
 The decoders never trust a payload: its length is checked against
 :attr:`WireSpec.max_bytes` and its header length against its length before anything is
@@ -24,9 +29,11 @@ from collections.abc import Mapping
 import torch
 
 from adfed.errors import DataError
-from adfed.fl.types import SparseRows, Update, flat_span
+from adfed.fl.types import FlatDense, SparseRows, Update, c_strides, flat_span
 from adfed.fl.wirespec import (
     KNOWN_CODECS,
+    WIRE_DTYPES,
+    DenseLayout,
     Entry,
     Envelope,
     WireSpec,
@@ -114,6 +121,31 @@ def _json_key(key: str) -> str:
     return out
 
 
+_NAMES: dict[tuple[str, ...], str] = {}
+
+
+def _dense_tensors(dense: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The wire's ``dense/<TAG>`` tensors of ``dense`` and its metadata ``dense``: per
+    dtype, the tensors flattened back to back in ``dense``'s order; no copy when they
+    already lie so in memory (a batched phone's deltas, :func:`_spans`)."""
+    names = tuple(dense)
+    text = _NAMES.get(names)
+    if text is None:
+        text = json.dumps(list(names), ensure_ascii=False)
+        if len(_NAMES) < 64:
+            _NAMES[names] = text
+    if isinstance(dense, FlatDense):
+        return {_DENSE + wire_tag(dense.flat.dtype): dense.flat.detach()}, text
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in dense.values():
+        by_dtype.setdefault(t.dtype, []).append(t.detach() if t.requires_grad else t)
+    out = {}
+    for dtype, parts in by_dtype.items():
+        flat = flat_span(parts)
+        out[_DENSE + wire_tag(dtype)] = flat if flat is not None else torch.cat([t.reshape(-1) for t in parts])
+    return out, text
+
+
 def _rows_tensors(rows: Mapping[str, SparseRows]) -> dict[str, torch.Tensor]:
     out = {}
     for table, r in rows.items():
@@ -142,14 +174,16 @@ def encode_update(update: Update, envelope: Envelope) -> bytes:
         raise ValueError(f"update of client {update.client_id}: num_examples must be >= 0; got {update.num_examples}")
     metrics = {k: float(v) for k, v in update.metrics.items() if math.isfinite(v)}
     groups = [g for g, part in zip(_GROUPS, (update.dense, update.sparse), strict=True) if part]
-    meta |= {"num_examples": str(update.num_examples), "metrics": json.dumps(metrics), "groups": ",".join(groups)}
-    dense = {_DENSE + k: v for k, v in update.dense.items()}
+    dense, names = _dense_tensors(update.dense)
+    meta |= {"num_examples": str(update.num_examples), "metrics": json.dumps(metrics), "groups": ",".join(groups),
+             "dense": names}
     return _save(dense | _rows_tensors(update.sparse), meta)
 
 
 def encode_model(dense: Mapping[str, torch.Tensor], envelope: Envelope) -> bytes:
     """The broadcast ``dense_shared`` tensors as bytes (envelope kind ``"model"``)."""
-    return _save({_DENSE + k: v for k, v in dense.items()}, _meta(envelope, "model"))
+    tensors, names = _dense_tensors(dense)
+    return _save(tensors, _meta(envelope, "model") | {"dense": names})
 
 
 def encode_rows(rows: Mapping[str, SparseRows], envelope: Envelope) -> bytes:
@@ -191,38 +225,40 @@ def _groups(where: str, meta: dict[str, str], present: list[str]) -> None:
 # ---- decoding: the tensors ----------------------------------------------------------------------
 
 def _split(where: str, entries: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, tuple[Entry, Entry]]]:
-    """Entries by dense name, and (ids, values) entries by table."""
+    """``dense/<TAG>`` entries by TAG, and (ids, values) entries by table."""
     dense, ids, values = {}, {}, {}
     for key, e in entries.items():
-        if key.startswith(_DENSE):
+        if key.startswith(_DENSE) and key[len(_DENSE) :] in WIRE_DTYPES:
             dense[key[len(_DENSE) :]] = e
         elif key.startswith(_SPARSE) and key.endswith(_IDS):
             ids[key[len(_SPARSE) : -len(_IDS)]] = e
         elif key.startswith(_SPARSE) and key.endswith(_VALUES):
             values[key[len(_SPARSE) : -len(_VALUES)]] = e
         else:
-            raise DataError(f"{where}: tensor {show(key)} is neither dense/<param> nor sparse/<table>/ids|values")
+            raise DataError(f"{where}: tensor {show(key)} is neither dense/<dtype tag> nor sparse/<table>/ids|values")
     for table in sorted(ids.keys() ^ values.keys()):
         raise DataError(f"{where}: table {show(table)} has only one of its ids and values; send both")
     return dense, {t: (ids[t], values[t]) for t in ids}
 
 
-def _check_dense(where: str, dense: dict[str, Entry], spec: WireSpec, kind: str) -> None:
-    if kind == "rows" and dense:
-        raise DataError(f"{where}: carries dense/{show(next(iter(dense)))}; a rows payload holds sparse rows only")
-    for name, (dtype, shape, _, _) in dense.items():
-        if name not in spec.dense:
-            raise DataError(f"{where}: dense/{show(name)} is not one of the model's {len(spec.dense)} dense_shared "
-                            "parameters; drop it")
-        want_shape, want_dtype = spec.dense[name]
-        if shape != want_shape:
-            raise DataError(f"{where}: dense/{name} has shape {show(shape)}; the model's is {want_shape}")
-        if dtype != want_dtype:
-            raise DataError(f"{where}: dense/{name} has dtype {dtype}; the model's is {want_dtype}")
-    missing = sorted(spec.dense.keys() - dense.keys()) if kind != "rows" else []
-    if missing:
-        raise DataError(f"{where}: misses dense/{missing[0]} ({len(missing)} of the model's {len(spec.dense)} "
-                        "dense_shared parameters missing); send all of them")
+def _check_dense(where: str, dense: dict[str, Entry], layout: DenseLayout | None) -> None:
+    """The ``dense/<TAG>`` entries against the layout the metadata names (None: a rows
+    payload, which has no dense part)."""
+    if layout is None:
+        if dense:
+            raise DataError(f"{where}: carries dense/{next(iter(dense))}; a rows payload holds sparse rows only")
+        return
+    for tag, (dtype, shape, _, _) in dense.items():
+        want = layout.sizes.get(tag)
+        if want is None:
+            raise DataError(f"{where}: carries dense/{tag}; the model's dense_shared parameters are "
+                            f"{'/'.join(layout.sizes) or 'none'}: send those dtypes")
+        if dtype != WIRE_DTYPES[tag] or shape != (want,):
+            raise DataError(f"{where}: dense/{tag} is {dtype} of shape {show(shape)}; the model's {tag} "
+                            f"dense_shared parameters make {WIRE_DTYPES[tag]} of shape ({want},)")
+    for tag in layout.sizes:
+        if tag not in dense:
+            raise DataError(f"{where}: misses dense/{tag} (the model's {tag} dense_shared parameters); send all of them")
 
 
 def _check_tables(where: str, tables: dict[str, tuple[Entry, Entry]], spec: WireSpec, kind: str) -> None:
@@ -245,15 +281,6 @@ def _check_tables(where: str, tables: dict[str, tuple[Entry, Entry]], spec: Wire
             raise DataError(f"{where}: sparse/{table}/values has dtype {dtype}; the table's is {want_dtype}")
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides (in elements) of ``shape``."""
-    steps, step = [], 1
-    for d in reversed(shape):
-        steps.append(step)
-        step *= d
-    return tuple(reversed(steps))
-
-
 def _check_ids(where: str, table: str, ids_t: torch.Tensor, rows: int) -> None:
     if not len(ids_t):
         return
@@ -267,8 +294,20 @@ def _check_ids(where: str, table: str, ids_t: torch.Tensor, rows: int) -> None:
         raise DataError(f"{where}: sparse/{table}/ids are not sorted and unique; send torch.unique(ids)")
 
 
-def _check_finite(where: str, entries: dict[str, Entry], buf: bytearray) -> None:
-    """DataError naming the first float tensor with a NaN or an infinity.
+def _culprit(key: str, t: torch.Tensor, layout: DenseLayout | None) -> str:
+    """The name of what holds a non-finite value of the tensor ``key``: a ``dense/<TAG>``
+    tensor's first parameter that does (``dense/<param>``), the key itself otherwise."""
+    tag = key[len(_DENSE) :]
+    if layout is not None and key.startswith(_DENSE):
+        for name, part_tag, shape, _, start in layout.parts:
+            if part_tag == tag and not bool(torch.isfinite(t[start : start + math.prod(shape)]).all()):
+                return _DENSE + name
+    return key
+
+
+def _check_finite(where: str, entries: dict[str, Entry], buf: bytearray, layout: DenseLayout | None) -> None:
+    """DataError naming the first tensor (the first parameter, for the dense part) with a
+    NaN or an infinity.
 
     The entries are in data order; each run of adjacent ones of one float dtype (all of
     an update's, usually) costs one sum over the raw bytes: a NaN or an infinity makes
@@ -292,33 +331,50 @@ def _check_finite(where: str, entries: dict[str, Entry], buf: bytearray) -> None
             _, _, b, e = entries[key]
             t = torch.frombuffer(buf, dtype=dtype, count=(e - b) // dtype.itemsize, offset=b)
             if not bool(torch.isfinite(t).all()):
-                raise DataError(f"{where}: {key} holds NaN or infinite values; send finite values")
+                raise DataError(f"{where}: {_culprit(key, t, layout)} holds NaN or infinite values; send finite values")
 
 
 def _body(where: str, entries: dict[str, Entry], data: memoryview, spec: WireSpec,
-          kind: str) -> tuple[dict[str, torch.Tensor], dict[str, SparseRows]]:
-    """Check the header's tensors against ``spec``, then read and check their values."""
+          kind: str, meta: dict[str, str]) -> tuple[Mapping[str, torch.Tensor], dict[str, SparseRows]]:
+    """Check the header's tensors against ``spec`` (the dense part against the layout its
+    metadata names), then read and check their values."""
+    layout = None
+    if kind != "rows":
+        text = meta.get("dense")
+        if text is None:
+            raise DataError(f"{where}: metadata dense is missing; encode {kind} payloads with adfed.fl.wire")
+        layout = spec.layout(where, text)
     dense_entries, table_entries = _split(where, entries)
-    _check_dense(where, dense_entries, spec, kind)
+    _check_dense(where, dense_entries, layout)
     _check_tables(where, table_entries, spec, kind)
     buf = bytearray(data)  # one copy: writable tensors, aligned (offsets are multiples of the itemsize)
-    _check_finite(where, entries, buf)
-    tensors = {}
+    _check_finite(where, entries, buf, layout)
     whole: dict[torch.dtype, torch.Tensor] = {}  # the data as one tensor per dtype; each entry a view of it
-    for key, (dtype, shape, begin, end) in entries.items():
-        if begin == end:  # frombuffer refuses empty tensors
-            tensors[key] = torch.empty(shape, dtype=dtype)
-            continue
+
+    def view(dtype: torch.dtype, shape: tuple[int, ...], strides: tuple[int, ...], begin: int) -> torch.Tensor:
+        if not buf or not math.prod(shape):  # frombuffer refuses empty buffers
+            return torch.empty(shape, dtype=dtype)
         flat = whole.get(dtype)
         if flat is None:
             flat = whole[dtype] = torch.frombuffer(buf, dtype=dtype, count=len(buf) // dtype.itemsize)
-        tensors[key] = flat.as_strided(shape, _strides(shape), begin // dtype.itemsize)
+        return flat.as_strided(shape, strides, begin)
+
+    flats = {tag: view(dtype, shape, (1,), begin // dtype.itemsize)
+             for tag, (dtype, shape, begin, _) in dense_entries.items()}
+    dense: Mapping[str, torch.Tensor] = {}
+    if layout is not None and layout.index is not None:  # one dtype: the views made when asked for
+        dense = FlatDense(flats[next(iter(layout.sizes))], layout.index)
+    elif layout is not None:
+        dense = {name: flats[tag][start : start + math.prod(shape)].view(shape)
+                 for name, tag, shape, _, start in layout.parts}
     sparse = {}
     for table in (t for t in spec.tables if t in table_entries):  # the spec's order, not the payload's
-        rows = SparseRows(tensors[_SPARSE + table + _IDS], tensors[_SPARSE + table + _VALUES])
+        (id_dtype, id_shape, id_begin, _), (dtype, shape, begin, _) = table_entries[table]
+        rows = SparseRows(view(id_dtype, id_shape, (1,), id_begin // id_dtype.itemsize),
+                          view(dtype, shape, c_strides(shape), begin // dtype.itemsize))
         _check_ids(where, table, rows.ids, spec.tables[table][0])
         sparse[table] = rows
-    return {name: tensors[_DENSE + name] for name in spec.dense if name in dense_entries}, sparse
+    return dense, sparse
 
 
 def decode_update(payload: bytes, spec: WireSpec) -> tuple[Envelope, Update]:
@@ -338,7 +394,7 @@ def decode_update(payload: bytes, spec: WireSpec) -> tuple[Envelope, Update]:
     where = _where(env)
     num_examples = meta_int(where, meta, "num_examples", 0)
     metrics = _metrics(where, meta)
-    dense, sparse = _body(where, entries, data, spec, "update")
+    dense, sparse = _body(where, entries, data, spec, "update", meta)
     _groups(where, meta, [g for g, part in zip(_GROUPS, (dense, sparse), strict=True) if part])
     return env, Update(client_id=env.client_id, dense=dense, sparse=sparse, num_examples=num_examples,
                        base_version=env.model_version, metrics=metrics)
@@ -348,13 +404,13 @@ def decode_model(payload: bytes, spec: WireSpec) -> tuple[Envelope, dict[str, to
     """Inverse of :func:`encode_model`: exactly the spec's dense tensors; DataError otherwise."""
     meta, entries, data = read_header(payload, spec.max_bytes, "model payload")
     env = Envelope.from_metadata(meta, "model")
-    dense, _ = _body(_where(env), entries, data, spec, "model")
-    return env, dense
+    dense, _ = _body(_where(env), entries, data, spec, "model", meta)
+    return env, dict(dense.items())  # read once a round, by name, many times: plain views
 
 
 def decode_rows(payload: bytes, spec: WireSpec) -> tuple[Envelope, dict[str, SparseRows]]:
     """Inverse of :func:`encode_rows`: rows of known tables; DataError otherwise."""
     meta, entries, data = read_header(payload, spec.max_bytes, "rows payload")
     env = Envelope.from_metadata(meta, "rows")
-    _, rows = _body(_where(env), entries, data, spec, "rows")
+    _, rows = _body(_where(env), entries, data, spec, "rows", meta)
     return env, rows

@@ -16,6 +16,7 @@ from typing import Final
 import torch
 
 from adfed.errors import DataError
+from adfed.fl.types import FlatIndex, c_strides, flat_index
 
 #: Payload kinds: a client's upload, the broadcast ``dense_shared`` model, the rows of
 #: ``sparse_shared`` tables that one phone downloads.
@@ -139,6 +140,8 @@ class WireSpec:
     dense: dict[str, tuple[tuple[int, ...], torch.dtype]]
     tables: dict[str, tuple[int, int, torch.dtype]]
     max_bytes: int
+    #: dense layouts already checked, by the metadata text that names them (bounded)
+    _layouts: dict[str, DenseLayout] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 8:
@@ -179,6 +182,77 @@ class WireSpec:
             tables={k: (int(v.shape[0]), int(v.shape[1]), v.dtype) for k, v in tables.items()},
             max_bytes=max_bytes,
         )
+
+
+    def layout(self, where: str, text: str) -> DenseLayout:
+        """The layout of a payload's dense part whose metadata ``dense`` is ``text`` (the
+        JSON list of the parameter names in wire order): every one of the spec's
+        ``dense_shared`` names exactly once, in any order (the encoder's).
+
+        Raises
+        ------
+        DataError : naming ``where``: not a JSON list of strings, a name the model does
+            not have, one twice, or one missing.
+        """
+        known = self._layouts.get(text)
+        if known is not None:
+            return known
+        try:
+            names = json.loads(text)
+        except (ValueError, RecursionError):
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{where}: metadata dense must be a JSON list of parameter names; got {show(text)}")
+        for name in names:
+            if name not in self.dense:
+                raise DataError(f"{where}: metadata dense names {show(name)}, not one of the model's "
+                                f"{len(self.dense)} dense_shared parameters; drop it")
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise DataError(f"{where}: metadata dense names {show(twice)} twice; name each parameter once")
+        given = set(names)
+        missing = [n for n in self.dense if n not in given]
+        if missing:
+            raise DataError(f"{where}: misses dense/{missing[0]} ({len(missing)} of the model's {len(self.dense)} "
+                            "dense_shared parameters missing); send all of them")
+        out = DenseLayout.of([(n, *self.dense[n]) for n in names])
+        if len(self._layouts) < 16:  # a few orders at most; the encoders' is one
+            self._layouts[text] = out
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseLayout:
+    """Where a payload's ``dense_shared`` parameters lie: those of one dtype are one flat
+    tensor ``dense/<TAG>`` (``TAG`` as in :data:`WIRE_DTYPES`), their values back to back
+    in C order, in the order of the payload's metadata ``dense`` (a JSON list of the names).
+
+    Attributes
+    ----------
+    sizes : TAG -> elements of its flat tensor, in the order of first appearance.
+    parts : per parameter, in wire order: name, TAG, shape, C strides, and the start of its
+        values in its TAG's flat tensor (elements).
+    index : when all parameters share one dtype (the usual case), their
+        :data:`~adfed.fl.types.FlatIndex`: decoded, they are one
+        :class:`~adfed.fl.types.FlatDense`; None otherwise.
+    """
+
+    sizes: dict[str, int]
+    parts: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
+    index: FlatIndex | None
+
+    @classmethod
+    def of(cls, params: list[tuple[str, tuple[int, ...], torch.dtype]]) -> DenseLayout:
+        """The layout of ``(name, shape, dtype)`` in this order."""
+        sizes: dict[str, int] = {}
+        parts = []
+        for name, shape, dtype in params:
+            tag = wire_tag(dtype)
+            start = sizes.get(tag, 0)
+            parts.append((name, tag, shape, c_strides(shape), start))
+            sizes[tag] = start + math.prod(shape)
+        index = flat_index([(name, shape) for name, shape, _ in params]) if len(sizes) == 1 else None
+        return cls(sizes=sizes, parts=tuple(parts), index=index)
 
 
 # ---- reading a payload's header, under limits ---------------------------------------------------

@@ -22,7 +22,7 @@ from adfed.fl.aggregators import (
     weighted_mean,
 )
 from adfed.fl.server import server_weights
-from adfed.fl.types import SparseRows, Update, flat_span
+from adfed.fl.types import FlatDense, SparseRows, Update, dense_nbytes, flat_index, flat_span
 from adfed.fl.wire import WireSpec
 
 
@@ -118,6 +118,49 @@ def test_weighted_mean_of_decoded_updates_equals_it_tensor_by_tensor(rng: np.ran
     assert list(fast) == list(names)
     for n in names:
         assert torch.equal(plain[n], fast[n])
+
+
+def test_weighted_mean_of_flat_dense_updates_equals_it_tensor_by_tensor(rng: np.random.Generator) -> None:
+    # Prepare: FlatDense updates of one index (what the wire decodes, what batched phones
+    # make), one of another order, and one plain dict among them
+    shapes = [("z.weight", (3, 2)), ("a.bias", (4,)), ("s", ())]
+    arrays = [{n: torch.from_numpy(rng.normal(size=s).astype(np.float32)) for n, s in shapes} for _ in range(5)]
+    index, other = flat_index(shapes), flat_index(shapes[::-1])
+
+    def flat(d: dict[str, torch.Tensor], idx: dict) -> FlatDense:
+        return FlatDense(torch.cat([d[n].reshape(-1) for n in idx]), idx)
+
+    mixed = [flat(arrays[0], index), flat(arrays[1], index), flat(arrays[2], other), arrays[3], flat(arrays[4], index)]
+    weights = np.array([1.0, 2.0, 0.5, 0.25, 0.0])
+
+    # Execute
+    plain, fast = weighted_mean(arrays, weights), weighted_mean(mixed, weights)
+
+    # Assert: bit for bit, names, shapes and dtypes as the first update's
+    assert list(fast) == [n for n, _ in shapes]
+    for n, shape in shapes:
+        assert torch.equal(plain[n], fast[n]) and fast[n].shape == shape and fast[n].dtype == torch.float32
+
+
+def test_flat_dense_is_a_mapping_of_views_of_its_flat_tensor() -> None:
+    # Prepare
+    index = flat_index([("w", (2, 3)), ("empty", (0, 4)), ("b", (2,)), ("s", ())])
+    block = torch.arange(18, dtype=torch.float32).view(2, 9)  # two phones' rows, as the batched path lays them
+
+    # Execute
+    second = FlatDense(block[1], index)
+
+    # Assert: the names in order, each a view at its place, writes reaching the flat tensor
+    assert list(second) == ["w", "empty", "b", "s"] and len(second) == 4
+    assert torch.equal(second["w"], torch.arange(9, 15, dtype=torch.float32).view(2, 3))
+    assert second["empty"].shape == (0, 4) and torch.equal(second["b"], torch.tensor([15.0, 16.0]))
+    assert second["s"].shape == () and float(second["s"]) == 17.0
+    second["b"].add_(1.0)
+    assert block[1, 6] == 16.0 and dense_nbytes(second) == 36 == dense_nbytes(dict(second.items()))
+    with pytest.raises(ValueError, match="contiguous 1-D tensor of the index's 9 values"):
+        FlatDense(block[1, :8], index)
+    with pytest.raises(ValueError, match="contiguous 1-D tensor"):
+        FlatDense(block[:, 0].contiguous().view(2, 1).expand(2, 9)[0], index)
 
 
 def test_flat_span_only_of_tensors_back_to_back_in_one_storage() -> None:

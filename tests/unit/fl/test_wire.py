@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from adfed.errors import DataError
 from adfed.fl import wire
-from adfed.fl.types import SparseRows, Update
+from adfed.fl.types import FlatDense, SparseRows, Update, flat_index
 from adfed.fl.wire import (
     KNOWN_CODECS,
     Envelope,
@@ -72,14 +72,16 @@ def _equal_rows(a: dict[str, SparseRows], b: dict[str, SparseRows]) -> None:
 
 
 def _tensors(update: Update) -> dict[str, torch.Tensor]:
-    out = {f"dense/{k}": v for k, v in update.dense.items()}
+    """The wire's tensors of ``update``, its float32 dense parameters as one ``dense/F32``."""
+    out = {"dense/F32": torch.cat([v.reshape(-1) for v in update.dense.values()])}
     for table, rows in update.sparse.items():
         out[f"sparse/{table}/ids"], out[f"sparse/{table}/values"] = rows.ids, rows.values
     return out
 
 
 _META = {"kind": "update", "round": "3", "model_version": "4", "codec": "identity", "client_id": "17",
-         "num_examples": "30", "metrics": '{"loss": 0.5}', "groups": "dense_shared,sparse_shared"}
+         "num_examples": "30", "metrics": '{"loss": 0.5}', "groups": "dense_shared,sparse_shared",
+         "dense": json.dumps([W, B])}
 
 
 def _st(tensors: dict[str, torch.Tensor], **meta: str | None) -> bytes:
@@ -183,7 +185,10 @@ def test_payload_grows_with_touched_rows_by_their_bytes(update: Update, env: Env
     more = SparseRows(torch.arange(10), torch.zeros(10, 2))
     bigger = Update(client_id=17, dense=update.dense, sparse={**update.sparse, AD: more}, num_examples=30,
                     base_version=4, metrics=update.metrics)
-    assert len(encode_update(bigger, env)) - len(encode_update(update, env)) == 7 * (8 + 2 * 4)
+    def data_bytes(payload: bytes) -> int:  # the header's length moves with its digits and padding
+        return len(payload) - 8 - struct.unpack("<Q", payload[:8])[0]
+
+    assert data_bytes(encode_update(bigger, env)) - data_bytes(encode_update(update, env)) == 7 * (8 + 2 * 4)
 
 
 def test_non_finite_metrics_are_left_out(update: Update, env: Envelope, spec: WireSpec) -> None:
@@ -264,9 +269,9 @@ def test_a_huge_declared_header_or_tensor_is_refused_without_allocating(spec: Wi
     # A tensor of 10**12 floats cannot fit the data that is really there
     huge = {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}
     with pytest.raises(DataError, match="do not tile its 16 data bytes"):
-        decode_update(_raw({"__metadata__": _META, f"dense/{W}": huge}, bytes(16)), spec)
+        decode_update(_raw({"__metadata__": _META, "dense/F32": huge}, bytes(16)), spec)
     with pytest.raises(DataError, match=r"shape \[1000000, 1000000\] of F32 does not fit"):
-        decode_update(_raw({f"dense/{W}": huge | {"data_offsets": [0, 16]}}, bytes(16)), spec)
+        decode_update(_raw({"dense/F32": huge | {"data_offsets": [0, 16]}}, bytes(16)), spec)
 
 
 @pytest.mark.parametrize(("payload", "match"), [
@@ -324,6 +329,12 @@ def test_deeply_nested_header_is_refused(spec: WireSpec) -> None:
     ({"groups": None}, "metadata groups is missing"),
     ({"groups": "dense_shared"}, "metadata groups is 'dense_shared' but the payload carries dense_shared,sparse_shared"),
     ({"groups": "sparse_shared,dense_shared"}, "metadata groups is"),
+    ({"dense": None}, "update payload from client 17: metadata dense is missing"),
+    ({"dense": "{"}, "metadata dense must be a JSON list of parameter names; got '{'"),
+    ({"dense": '["a", 1]'}, "metadata dense must be a JSON list of parameter names"),
+    ({"dense": json.dumps([W, B, "nope"])}, "metadata dense names 'nope', not one of the model's 2 dense_shared"),
+    ({"dense": json.dumps([W, W, B])}, "metadata dense names 'tower.0.weight' twice"),
+    ({"dense": json.dumps([W])}, r"misses dense/tower.0.bias \(1 of the model's 2 dense_shared parameters missing\)"),
 ])
 def test_bad_metadata_is_refused(update: Update, spec: WireSpec, meta, match) -> None:
     with pytest.raises(DataError, match=match):
@@ -341,18 +352,33 @@ def _put(key: str, value: torch.Tensor):
 _ADI, _ADV = f"sparse/{AD}/ids", f"sparse/{AD}/values"
 
 
+_F32 = "dense/F32"
+
+
+def _set(lo: int, hi: int, value: float):
+    """Values ``lo:hi`` of the dense part set to ``value`` (W is 0:12, B 12:16)."""
+    def change(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        flat = t[_F32].clone()
+        flat[lo:hi] = value
+        return t | {_F32: flat}
+    return change
+
+
 @pytest.mark.parametrize(("change", "match"), [
-    (_put("dense/nope", torch.zeros(1)), r"dense/'nope' is not one of the model's 2 dense_shared parameters"),
-    (_drop(f"dense/{B}"), r"misses dense/tower.0.bias \(1 of the model's 2 dense_shared parameters missing\)"),
-    (_put(f"dense/{W}", torch.zeros(3, 4)), r"from client 17: dense/tower.0.weight has shape \(3, 4\); the model's is \(4, 3\)"),
-    (_put(f"dense/{W}", torch.zeros(4, 3, dtype=torch.float64)), "has dtype torch.float64; the model's is torch.float32"),
-    (_put(f"dense/{W}", torch.full((4, 3), math.nan)), "dense/tower.0.weight holds NaN or infinite values"),
-    (_put(f"dense/{B}", torch.tensor([0.0, math.inf, 0, 0])), "dense/tower.0.bias holds NaN or infinite values"),
+    (_put("dense/nope", torch.zeros(1)), r"tensor 'dense/nope' is neither dense/<dtype tag> nor"),
+    (_drop(_F32), r"from client 17: misses dense/F32 \(the model's F32 dense_shared parameters\)"),
+    (_put(_F32, torch.zeros(15)), r"dense/F32 is torch.float32 of shape \(15,\); the model's F32 dense_shared "
+                                  r"parameters make torch.float32 of shape \(16,\)"),
+    (_put(_F32, torch.zeros(4, 4)), r"dense/F32 is torch.float32 of shape \(4, 4\)"),
+    (_put("dense/F64", torch.zeros(16, dtype=torch.float64)), "carries dense/F64; the model's dense_shared parameters are F32"),
+    (_set(0, 1, math.nan), "dense/tower.0.weight holds NaN or infinite values"),
+    (_set(11, 12, -math.inf), "dense/tower.0.weight holds NaN or infinite values"),
+    (_set(13, 14, math.inf), "dense/tower.0.bias holds NaN or infinite values"),
     (_put(_ADV, torch.tensor([[0.0, 1], [2, 3], [-math.inf, 0]])), f"{_ADV} holds NaN or infinite values"),
     (_put("sparse/emb.x.weight/ids", torch.tensor([1])), "has only one of its ids and values"),
     (lambda t: t | {"sparse/emb.x.weight/ids": torch.tensor([1]), "sparse/emb.x.weight/values": torch.zeros(1, 2)},
      "'emb.x.weight' is not one of the model's sparse_shared tables"),
-    (_put("weights", torch.zeros(1)), "tensor 'weights' is neither dense/<param> nor sparse/<table>/ids|values"),
+    (_put("weights", torch.zeros(1)), "tensor 'weights' is neither dense/<dtype tag> nor sparse/<table>/ids|values"),
     (_put(_ADI, torch.tensor([0, 7, 9], dtype=torch.int32)), r"ids is torch.int32 of shape \(3,\); ids are int64 \[R\]"),
     (lambda t: t | {_ADI: torch.tensor([[0, 7, 9]]), _ADV: torch.zeros(1, 2)}, r"ids are int64 \[R\]"),
     (_put(_ADI, torch.tensor([-1, 7, 9])), r"ids has ids in \[-1, 9\]; the table's rows are \[0, 10\)"),
@@ -377,8 +403,10 @@ def test_model_and_rows_payloads_hold_only_their_part(update: Update, spec: Wire
     with pytest.raises(DataError, match="model payload of round 3: carries rows of 'emb.ad_id.weight'"):
         decode_model(_st(tensors, **model_meta), spec)
     with pytest.raises(DataError, match="model payload of round 3: misses dense/tower.0.weight"):
-        decode_model(_st(_drop(f"dense/{W}")(dense), **model_meta), spec)
-    with pytest.raises(DataError, match="rows payload from client 17: carries dense/'tower.0."):
+        decode_model(_st(dense, **model_meta, dense=json.dumps([B])), spec)
+    with pytest.raises(DataError, match="model payload of round 3: metadata dense is missing"):
+        decode_model(_st(dense, **model_meta, dense=None), spec)
+    with pytest.raises(DataError, match="rows payload from client 17: carries dense/F32; a rows payload"):
         decode_rows(_st(tensors, kind="rows"), spec)
     with pytest.raises(DataError, match="rows payload: metadata kind is 'update', not 'rows'; decode it with decode_update"):
         decode_rows(_st(rows), spec)
@@ -389,6 +417,35 @@ def test_every_message_is_one_line(update: Update, spec: WireSpec) -> None:
     with pytest.raises(DataError) as info:
         decode_update(_st(bad_name), spec)
     assert "\n" not in str(info.value)
+    with pytest.raises(DataError) as info:
+        decode_update(_st(_tensors(update), dense=json.dumps([W, "evil\nname"])), spec)
+    assert "\n" not in str(info.value)
+
+
+def test_dense_parameters_may_come_in_any_order_the_metadata_names(update: Update, spec: WireSpec) -> None:
+    # Prepare: B before W on the wire, as an encoder with another dict order writes them
+    tensors = _tensors(update) | {_F32: torch.cat([update.dense[B], update.dense[W].reshape(-1)])}
+
+    # Execute
+    _, got = decode_update(_st(tensors, dense=json.dumps([B, W])), spec)
+
+    # Assert: each parameter read from where the metadata puts it, in the payload's order
+    assert list(got.dense) == [B, W]
+    _equal(dict(sorted(got.dense.items())), dict(sorted(update.dense.items())))
+
+
+def test_a_decoded_dense_part_is_a_flat_dense_over_the_payload(update: Update, env: Envelope, spec: WireSpec) -> None:
+    _, got = decode_update(encode_update(update, env), spec)
+    assert isinstance(got.dense, FlatDense) and got.dense.flat.shape == (16,)
+    assert got.dense["tower.0.bias"].data_ptr() == got.dense.flat.data_ptr() + 12 * 4
+    _equal(dict(got.dense.items()), update.dense)
+
+
+def test_the_dense_part_is_one_tensor_per_dtype(update: Update, env: Envelope) -> None:
+    header_len = struct.unpack("<Q", encode_update(update, env)[:8])[0]
+    header = json.loads(encode_update(update, env)[8 : 8 + header_len])
+    assert [k for k in header if k.startswith("dense")] == ["dense/F32"] and header["dense/F32"]["shape"] == [16]
+    assert json.loads(header["__metadata__"]["dense"]) == [W, B]
 
 
 # ---- never anything but DataError -----------------------------------------------------------------
@@ -486,14 +543,16 @@ def test_header_is_compact_json_with_names_and_metadata_escaped() -> None:
 
 
 def test_tensors_back_to_back_in_memory_encode_to_the_same_bytes(update: Update, env: Envelope) -> None:
-    # Prepare: the dense deltas as views of one block in wire order (B's name sorts first),
-    # as the batched phones lay them out, and the sparse values as a slice of a bigger tensor
-    block = torch.cat([update.dense[B].reshape(-1), update.dense[W].reshape(-1)])
-    packed = dataclasses.replace(update, dense={W: block[4:].view(4, 3), B: block[:4]})
+    # Prepare: the dense deltas as views of one block in the update's order, as the
+    # batched phones lay them out, and the sparse values as a slice of a bigger tensor
+    block = torch.cat([update.dense[W].reshape(-1), update.dense[B].reshape(-1)])
+    packed = dataclasses.replace(update, dense={W: block[:12].view(4, 3), B: block[12:]})
     rows = update.sparse[AD]
     wider = torch.cat([rows.values, torch.ones(2, 2)])[:3]
     packed = dataclasses.replace(packed, sparse={**update.sparse, AD: SparseRows(rows.ids, wider)})
 
-    # Execute / Assert: one buffer or several, the same payload
-    assert encode_update(packed, env) == encode_update(update, env)
-    assert len(wire._spans([block[:4], block[4:].view(4, 3)])) == 1
+    flat = dataclasses.replace(packed, dense=FlatDense(block, flat_index([(W, (4, 3)), (B, (4,))])))
+
+    # Execute / Assert: one buffer or several, a FlatDense or a dict, the same payload
+    assert encode_update(packed, env) == encode_update(update, env) == encode_update(flat, env)
+    assert len(wire._spans([block[:12].view(4, 3), block[12:]])) == 1

@@ -18,7 +18,7 @@ from adfed.fl.client import ClientTask, client_update, needed_rows
 from adfed.fl.population import Population
 from adfed.fl.rounds import client_settings, make_offer
 from adfed.fl.simulation import build_engine, initial_server_state
-from adfed.fl.types import SparseRows, Update
+from adfed.fl.types import FlatDense, SparseRows, Update
 from adfed.fl.wire import decode_update
 from adfed.model.assembly import model_from_config
 from adfed.model.groups import get_dense, group_names, sparse_tables
@@ -85,10 +85,12 @@ def test_batched_equals_client_update_on_every_phone(small_world, fl_config, ove
             for t, a, b in zip(tasks, offsets[:-1], offsets[1:], strict=True)]
     got = batched.client_updates(model_from_config(cfg, dataset, user_rows=1), tasks, data, offsets)
 
-    # Assert
+    # Assert: and each phone's dense deltas are one row of one block (its upload's one buffer)
     assert len(got) == len(want)
     for a, b in zip(want, got, strict=True):
         _assert_close(a, b)
+    flats = [u.dense.flat for u, _ in got if isinstance(u.dense, FlatDense)]
+    assert len(flats) == len(got) and len({f.untyped_storage().data_ptr() for f in flats}) == 1
 
 
 def test_chunks_give_the_same_updates(small_world, fl_config, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

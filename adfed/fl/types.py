@@ -8,6 +8,7 @@ payloads are the touched row ids and their row deltas.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -54,7 +55,7 @@ def flat_index(shapes: Sequence[tuple[str, tuple[int, ...]]]) -> FlatIndex:
     start = 0
     for name, shape in shapes:
         out[name] = (tuple(shape), c_strides(tuple(shape)), start)
-        start += _numel(shape)
+        start += math.prod(shape)
     return out
 
 
@@ -68,7 +69,7 @@ class FlatDense(Mapping[str, torch.Tensor]):
 
     def __init__(self, flat: torch.Tensor, index: FlatIndex) -> None:
         last = next(reversed(index.values()), None)
-        end = last[2] + _numel(last[0]) if last is not None else 0
+        end = last[2] + math.prod(last[0]) if last is not None else 0
         if flat.dim() != 1 or flat.numel() != end or (flat.numel() and flat.stride(0) != 1):
             raise ValueError(f"FlatDense: flat must be a contiguous 1-D tensor of the index's {end} values; "
                              f"got shape {tuple(flat.shape)}")
@@ -78,7 +79,7 @@ class FlatDense(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape, strides, start = self.index[name]
-        if not _numel(shape):  # as_strided of an empty flat tensor would fail
+        if not math.prod(shape):  # as_strided of an empty flat tensor would fail
             return self.flat.new_empty(shape)
         return self.flat.as_strided(shape, strides, self._base + start)
 
@@ -90,13 +91,6 @@ class FlatDense(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"FlatDense({len(self.index)} tensors, {self.flat.numel()} {self.flat.dtype} values)"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def dense_nbytes(dense: Mapping[str, torch.Tensor]) -> int:

@@ -16,7 +16,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -115,15 +115,25 @@ class WorkerContext:
 
 
 def _serve_many(offer: Offer, reads: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, SparseRows]]:
-    """The rows each phone reads (``reads``: its ids per table), from the offer's tables,
-    one gather per table for all phones (each phone's values a view of it)."""
+    """The rows each phone reads (``reads``: its ids per table) as it trains on them: from
+    the offer's tables, one gather per table for all phones (each phone's values a view
+    of it); in a round with a vocabulary, what :func:`blocks.phone_rows` makes of the
+    served blocks (the table's rows in the vocabulary, zero rows outside it; tables
+    without a block are not served)."""
     out: list[dict[str, SparseRows]] = [{} for _ in reads]
     if not reads:
         return out
+    vocab = offer.vocabulary
     for table in reads[0]:
+        if vocab is not None and table not in vocab:
+            continue
         ids = [r[table] for r in reads]
-        values = offer.tables[table][torch.cat(ids)].split([len(i) for i in ids])
-        for served, i, v in zip(out, ids, values, strict=True):
+        flat = torch.cat(ids)
+        if vocab is None:
+            values = offer.tables[table][flat]
+        else:
+            values = blocks.phone_rows(blocks.serve_block(offer.tables[table], vocab[table]), flat).values
+        for served, i, v in zip(out, ids, values.split([len(i) for i in ids]), strict=True):
             served[table] = SparseRows(i, v)
     return out
 
@@ -192,28 +202,24 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
     the others (and all, with ``batched=False`` or settings the batched path cannot
     express, logged once per reason) with :func:`~adfed.fl.client.client_update`.
 
-    Each phone still downloads, decodes, transforms and encodes on its own in
-    :func:`run_job`; a phone whose decoded download differs from what it was trained on
-    (it cannot, as rows are served from the offer's tables) is trained again on its own.
+    Each phone still downloads, decodes, transforms (clipping and noise, with privacy on)
+    and encodes on its own in :func:`run_job`; a phone whose decoded download differs from
+    what it was trained on (it cannot: both are served from the offer's tables, through
+    the round's vocabulary blocks when it has one) is trained again on its own.
     """
     datas = [data.slice(int(a), int(b)) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
     reason = unsupported(offer.settings, ctx.scratch) if batched else None
-    if reason is None and batched and offer.vocabulary is not None:
-        reason = "the round has a vocabulary (privacy): phones train on vocabulary blocks, not the tables' rows"
     if reason is not None and reason not in _LOGGED:
         _LOGGED.add(reason)
         logger.info("clients train one by one: %s", reason)
     take = [i for i, d in enumerate(datas) if one_step(len(d), offer.settings)] if batched and reason is None else []
     reads = touched_rows_many(ctx.scratch, data, offsets)
-    served: list[dict[str, SparseRows] | None] = [None] * len(jobs)
-    if offer.vocabulary is None:
-        served = list(_serve_many(offer, reads))
+    served = _serve_many(offer, reads)  # what each phone trains on (run_job decodes its own download)
     trained: dict[int, tuple[ClientTask, tuple[Update, dict[str, torch.Tensor]]]] = {}
     if len(take) > 1:
         dense = ctx.dense(offer)
         tasks = [ClientTask(client_id=jobs[i].client_id, version=offer.version, settings=offer.settings, dense=dense,
-                            rows=cast(dict[str, SparseRows], served[i]), local=jobs[i].phone, seed=jobs[i].seed,
-                            checked=True) for i in take]
+                            rows=served[i], local=jobs[i].phone, seed=jobs[i].seed, checked=True) for i in take]
         if len(take) == len(jobs):
             part, part_offsets = data, offsets
         else:
@@ -231,7 +237,8 @@ def run_jobs(ctx: WorkerContext, offer: Offer, jobs: Sequence[Job], data: Exampl
             return client_update(scratch, task, d)
         return train
 
-    return [run_job(ctx, offer, job, d, train=train_of(i), reads=reads[i], served=served[i])
+    plain = offer.vocabulary is None  # with a vocabulary run_job serves the blocks itself
+    return [run_job(ctx, offer, job, d, train=train_of(i), reads=reads[i], served=served[i] if plain else None)
             for i, (job, d) in enumerate(zip(jobs, datas, strict=True))]
 
 

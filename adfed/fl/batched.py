@@ -55,8 +55,10 @@ from adfed.model.pcvr import Output, PCVRModel, ctcvr_nll, ensure_finite
 CHUNK_PHONES = 256
 _USER_BIAS = "user_bias.weight"
 #: the ClientSettings fields the batched step implements
+# the settings local training reads; ``clip`` and ``clips`` (privacy) are applied after
+# it, to each phone's own update, by the update pipeline (run_job)
 _KNOWN_SETTINGS = frozenset({"epochs", "batch_size", "lr", "sparse_lr", "prox_mu", "optimizer", "embedding_l2",
-                             "table_lr", "user_lr"})
+                             "table_lr", "user_lr", "clip", "clips"})
 
 
 def unsupported(settings: ClientSettings, model: PCVRModel) -> str | None:

@@ -22,6 +22,7 @@ from adfed.fl.types import FlatDense, SparseRows, Update
 from adfed.fl.wire import decode_update
 from adfed.model.assembly import model_from_config
 from adfed.model.groups import get_dense, group_names, sparse_tables
+from adfed.privacy import setup as privacy_setup
 from adfed.trainer import Trainer
 
 TOL = 1e-5
@@ -63,7 +64,8 @@ def _assert_close(a: tuple[Update, dict], b: tuple[Update, dict]) -> None:
         torch.testing.assert_close(ua.sparse[k].values, ub.sparse[k].values, atol=TOL, rtol=0)
     for k in la:
         torch.testing.assert_close(la[k], lb[k], atol=TOL, rtol=0)
-    assert ua.metrics["loss"] == pytest.approx(ub.metrics["loss"], abs=TOL)
+    assert ua.metrics.keys() == ub.metrics.keys()  # with DP on, the clip's bits instead of the loss
+    assert ua.metrics == pytest.approx(ub.metrics, abs=TOL)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -132,9 +134,12 @@ def _backend_round(cfg: Config, small_world, n: int = 30):  # noqa: ANN001, ANN2
     dataset = Dataset.open(small_world)
     backend = InProcessBackend(small_world, cfg)
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr)
-    state = initial_server_state(cfg, model_from_config(cfg, dataset), server_opt)
     population = backend.ctx.population
-    engine = build_engine(cfg, dataset, population, state, backend, server_opt)
+    plan = vocabulary = None
+    if cfg.privacy.dp:  # the run's plan and round vocabulary, as fit_federated makes them
+        cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population)
+    state = initial_server_state(cfg, model_from_config(cfg, dataset), server_opt)
+    engine = build_engine(cfg, dataset, population, state, backend, server_opt, plan=plan, vocabulary=vocabulary)
     users = np.random.default_rng(1).choice(population.clients, n, replace=False)
     jobs = [Job(client_id=int(u), phone=None, seed=(0, 1, int(u))) for u in users]
     return backend, make_offer(state, engine, 1), jobs
@@ -145,6 +150,9 @@ def _backend_round(cfg: Config, small_world, n: int = 30):  # noqa: ANN001, ANN2
     ("fl.local_batch_size=16",),  # the phones with more rows run several steps, one by one
     ('fl.local_optimizer="adam"',),  # all one by one
     ('fl.strategy="fedprox"',),
+    ("privacy.dp=true",),  # a vocabulary round: phones train on blocks, each update clipped after
+    ("privacy.dp=true", 'privacy.clip_mode="per_tensor"', "privacy.adaptive_clip=true",
+     "privacy.noise_multiplier=0.1", "privacy.clip_count_noise=5"),
 ])
 def test_in_process_map_batched_equals_one_by_one(small_world, fl_config, overrides,  # noqa: ANN001
                                                   caplog: pytest.LogCaptureFixture,
@@ -172,6 +180,14 @@ def test_in_process_map_batched_equals_one_by_one(small_world, fl_config, overri
     if cfg.fl.local_optimizer == "adam":
         assert [r.payload for r in got] == [r.payload for r in want]  # the reference path itself
         assert "clients train one by one: fl.local_optimizer = 'adam'" in caplog.text
+    else:
+        assert "clients train one by one" not in caplog.text
+    if cfg.privacy.dp:  # each upload is a dense block over the round's vocabulary
+        assert offer.vocabulary is not None
+        for r in got:
+            sparse = decode_update(r.payload, offer.spec)[1].sparse
+            assert {t: torch.equal(rows.ids, offer.vocabulary[t]) for t, rows in sparse.items()} == \
+                dict.fromkeys(offer.vocabulary, True)
 
 
 def test_a_full_run_ends_at_the_per_phone_model(small_world, fl_config,  # noqa: ANN001

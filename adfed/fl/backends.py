@@ -291,11 +291,32 @@ def _init_worker(data_path: str, cfg: Config) -> None:
     _WORKER = WorkerContext(data_path, cfg)
 
 
-def _run_in_worker(offer: Offer, jobs: list[Job]) -> list[ClientResult]:
+#: A phone's local store entry as it crosses to or from a worker process: numpy arrays.
+#: Tensors would cross by torch's file-descriptor sharing, one descriptor per tensor, and
+#: the few thousand small local tensors of 1000-phone rounds exhaust the descriptors within
+#: a few rounds ("received 0 items of ancdata"); arrays are pickled as bytes.
+PlainPhone = dict[str, np.ndarray] | None
+#: A job (client id, phone, seed) and a result (client id, payload, phone, bytes down,
+#: examples) in that form.
+PlainJob = tuple[int, PlainPhone, tuple[int, ...]]
+PlainResult = tuple[int, bytes, PlainPhone, int, int]
+
+
+def _plain(phone: dict[str, torch.Tensor] | None) -> PlainPhone:
+    return None if phone is None else {k: v.detach().numpy() for k, v in phone.items()}
+
+
+def _tensors(phone: PlainPhone) -> dict[str, torch.Tensor] | None:
+    return None if phone is None else {k: torch.from_numpy(v) for k, v in phone.items()}
+
+
+def _run_in_worker(offer: Offer, jobs: list[PlainJob]) -> list[PlainResult]:
     if _WORKER is None:  # pragma: no cover - initializer always runs first
         raise RuntimeError("worker context not initialised")
-    data, offsets = _WORKER.population.train_data_joined(np.array([j.client_id for j in jobs], dtype=np.int64))
-    return run_jobs(_WORKER, offer, jobs, data, offsets)
+    real = [Job(client_id=c, phone=_tensors(phone), seed=seed) for c, phone, seed in jobs]
+    data, offsets = _WORKER.population.train_data_joined(np.array([j.client_id for j in real], dtype=np.int64))
+    return [(r.client_id, r.payload, _plain(r.phone), r.bytes_down, r.num_examples)
+            for r in run_jobs(_WORKER, offer, real, data, offsets)]
 
 
 class ProcessBackend:
@@ -311,8 +332,11 @@ class ProcessBackend:
                                         initializer=_init_worker, initargs=(str(data_path), cfg))
 
     def map(self, offer: Offer, jobs: Sequence[Job]) -> list[ClientResult]:
-        parts = _parts(jobs, self.workers)
-        return [r for part in self.pool.map(_run_in_worker, [offer] * len(parts), parts) for r in part]
+        parts = [[(j.client_id, _plain(j.phone), j.seed) for j in part] for part in _parts(jobs, self.workers)]
+        return [ClientResult(client_id=c, payload=payload, phone=_tensors(phone) or {}, bytes_down=down,
+                             num_examples=n)
+                for part in self.pool.map(_run_in_worker, [offer] * len(parts), parts)
+                for c, payload, phone, down, n in part]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -76,37 +76,3 @@ def test_unknown_backend_lists_the_known(setup) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=r"fl.backend must be one of \['inprocess', 'process', 'ray'\]"):
         create_backend("gpu", cfg.data.path, cfg)
 
-
-def test_what_crosses_to_a_worker_process_holds_no_tensors(setup, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    # torch pickles each tensor for another process through a file descriptor of its own:
-    # a 1000-phone round's local rows ran a 1M-user run out of descriptors within 8 rounds
-    # Prepare: a second round's jobs, whose phones hold local state
-    from adfed.fl import backends
-
-    cfg, backend, engine, offer, population = setup
-    clients = [int(c) for c in population.clients[:4]]
-    first = backend.map(offer, [Job(client_id=c, phone=None, seed=(0, 1, c)) for c in clients])
-    jobs = [Job(client_id=r.client_id, phone=r.phone, seed=(0, 2, r.client_id)) for r in first]  # phones with state
-    assert all(r.phone and all(isinstance(v, torch.Tensor) for v in r.phone.values()) for r in first)
-    monkeypatch.setattr(backends, "_WORKER", backend.ctx)  # the worker's entry point, run here
-
-    # Execute: each part of the round as the process backend sends it to a worker
-    sent = [[(j.client_id, backends._plain(j.phone), j.seed) for j in part]
-            for part in backends._parts(jobs, backend.workers)]
-    got = [r for part in sent for r in backends._run_in_worker(offer, part)]
-
-    def tensors(x: object) -> bool:
-        if isinstance(x, dict):
-            return any(tensors(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return any(tensors(v) for v in x)
-        return isinstance(x, torch.Tensor)
-
-    # Assert: arrays and bytes only, both ways; the same uploads and states as in-process
-    assert not tensors(sent) and not tensors(got)
-    want = backend.map(offer, jobs)
-    assert [(c, payload) for c, payload, *_ in got] == [(r.client_id, r.payload) for r in want]
-    for (_, _, phone, _, _), r in zip(got, want, strict=True):
-        back = backends._tensors(phone)
-        assert back is not None and back.keys() == r.phone.keys()
-        assert all(torch.equal(back[k], r.phone[k]) for k in back)

@@ -297,10 +297,9 @@ def _check_ids(where: str, table: str, ids_t: torch.Tensor, rows: int) -> None:
 def _culprit(key: str, t: torch.Tensor, layout: DenseLayout | None) -> str:
     """The name of what holds a non-finite value of the tensor ``key``: a ``dense/<TAG>``
     tensor's first parameter that does (``dense/<param>``), the key itself otherwise."""
-    tag = key[len(_DENSE) :]
     if layout is not None and key.startswith(_DENSE):
-        for name, part_tag, shape, _, start in layout.parts:
-            if part_tag == tag and not bool(torch.isfinite(t[start : start + math.prod(shape)]).all()):
+        for name, view in FlatDense(t, layout.indexes[key[len(_DENSE) :]]).items():
+            if not bool(torch.isfinite(view).all()):
                 return _DENSE + name
     return key
 
@@ -362,11 +361,9 @@ def _body(where: str, entries: dict[str, Entry], data: memoryview, spec: WireSpe
     flats = {tag: view(dtype, shape, (1,), begin // dtype.itemsize)
              for tag, (dtype, shape, begin, _) in dense_entries.items()}
     dense: Mapping[str, torch.Tensor] = {}
-    if layout is not None and layout.index is not None:  # one dtype: the views made when asked for
-        dense = FlatDense(flats[next(iter(layout.sizes))], layout.index)
-    elif layout is not None:
-        dense = {name: flats[tag][start : start + math.prod(shape)].view(shape)
-                 for name, tag, shape, _, start in layout.parts}
+    if layout is not None:  # per dtype, the views made when asked for
+        parts = {tag: FlatDense(flats[tag], index) for tag, index in layout.indexes.items()}
+        dense = next(iter(parts.values())) if len(parts) == 1 else {n: parts[t][n] for n, t in layout.tags.items()}
     sparse = {}
     for table in (t for t in spec.tables if t in table_entries):  # the spec's order, not the payload's
         (id_dtype, id_shape, id_begin, _), (dtype, shape, begin, _) = table_entries[table]

@@ -16,7 +16,7 @@ from typing import Final
 import torch
 
 from adfed.errors import DataError
-from adfed.fl.types import FlatIndex, c_strides, flat_index
+from adfed.fl.types import FlatIndex, flat_index
 
 #: Payload kinds: a client's upload, the broadcast ``dense_shared`` model, the rows of
 #: ``sparse_shared`` tables that one phone downloads.
@@ -229,30 +229,24 @@ class DenseLayout:
 
     Attributes
     ----------
-    sizes : TAG -> elements of its flat tensor, in the order of first appearance.
-    parts : per parameter, in wire order: name, TAG, shape, C strides, and the start of its
-        values in its TAG's flat tensor (elements).
-    index : when all parameters share one dtype (the usual case), their
-        :data:`~adfed.fl.types.FlatIndex`: decoded, they are one
-        :class:`~adfed.fl.types.FlatDense`; None otherwise.
+    tags : parameter name -> its TAG, in wire order.
+    indexes : TAG -> the :data:`~adfed.fl.types.FlatIndex` of its flat tensor (decoded, one
+        :class:`~adfed.fl.types.FlatDense` each), in the order of first appearance.
+    sizes : TAG -> elements of its flat tensor.
     """
 
+    tags: dict[str, str]
+    indexes: dict[str, FlatIndex]
     sizes: dict[str, int]
-    parts: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
-    index: FlatIndex | None
 
     @classmethod
     def of(cls, params: list[tuple[str, tuple[int, ...], torch.dtype]]) -> DenseLayout:
         """The layout of ``(name, shape, dtype)`` in this order."""
-        sizes: dict[str, int] = {}
-        parts = []
-        for name, shape, dtype in params:
-            tag = wire_tag(dtype)
-            start = sizes.get(tag, 0)
-            parts.append((name, tag, shape, c_strides(shape), start))
-            sizes[tag] = start + math.prod(shape)
-        index = flat_index([(name, shape) for name, shape, _ in params]) if len(sizes) == 1 else None
-        return cls(sizes=sizes, parts=tuple(parts), index=index)
+        tags = {name: wire_tag(dtype) for name, _, dtype in params}
+        indexes = {tag: flat_index([(n, shape) for n, shape, _ in params if tags[n] == tag])
+                   for tag in dict.fromkeys(tags.values())}
+        sizes = {tag: sum(math.prod(shape) for shape, _, _ in index.values()) for tag, index in indexes.items()}
+        return cls(tags=tags, indexes=indexes, sizes=sizes)
 
 
 # ---- reading a payload's header, under limits ---------------------------------------------------

@@ -146,6 +146,11 @@ class FLConfig:
     # or the "towers" only (the dense part but the small tables; tables and sparse rows
     # then step as FedAvg)
     server_adaptive_scope: Literal["all", "towers"] = "all"
+    # the released model (evaluated, saved, exported) is a moving average of the global
+    # model over server steps, warmed up as train.ema (0 = off: the last model). Phones
+    # still train from the last model; no privacy cost (post-processing). Measured in
+    # docs/results/2026-12-06-federated-quality.md, section 6
+    server_ema: float = 0.0
     prox_mu: float = 0.01
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"
@@ -175,6 +180,7 @@ class FLConfig:
         for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
+        _check(0 <= self.server_ema < 1, "fl.server_ema", "a float in [0, 1) (0 = off), e.g. 0.98", self.server_ema)
         _check(self.local_user_lr >= 0, "fl.local_user_lr", "a float >= 0 (0 = fl.local_sparse_lr)", self.local_user_lr)
         _check(len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas), "fl.server_betas",
                "two floats in [0, 1), e.g. [0.9, 0.99]", self.server_betas)

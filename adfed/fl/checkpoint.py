@@ -126,6 +126,10 @@ def encode(ck: Checkpoint) -> bytes:
                    "clips": [list(c) for c in s.clips],
                    "dense": _flatten("dense", s.model.dense, tensors),
                    "sparse": _flatten("sparse", s.model.sparse, tensors),
+                   "average": None if s.average is None else {
+                       "dense": _flatten("average/dense", s.average.dense, tensors),
+                       "sparse": _flatten("average/sparse", s.average.sparse, tensors),
+                       "version": s.average.version},
                    "opt_state": _flatten("opt", s.opt_state, tensors),
                    "window": {"deadline_s": s.window.deadline_s, "history": [list(h) for h in s.window.history]}},
         "rows": ck.rows,
@@ -149,10 +153,14 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
                              history=tuple(tuple(float(x) for x in h) for h in srv["window"]["history"]))
         model = GlobalState(dense=_unflatten(srv["dense"], tensors), sparse=_unflatten(srv["sparse"], tensors),
                             version=int(srv["version"]))
+        avg = srv.get("average")  # absent in checkpoints from before fl.server_ema
+        average = None if avg is None else GlobalState(
+            dense=_unflatten(avg["dense"], tensors), sparse=_unflatten(avg["sparse"], tensors),
+            version=int(avg["version"]))
         state = ServerState(model=model, opt_state=_unflatten(srv["opt_state"], tensors), window=window,
                             round=int(srv["round"]), sim_time_s=float(srv["sim_time_s"]),
                             clip=float(srv.get("clip", 0.0)),
-                            clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])))
+                            clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])), average=average)
         return Checkpoint(state=state, rows=list(meta["rows"]), async_state=_restore_async(meta["async"], tensors),
                           store=_restore_store(meta["store"], tensors), wall_s=float(meta["wall_s"]),
                           settings=dict(meta["settings"]))

@@ -58,7 +58,8 @@ class Engine:
         # step n aggregates after n - 1 done, as client_settings(cfg, done) for the phones
         server_opt = strategies.at_scale(self.server_opt, lr_decay_factor(step - 1, self.cfg.fl.server_lr_decay_start))
         return server.aggregate(state, updates, weights, self.aggregator, server_opt, rng, step=step,
-                                threads=self.cfg.fl.server_threads, release_empty=self.cfg.privacy.dp)
+                                threads=self.cfg.fl.server_threads, release_empty=self.cfg.privacy.dp,
+                                average=self.cfg.fl.server_ema)
 
 
 def client_settings(cfg: Config, done: int = 0) -> ClientSettings:

@@ -53,6 +53,14 @@ class ServerState:
     sim_time_s: float = 0.0
     clip: float = 0.0  # the clip norm phones are sent (privacy.clip, adapted with adaptive clipping); 0: none
     clips: tuple[tuple[str, float], ...] = ()  # per-tensor clips (privacy.clip_mode = "per_tensor")
+    #: the released model with ``fl.server_ema``: a moving average of ``model`` over server
+    #: steps (:func:`averaged`); None: the released model is ``model``
+    average: GlobalState | None = None
+
+    @property
+    def released(self) -> GlobalState:
+        """The model the server evaluates, saves and ships for serving."""
+        return self.average if self.average is not None else self.model
 
 
 # -- weights and aggregation -----------------------------------------------------------
@@ -96,19 +104,40 @@ def apply_aggregate(state: ServerState, agg: Aggregate, server_opt: strategies.S
     return dataclasses.replace(state, model=model, opt_state=opt_state)
 
 
+def averaged(state: ServerState, decay: float) -> ServerState:
+    """``state`` with its released model moved toward ``state.model`` (pure;
+    ``fl.server_ema``): the first call starts the average at the model; at model version
+    n it then moves by ``1 - min(decay, (1 + n) / (10 + n))``, the warm-up of the
+    centralized ``train.ema``. Post-processing of what the server already released, so it
+    costs no privacy. ``decay`` 0: no average."""
+    if decay <= 0:
+        return state
+    g, avg = state.model, state.average
+    if avg is None:
+        return dataclasses.replace(state, average=GlobalState(
+            dense={k: v.clone() for k, v in g.dense.items()}, sparse={k: v.clone() for k, v in g.sparse.items()},
+            version=g.version))
+    w = 1.0 - min(decay, (1 + g.version) / (10 + g.version))
+    return dataclasses.replace(state, average=GlobalState(
+        dense={k: torch.lerp(avg.dense[k], v, w) for k, v in g.dense.items()},
+        sparse={k: torch.lerp(avg.sparse[k], v, w) for k, v in g.sparse.items()}, version=g.version))
+
+
 def aggregate(state: ServerState, updates: Sequence[Update], weights: np.ndarray, aggregator: Aggregator,
               server_opt: strategies.ServerOptimizer, rng: np.random.Generator, *, step: int, threads: int = 1,
-              release_empty: bool = False) -> tuple[ServerState, dict[str, float]]:
+              release_empty: bool = False, average: float = 0.0) -> tuple[ServerState, dict[str, float]]:
     """Aggregate ``updates`` with ``weights`` and apply the result (pure); returns the new
     state and the aggregate's stats. With no update or no weight the model is unchanged
     but for its version (the server stepped), unless ``release_empty`` (a DP round: the
     noise is released whoever arrived). A ``next_clip`` stat becomes the state's clip, and
-    ``next_clip/<tensor>`` stats its per-tensor clips (not returned: one per tensor)."""
+    ``next_clip/<tensor>`` stats its per-tensor clips (not returned: one per tensor).
+    ``average`` > 0 moves the released model toward the new one (:func:`averaged`)."""
     if not release_empty and (not len(updates) or float(np.sum(weights)) <= 0):
-        return dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1)), {}
+        stepped = dataclasses.replace(state, model=dataclasses.replace(state.model, version=state.model.version + 1))
+        return averaged(stepped, average), {}
     with torch_threads(threads):
         agg = aggregator(updates, weights, rng, RoundInfo(step=step, clip=state.clip, clips=state.clips))
-        new = apply_aggregate(state, agg, server_opt)
+        new = averaged(apply_aggregate(state, agg, server_opt), average)
     stats = dict(agg.stats)
     if "next_clip" in stats:
         new = dataclasses.replace(new, clip=float(stats["next_clip"]))

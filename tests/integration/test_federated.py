@@ -152,15 +152,35 @@ def test_ray_backend_matches(small_world, fl_config):
     _assert_same(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [(), ('fl.strategy="fedadam"', "fl.server_lr=0.01", "fl.server_lr_decay_start=1")])
+@pytest.mark.parametrize("overrides", [(), ('fl.strategy="fedadam"', "fl.server_lr=0.01", "fl.server_lr_decay_start=1"),
+                                       ("fl.server_ema=0.9",)])
 def test_resume_continues_to_the_same_result(small_world, fl_config, tmp_path, overrides):
-    # FedAdam: its step count and the sparse rows' lazy moments travel in the checkpoint
+    # FedAdam: its step count and the sparse rows' lazy moments travel in the checkpoint;
+    # server_ema: the released average does
     full = _final_params(Trainer(fl_config(small_world, *overrides)).fit())
     Trainer(fl_config(small_world, "fl.rounds=2", *overrides)).fit(checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT).exists()
     resumed = Trainer(fl_config(small_world, *overrides)).fit(checkpoint_dir=tmp_path, resume=True)
     assert len(resumed.rows) == 4
     _assert_same(full, _final_params(resumed))
+
+
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_server_ema_releases_an_average_and_trains_the_same(small_world, fl_config, schedule):
+    # Prepare
+    args = ("fl.rounds=3", f'fl.schedule="{schedule}"', "fl.async_concurrency=4", "fl.async_buffer=2")
+
+    # Execute
+    last = Trainer(fl_config(small_world, *args)).fit()
+    average = Trainer(fl_config(small_world, *args, "fl.server_ema=0.9")).fit()
+
+    # Assert: the phones trained the same models; what was released differs in the shared
+    # parameters only (the phones' own rows are theirs either way)
+    assert [r["train_loss"] for r in last.rows] == [r["train_loss"] for r in average.rows]
+    a, b = _final_params(last), _final_params(average)
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert differ and not any(k.startswith(("user_emb", "user_bias")) for k in differ)
+    assert average.summary["logloss"] != last.summary["logloss"]  # and it is what was scored
 
 
 def test_resume_with_another_model_is_a_config_error(small_world, fl_config, tmp_path):

@@ -137,6 +137,7 @@ def test_config_is_frozen() -> None:
         ("[data]\ntest_fraction = 1.0\n", r"data\.test_fraction must be in \(0, 1\); got 1\.0"),
         ("[train]\nlr = -1\n", r"train\.lr must be a float > 0; got -1\.0"),
         ("[train]\nema = 1.0\n", r"train\.ema must be a float in \[0, 1\) \(0 = off\); got 1\.0"),
+        ("[fl]\nserver_ema = 1.0\n", r"fl\.server_ema must be a float in \[0, 1\) \(0 = off\), e\.g\. 0\.98; got 1\.0"),
         ("[train]\neval_points = 0\n", r"train\.eval_points must be an int >= 1 \(1 = epoch ends only\); got 0"),
         ("[train]\nuser_lr = -0.1\n", r"train\.user_lr must be a float >= 0 \(0 = train\.sparse_lr\); got -0\.1"),
         ("[model]\ntower = [64, 0]\n", r"model\.tower must be a list of ints >= 1"),

@@ -25,8 +25,10 @@ def _checkpoint() -> Checkpoint:
                         sparse={"emb.ad": torch.randn(5, 4, generator=g)}, version=9)
     opt = {"m": {"towers.0.weight": torch.randn(3, 2, generator=g)},
            "v": {"towers.0.weight": torch.rand(3, 2, generator=g)}}
+    average = GlobalState(dense={"towers.0.weight": torch.randn(3, 2, generator=g)},
+                          sparse={"emb.ad": torch.randn(5, 4, generator=g)}, version=9)
     state = ServerState(model=model, opt_state=opt, round=9, sim_time_s=12.5,
-                        window=WindowState(deadline_s=math.inf, history=((1.0, 2.5), (3.0,))))
+                        window=WindowState(deadline_s=math.inf, history=((1.0, 2.5), (3.0,))), average=average)
     phone = {"user_emb.weight": torch.randn(1, 4, generator=g), "user_bias.weight": torch.randn(1, 1, generator=g)}
     entries = collections.OrderedDict([(7, phone), (3, {**phone, "pipeline/ef/residual": torch.ones(2)})])
     events = (Event(1.5, 4, 11, b"\x00payload\xff", phone, 321), Event(2.0, 5, 12))
@@ -51,6 +53,9 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
         for k, v in getattr(s.model, part).items():
             assert torch.equal(getattr(b.model, part)[k], v)
     assert torch.equal(b.opt_state["v"]["towers.0.weight"], s.opt_state["v"]["towers.0.weight"])
+    assert b.average is not None and s.average is not None and b.average.version == 9
+    assert torch.equal(b.average.dense["towers.0.weight"], s.average.dense["towers.0.weight"])
+    assert torch.equal(b.average.sparse["emb.ad"], s.average.sparse["emb.ad"])
     assert list(back.store.entries) == [7, 3] and back.store.evicted == 4 and back.store.capacity == 50
     assert torch.equal(back.store.entries[3]["pipeline/ef/residual"], torch.ones(2))
     assert set(back.store.entries[7]) == {"user_emb.weight", "user_bias.weight"}

@@ -212,6 +212,44 @@ def test_aggregate_of_nothing_only_steps_the_version() -> None:
     assert new.model.version == 5 and new.model.dense is DENSE
 
 
+def test_the_released_model_is_a_warmed_up_moving_average_of_the_models() -> None:
+    # Prepare: three server steps whose models hold 1, 2 and 4 everywhere (versions 5-7)
+    def stepped(state: ServerState, value: float) -> ServerState:
+        g = state.model
+        model = GlobalState(dense={k: torch.full_like(v, value) for k, v in g.dense.items()},
+                            sparse={k: torch.full_like(v, value) for k, v in g.sparse.items()}, version=g.version + 1)
+        return server.averaged(dataclasses.replace(state, model=model), 0.5)
+
+    # Execute
+    s1 = stepped(_state(), 1.0)
+    s2 = stepped(s1, 2.0)
+    s3 = stepped(s2, 4.0)
+
+    # Assert: the first step starts the average at the model; version 6 moves it by
+    # 1 - min(0.5, 7 / 16) = 0.5625, version 7 by 1 - min(0.5, 8 / 17) = 0.5294...
+    assert s1.released is s1.average and torch.equal(s1.released.dense["w"], torch.ones(3, 2))
+    a2 = 1 + (1 - 7 / 16) * (2 - 1)
+    a3 = a2 + (1 - 8 / 17) * (4 - a2)
+    torch.testing.assert_close(s2.released.dense["b"], torch.full((3,), a2))
+    torch.testing.assert_close(s3.released.sparse["ad"], torch.full((10, 4), a3))
+    assert s3.released.version == 7 and s3.model.dense["w"][0, 0] == 4.0  # training goes on from the model
+    assert torch.equal(s1.released.dense["w"], torch.ones(3, 2))  # each state's average is its own
+    assert server.averaged(_state(), 0.0).average is None  # decay 0: no average
+
+
+def test_aggregate_moves_the_average_also_when_nothing_arrived() -> None:
+    # Prepare
+    agg, opt = aggregators.create("mean", Config()), strategies.create("fedavg", 1.0)
+
+    # Execute
+    off, _ = server.aggregate(_state(), [], np.zeros(0), agg, opt, np.random.default_rng(0), step=8)
+    on, _ = server.aggregate(_state(), [], np.zeros(0), agg, opt, np.random.default_rng(0), step=8, average=0.9)
+
+    # Assert
+    assert off.average is None and off.released is off.model
+    assert on.average is not None and on.average.version == 5 and torch.equal(on.released.dense["w"], DENSE["w"])
+
+
 def test_torch_threads_restores_the_count() -> None:
     before = torch.get_num_threads()
     with server.torch_threads(2):

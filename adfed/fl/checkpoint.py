@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -26,7 +27,7 @@ from adfed.errors import ConfigError
 from adfed.fl.fedbuff import AsyncState, Event, Started
 from adfed.fl.population import LocalStore
 from adfed.fl.server import ServerState
-from adfed.fl.types import GlobalState
+from adfed.fl.types import GlobalState, Passes
 from adfed.fl.window import WindowState
 from adfed.fl.wirespec import read_header
 
@@ -131,7 +132,10 @@ def encode(ck: Checkpoint) -> bytes:
                        "sparse": _flatten("average/sparse", s.average.sparse, tensors),
                        "version": s.average.version},
                    "opt_state": _flatten("opt", s.opt_state, tensors),
-                   "window": {"deadline_s": s.window.deadline_s, "history": [list(h) for h in s.window.history]}},
+                   "window": {"deadline_s": s.window.deadline_s, "history": [list(h) for h in s.window.history]},
+                   "passes": None if s.passes is None else {"number": s.passes.number, "cursor": s.passes.cursor,
+                                                            "deferred": _flatten("passes/deferred", torch.from_numpy(
+                                                                s.passes.deferred.astype(np.int64)), tensors)}},
         "rows": ck.rows,
         "async": _async(ck.async_state, tensors),
         "store": _store_entries(ck.store, tensors),
@@ -157,10 +161,14 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
         average = None if avg is None else GlobalState(
             dense=_unflatten(avg["dense"], tensors), sparse=_unflatten(avg["sparse"], tensors),
             version=int(avg["version"]))
+        ps = srv.get("passes")  # absent in checkpoints from before fl.sampling
+        passes = None if ps is None else Passes(number=int(ps["number"]), cursor=int(ps["cursor"]),
+                                                deferred=_unflatten(ps["deferred"], tensors).numpy().astype(np.int64))
         state = ServerState(model=model, opt_state=_unflatten(srv["opt_state"], tensors), window=window,
                             round=int(srv["round"]), sim_time_s=float(srv["sim_time_s"]),
                             clip=float(srv.get("clip", 0.0)),
-                            clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])), average=average)
+                            clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])), average=average,
+                            passes=passes)
         return Checkpoint(state=state, rows=list(meta["rows"]), async_state=_restore_async(meta["async"], tensors),
                           store=_restore_store(meta["store"], tensors), wall_s=float(meta["wall_s"]),
                           settings=dict(meta["settings"]))

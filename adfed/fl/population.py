@@ -16,7 +16,17 @@ import torch
 from adfed.data.examples import Examples
 from adfed.data.store import Dataset, release_arrow_memory
 from adfed.fl.devices import DeviceProfiles
+from adfed.fl.types import Passes
 from adfed.model.pcvr import LabelCounts
+
+#: salt of a pass's order (with seed and pass number)
+PASS_SALT = 0x9A55
+
+
+def _first_each(ids: np.ndarray) -> np.ndarray:
+    """``ids`` with each value kept at its first position only."""
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
 
 
 class Population:
@@ -40,6 +50,7 @@ class Population:
         else:
             rng = np.random.default_rng([seed, 0xDE71CE])
             self.profiles = DeviceProfiles.simulate(dataset.schema.num_users, rng)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (seed, pass) -> order; the last two
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -119,6 +130,54 @@ class Population:
             rest = np.setdiff1d(self.clients, np.array([*busy, *taken], dtype=np.int64))
             chosen.extend(self._sample_pass(rest, k - len(chosen), rng).tolist())
         return np.array(chosen, dtype=np.int64)
+
+    def pass_order(self, seed: int, number: int) -> np.ndarray:
+        """The clients in the random order of pass ``number`` (from ``seed``; remembered)."""
+        key = (seed, number)
+        order = self._orders.get(key)
+        if order is None:
+            order = self.clients[np.random.default_rng([seed, number, PASS_SALT]).permutation(len(self.clients))]
+            self._orders = {k: v for k, v in self._orders.items() if k[1] == number - 1} | {key: order}
+        return order
+
+    def sample_passes(self, k: int, rng: np.random.Generator, passes: Passes,
+                      seed: int) -> tuple[np.ndarray, Passes]:
+        """Up to ``k`` online clients, taken in passes over the population, and where the
+        passes stand after them (``fl.sampling = "passes"``).
+
+        A pass is a random order of every client (:meth:`pass_order`). A round takes, in
+        order, first the clients deferred earlier, then the next ones of the pass; each is
+        online at this draw with its profile's ``online_prob``, and one that is not is
+        deferred to the next round (a phone checks in when it can). When the order is
+        exhausted the next pass begins; clients still deferred stay first in line. So a
+        pass offers nearly every client once, while uniform draws (:meth:`sample`) leave
+        ~37 % of the clients out of a pass's worth of rounds and offer others twice. The
+        scan gives up after two passes' worth of clients (nobody online).
+        """
+        prob, n = self.profiles.online_prob, len(self.clients)
+        d = passes.deferred
+        on = rng.random(len(d)) < prob[d]
+        first = np.flatnonzero(on)[:k]
+        left = np.ones(len(d), dtype=bool)
+        left[first] = False
+        taken, deferred = [d[first]], [d[left]]
+        need, number, cursor, scanned = k - len(first), passes.number, passes.cursor, 0
+        while need > 0 and scanned < 2 * n:
+            if cursor >= n:
+                number, cursor = number + 1, 0
+            m = min(n - cursor, 2 * need + 16)  # about twice the draws needed (online_prob ~0.67)
+            block = self.pass_order(seed, number)[cursor:cursor + m]
+            on = rng.random(m) < prob[block]
+            idx = np.flatnonzero(on)[:need]
+            end = int(idx[-1]) + 1 if len(idx) == need else m  # the scan stops at the k-th online
+            taken.append(block[idx])
+            deferred.append(block[:end][~on[:end]])
+            need, cursor, scanned = need - len(idx), cursor + end, scanned + end
+        # a client deferred in one pass also has its turn in the next: once per round
+        chosen = _first_each(np.concatenate(taken))
+        later = np.concatenate(deferred)
+        later = _first_each(later[~np.isin(later, chosen)])
+        return chosen, Passes(number=number, cursor=cursor, deferred=later)
 
     def _sample_pass(self, pool: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         """Up to ``k`` online clients of ``pool``, each visited once in a random order."""

@@ -27,7 +27,7 @@ from adfed.fl.backends import Backend, ClientResult, Job, Offer
 from adfed.fl.pipeline import Pipeline
 from adfed.fl.population import LocalStore, Population
 from adfed.fl.server import ServerState, SyncRound
-from adfed.fl.types import ClientSettings, Update, dense_nbytes
+from adfed.fl.types import ClientSettings, Passes, Update, dense_nbytes
 from adfed.fl.window import next_state
 from adfed.fl.wire import Envelope, WireSpec, encode_model
 from adfed.model.groups import lr_decay_factor
@@ -75,11 +75,15 @@ def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
                           user_lr=cfg.fl.local_user_lr * f if cfg.fl.local_user_lr > 0 else None)
 
 
+def offered(cfg: Config) -> int:
+    """How many phones a sync round offers: the target times the over-selection factor."""
+    # rounded first: 100 x 1.1 is 110.00000000000001 in floats, which ceil makes 111
+    return math.ceil(round(cfg.fl.clients_per_round * cfg.fl.over_selection, 9))
+
+
 def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:
     """Uniform sample of online clients with over-selection (target × factor)."""
-    # rounded first: 100 x 1.1 is 110.00000000000001 in floats, which ceil makes 111
-    k = math.ceil(round(cfg.fl.clients_per_round * cfg.fl.over_selection, 9))
-    return population.sample(k, rng)
+    return population.sample(offered(cfg), rng)
 
 
 def select_dp(population: Population, cfg: Config, round_no: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,16 +147,24 @@ def simulated_times(population: Population, cfg: Config, results: Sequence[Clien
     )
 
 
-def run_attempt(rnd: SyncRound, state: ServerState, engine: Engine, store: LocalStore,
-                offer: Offer) -> tuple[SyncRound, list[ClientResult]]:
-    """Select, offer, train and deliver one attempt; returns the closed attempt.
+def run_attempt(rnd: SyncRound, engine: Engine, store: LocalStore, offer: Offer,
+                passes: Passes | None) -> tuple[SyncRound, list[ClientResult], Passes | None]:
+    """Select, offer, train and deliver one attempt; returns the closed attempt, its
+    results and where the passes stand after it (``fl.sampling = "passes"``; else None).
 
+    The phones come from the privacy accountant's sampler with privacy on
+    (:func:`select_dp`), else from the passes or uniform draws (``fl.sampling``).
     ``store`` (the phones' local storage) is updated in place for every client that
     finished training, on time or late: their phone keeps its new local state.
     """
     cfg, population = engine.cfg, engine.population
     rng = np.random.default_rng([cfg.seed, rnd.expect.round, rnd.attempt, SELECT_SALT])
-    selected = select_dp(population, cfg, rnd.expect.round, rng) if cfg.privacy.dp else select(population, cfg, rng)
+    if cfg.privacy.dp:
+        selected = select_dp(population, cfg, rnd.expect.round, rng)
+    elif cfg.fl.sampling == "passes":
+        selected, passes = population.sample_passes(offered(cfg), rng, passes or Passes(), cfg.seed)
+    else:
+        selected = select(population, cfg, rng)
     rnd = server.offer(rnd, selected)
     failed = devices.failures(population.profiles, selected, rng)
     for client in selected[failed].tolist():
@@ -168,7 +180,7 @@ def run_attempt(rnd: SyncRound, state: ServerState, engine: Engine, store: Local
                                 engine.spec, engine.pipeline)
     if rnd.phase is server.Phase.OPEN:  # nobody arrived
         rnd = server.close(rnd, server.deadline_or(rnd, 0.0))
-    return rnd, results
+    return rnd, results, passes
 
 
 def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tuple[ServerState, dict[str, Any]]:
@@ -177,9 +189,9 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
     rnd = server.open_round(state, rules(cfg), engine.pipeline.codec)
     offer = make_offer(state, engine, rnd.expect.round)
     row: dict[str, Any] = {"round": rnd.expect.round, "deadline_s": state.window.deadline_s}
-    sim_start, sim_s, window = state.sim_time_s, state.sim_time_s, state.window
+    sim_start, sim_s, window, passes = state.sim_time_s, state.sim_time_s, state.window, state.passes
     while True:
-        rnd, results = run_attempt(rnd, state, engine, store, offer)
+        rnd, results, passes = run_attempt(rnd, engine, store, offer, passes)
         sim_s += rnd.end_s
         window = next_state(cfg.window, window, np.array(rnd.arrivals_s, dtype=np.float64))
         if server.enough(rnd):
@@ -201,7 +213,7 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
     row.update(dataclasses.asdict(rnd.counts))
     row["round_sim_s"] = sim_s - sim_start
     row["sim_time_s"] = sim_s
-    return dataclasses.replace(state, window=window, round=rnd.expect.round, sim_time_s=sim_s), row
+    return dataclasses.replace(state, window=window, round=rnd.expect.round, sim_time_s=sim_s, passes=passes), row
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -35,7 +35,7 @@ from adfed.errors import DataError
 from adfed.fl import strategies
 from adfed.fl.aggregators import Aggregate, Aggregator, RoundInfo
 from adfed.fl.pipeline import Pipeline
-from adfed.fl.types import GlobalState, Update
+from adfed.fl.types import GlobalState, Passes, Update
 from adfed.fl.window import WindowState
 from adfed.fl.wire import WireSpec, decode_update
 
@@ -56,6 +56,9 @@ class ServerState:
     #: the released model with ``fl.server_ema``: a moving average of ``model`` over server
     #: steps (:func:`averaged`); None: the released model is ``model``
     average: GlobalState | None = None
+    #: where sync rounds stand in their passes over the population (``fl.sampling =
+    #: "passes"``); None before the first such round
+    passes: Passes | None = None
 
     @property
     def released(self) -> GlobalState:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -160,3 +161,15 @@ class GlobalState:
     dense: dict[str, torch.Tensor]
     sparse: dict[str, torch.Tensor]
     version: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """Where sync rounds stand in their passes over the population (``fl.sampling =
+    "passes"``): pass ``number`` (its order of the phones comes from the seed and the
+    number), the position ``cursor`` in that order, and the phones ``deferred`` because
+    they were offline at their turn (int64 ids, offered first in the next round)."""
+
+    number: int = 0
+    cursor: int = 0
+    deferred: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))

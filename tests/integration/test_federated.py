@@ -153,10 +153,10 @@ def test_ray_backend_matches(small_world, fl_config):
 
 
 @pytest.mark.parametrize("overrides", [(), ('fl.strategy="fedadam"', "fl.server_lr=0.01", "fl.server_lr_decay_start=1"),
-                                       ("fl.server_ema=0.9",)])
+                                       ("fl.server_ema=0.9",), ('fl.sampling="passes"', "fl.clients_per_round=400")])
 def test_resume_continues_to_the_same_result(small_world, fl_config, tmp_path, overrides):
     # FedAdam: its step count and the sparse rows' lazy moments travel in the checkpoint;
-    # server_ema: the released average does
+    # server_ema: the released average does; passes: the pass, its cursor, the deferred
     full = _final_params(Trainer(fl_config(small_world, *overrides)).fit())
     Trainer(fl_config(small_world, "fl.rounds=2", *overrides)).fit(checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT).exists()

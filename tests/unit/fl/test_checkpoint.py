@@ -6,6 +6,7 @@ import collections
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from adfed.fl.checkpoint import Checkpoint
 from adfed.fl.fedbuff import AsyncState, Event, Started
 from adfed.fl.population import LocalStore
 from adfed.fl.server import ServerState
-from adfed.fl.types import GlobalState
+from adfed.fl.types import GlobalState, Passes
 from adfed.fl.window import WindowState
 
 
@@ -28,7 +29,8 @@ def _checkpoint() -> Checkpoint:
     average = GlobalState(dense={"towers.0.weight": torch.randn(3, 2, generator=g)},
                           sparse={"emb.ad": torch.randn(5, 4, generator=g)}, version=9)
     state = ServerState(model=model, opt_state=opt, round=9, sim_time_s=12.5,
-                        window=WindowState(deadline_s=math.inf, history=((1.0, 2.5), (3.0,))), average=average)
+                        window=WindowState(deadline_s=math.inf, history=((1.0, 2.5), (3.0,))), average=average,
+                        passes=Passes(number=2, cursor=17, deferred=np.array([5, 3, 8], dtype=np.int64)))
     phone = {"user_emb.weight": torch.randn(1, 4, generator=g), "user_bias.weight": torch.randn(1, 1, generator=g)}
     entries = collections.OrderedDict([(7, phone), (3, {**phone, "pipeline/ef/residual": torch.ones(2)})])
     events = (Event(1.5, 4, 11, b"\x00payload\xff", phone, 321), Event(2.0, 5, 12))
@@ -53,6 +55,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
         for k, v in getattr(s.model, part).items():
             assert torch.equal(getattr(b.model, part)[k], v)
     assert torch.equal(b.opt_state["v"]["towers.0.weight"], s.opt_state["v"]["towers.0.weight"])
+    assert b.passes is not None and (b.passes.number, b.passes.cursor, b.passes.deferred.tolist()) == (2, 17, [5, 3, 8])
     assert b.average is not None and s.average is not None and b.average.version == 9
     assert torch.equal(b.average.dense["towers.0.weight"], s.average.dense["towers.0.weight"])
     assert torch.equal(b.average.sparse["emb.ad"], s.average.sparse["emb.ad"])

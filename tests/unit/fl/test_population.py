@@ -186,3 +186,72 @@ def test_train_data_joined_is_each_clients_first_num_train_rows(small_world) -> 
             for k, (values, offs) in want.bags.items():
                 np.testing.assert_array_equal(got.bags[k][0], values)
                 np.testing.assert_array_equal(got.bags[k][1], offs)
+
+
+def test_passes_offer_nearly_every_client_once_a_pass_and_uniform_draws_do_not(small_world) -> None:  # noqa: ANN001
+    # Prepare
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from adfed.fl.population import Population
+    from adfed.fl.types import Passes
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    k = 50
+    rounds = len(pop) // k - 2  # nearly a pass's worth of rounds
+
+    def run(seed: int) -> tuple[list[np.ndarray], Passes]:
+        passes, out = Passes(), []
+        for r in range(rounds):
+            chosen, passes = pop.sample_passes(k, np.random.default_rng([seed, r]), passes, seed=4)
+            out.append(chosen)
+        return out, passes
+
+    # Execute
+    got, passes = run(1)
+    again, _ = run(1)
+    uniform = np.concatenate([pop.sample(k, np.random.default_rng([1, r])) for r in range(rounds)])
+
+    # Assert: full rounds of distinct online clients; each client at most once in the pass,
+    # every client offered, deferred or still ahead; as many uniform draws miss about 1/e
+    offered = np.concatenate(got)
+    assert all(len(c) == k and len(set(c.tolist())) == k for c in got)
+    assert len(set(offered.tolist())) == len(offered) and np.isin(offered, pop.clients).all()
+    assert passes.number == 0 and len(offered) + len(passes.deferred) + (len(pop) - passes.cursor) == len(pop)
+    assert len(offered) == rounds * k >= 0.95 * len(pop)
+    assert len(np.unique(uniform)) < 0.7 * len(pop)
+    assert all(np.array_equal(a, b) for a, b in zip(got, again, strict=True))  # seeded
+
+
+def test_passes_defer_offline_clients_and_start_the_next_pass(small_world) -> None:  # noqa: ANN001
+    # Prepare: client 0 is never online, the others always
+    import numpy as np
+
+    from adfed.data.store import Dataset
+    from adfed.fl.population import Population
+    from adfed.fl.types import Passes
+
+    pop = Population(Dataset.open(small_world), test_fraction=0.2, seed=0)
+    pop.profiles.online_prob[:] = 1.0
+    never = pop.clients[0]
+    pop.profiles.online_prob[never] = 0.0
+    k, n = 40, len(pop)
+
+    # Execute: past the end of the first pass
+    passes, seen = Passes(), []
+    for r in range(n // k + 3):
+        chosen, passes = pop.sample_passes(k, np.random.default_rng(r), passes, seed=2)
+        seen.append(chosen)
+
+    # Assert: the offline client waits, deferred (once) and never offered; the first pass
+    # offers every other client exactly once, in the pass's order
+    first = np.concatenate(seen)[: n - 1]
+    assert passes.number == 1 and passes.deferred.tolist() == [never]
+    assert never not in np.concatenate(seen)
+    assert sorted(first.tolist()) == sorted(c for c in pop.clients.tolist() if c != never)
+    order = pop.pass_order(2, 0)
+    assert first.tolist() == [c for c in order.tolist() if c != never]
+    # nobody online: nobody, and the scan ends
+    pop.profiles.online_prob[:] = 0.0
+    chosen, _ = pop.sample_passes(k, np.random.default_rng(0), Passes(), seed=2)
+    assert len(chosen) == 0

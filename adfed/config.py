@@ -115,7 +115,8 @@ class FLConfig:
     # how sync rounds draw phones: "uniform" (each round anew: in a pass's worth of rounds
     # ~37 % of the phones never come and others twice) or "passes" (a random order per
     # pass; a phone offline at its turn is offered in a later round, so a pass offers nearly
-    # every phone once). Privacy on: the accountant's sampler instead; async: uniform draws
+    # every phone once; docs/results/2026-12-06-federated-quality.md, section 6). Privacy
+    # on: the accountant's sampler instead; async: uniform draws
     sampling: Literal["uniform", "passes"] = "uniform"
     # one full-batch step of plain SGD per phone (FedAvg with E=1, B=all: every phone
     # with <= 4096 training rows), lr per kind of parameter; the small dense tables need

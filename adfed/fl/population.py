@@ -50,7 +50,7 @@ class Population:
         else:
             rng = np.random.default_rng([seed, 0xDE71CE])
             self.profiles = DeviceProfiles.simulate(dataset.schema.num_users, rng)
-        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (seed, pass) -> order; the last two
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}  # (seed, pass, salt) -> order
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -131,12 +131,13 @@ class Population:
             chosen.extend(self._sample_pass(rest, k - len(chosen), rng).tolist())
         return np.array(chosen, dtype=np.int64)
 
-    def pass_order(self, seed: int, number: int) -> np.ndarray:
-        """The clients in the random order of pass ``number`` (from ``seed``; remembered)."""
-        key = (seed, number)
+    def pass_order(self, seed: int, number: int, salt: int = PASS_SALT) -> np.ndarray:
+        """The clients in the random order of pass ``number`` (from ``seed`` and ``salt``:
+        ``fl.sampling = "passes"``, DP-FTRL's passes; remembered, the last two passes)."""
+        key = (seed, number, salt)
         order = self._orders.get(key)
         if order is None:
-            order = self.clients[np.random.default_rng([seed, number, PASS_SALT]).permutation(len(self.clients))]
+            order = self.clients[np.random.default_rng([seed, number, salt]).permutation(len(self.clients))]
             self._orders = {k: v for k, v in self._orders.items() if k[1] == number - 1} | {key: order}
         return order
 

@@ -34,6 +34,8 @@ from adfed.model.groups import lr_decay_factor
 
 #: salts of the per-round RNG streams (with seed and round)
 SELECT_SALT, AGGREGATE_SALT = 0x5EC, 0xA66
+#: salt of DP-FTRL's pass orders (with seed and pass number)
+FTRL_PASS_SALT = 0xF7E1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +105,7 @@ def select_dp(population: Population, cfg: Config, round_no: int, rng: np.random
     if cfg.privacy.mechanism == "dp_ftrl":
         per_pass = math.ceil(n / cohort)
         pass_no, r = divmod(round_no - 1, per_pass)
-        order = np.random.default_rng([cfg.seed, pass_no, 0xF7E1]).permutation(n)
-        chosen = clients[order[r * cohort:(r + 1) * cohort]]
+        chosen = population.pass_order(cfg.seed, pass_no, salt=FTRL_PASS_SALT)[r * cohort:(r + 1) * cohort]
     else:
         chosen = clients[rng.random(n) < cohort / n]
     online = rng.random(len(chosen)) < population.profiles.online_prob[chosen]

@@ -178,7 +178,7 @@ def _resolve_config(
 @app.command("train")
 def train(
     out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML config file; keys it leaves out keep their defaults (e.g. experiments/configs/fedavg.toml: FedAvg, for DP and async runs).")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,
     mode: Annotated[str | None, typer.Option(help="centralized | federated (train.mode).")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
@@ -479,7 +479,7 @@ app.add_typer(experiment_app, name="experiment")
 def experiment_run(
     name: Annotated[str, typer.Argument(help="fl_vs_central | window | async | ceiling | replay | replay_parts | scale | privacy | vocabulary | all")],
     out: Annotated[Path, typer.Option(help="Directory for the experiment's runs and results.")] = Path("runs/experiments"),
-    config_file: Annotated[Path | None, typer.Option("--config", help="Base TOML config.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Base TOML config; keys it leaves out keep their defaults (e.g. experiments/configs/fedavg.toml: FedAvg).")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,

@@ -117,7 +117,7 @@ class FLConfig:
     # pass; a phone offline at its turn is offered in a later round, so a pass offers nearly
     # every phone once; docs/results/2026-12-06-federated-quality.md, section 6). Privacy
     # on: the accountant's sampler instead; async: uniform draws
-    sampling: Literal["uniform", "passes"] = "uniform"
+    sampling: Literal["uniform", "passes"] = "passes"
     # one full-batch step of plain SGD per phone (FedAvg with E=1, B=all: every phone
     # with <= 4096 training rows), lr per kind of parameter; the small dense tables need
     # ~50x the towers' lr under SGD (docs/results/2026-11-26-fedavg-small-tables.md)
@@ -127,31 +127,37 @@ class FLConfig:
     local_sparse_lr: float = 2.0
     local_table_lr: float = 100.0
     # SGD lr of the phone's own (LOCAL) rows, user embedding and bias; 0 = local_sparse_lr
-    local_user_lr: float = 0.0
+    local_user_lr: float = 0.2
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     # rounds (async: server steps) at the full local lrs; after n > lr_decay_start, every
     # phone lr is scaled by lr_decay_start / n (0 = constant; docs/results/2026-11-27-federated.md)
     lr_decay_start: int = 0
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
-    server_lr: float = 1.0  # use ~0.01 with fedadam / fedyogi / fedadagrad
+    # the defaults since late 2026-12-06: a server Adam on the towers, the tables and rows as
+    # FedAvg, phones drawn in passes (chosen by the protocol of
+    # docs/results/2026-12-06-federated-quality.md, section 6); the FedAvg defaults before
+    # then: --config experiments/configs/fedavg.toml
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedadam"
+    # 0 = the strategy's own (server_lr_for): 1.0 for fedavg / fedprox, 0.01 for fedadam /
+    # fedyogi / fedadagrad
+    server_lr: float = 0.0
     # rounds (async: server steps) at the full server lr; after n > server_lr_decay_start,
     # the server lr (dense part and sparse rows) is scaled by server_lr_decay_start / n
     # (0 = constant). The phones' lrs follow fl.lr_decay_start
-    server_lr_decay_start: int = 0
+    server_lr_decay_start: int = 50
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
     # decays of the first and second moments of fedadam/fedyogi (fedadagrad: the first);
-    # (0.9, 0.99) as in Reddi et al. 2021
-    server_betas: tuple[float, float] = (0.9, 0.99)
+    # (0.9, 0.99) in Reddi et al. 2021; 0.999 with the towers' Adam (section 6 of the study)
+    server_betas: tuple[float, float] = (0.9, 0.999)
     # Adam's bias correction of the moments in fedadam/fedyogi/fedadagrad (Reddi et al.
     # leave it out, so their first ~100 steps are up to 2-4.5x lr; correcting did not help
     # on a 20k world: docs/results/2026-12-06-federated-quality.md)
-    server_bias_correction: bool = False
+    server_bias_correction: bool = True
     # what fedadam/fedyogi/fedadagrad step: "all" shared parameters (dense and sparse rows)
     # or the "towers" only (the dense part but the small tables; tables and sparse rows
     # then step as FedAvg)
-    server_adaptive_scope: Literal["all", "towers"] = "all"
+    server_adaptive_scope: Literal["all", "towers"] = "towers"
     # the released model (evaluated, saved, exported) is a moving average of the global
     # model over server steps, warmed up as train.ema (0 = off: the last model). Phones
     # still train from the last model; no privacy cost (post-processing). Measured in
@@ -183,8 +189,9 @@ class FLConfig:
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, f"fl.{key}", "an int >= 1", value)
         _check(self.over_selection >= 1.0, "fl.over_selection", "a float >= 1.0", self.over_selection)
-        for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_lr", "server_tau", "max_weight"):
+        for key in ("local_lr", "local_sparse_lr", "local_table_lr", "server_tau", "max_weight"):
             _check(getattr(self, key) > 0, f"fl.{key}", "a float > 0", getattr(self, key))
+        _check(self.server_lr >= 0, "fl.server_lr", "a float >= 0 (0 = the strategy's own)", self.server_lr)
         _check(self.prox_mu >= 0, "fl.prox_mu", "a float >= 0", self.prox_mu)
         _check(0 <= self.server_ema < 1, "fl.server_ema", "a float in [0, 1) (0 = off), e.g. 0.98", self.server_ema)
         _check(self.local_user_lr >= 0, "fl.local_user_lr", "a float >= 0 (0 = fl.local_sparse_lr)", self.local_user_lr)
@@ -195,6 +202,14 @@ class FLConfig:
         _check(self.local_cache >= 0, "fl.local_cache", "an int >= 0", self.local_cache)
         for key in ("lr_decay_start", "server_lr_decay_start"):
             _check(getattr(self, key) >= 0, f"fl.{key}", "an int >= 0 (0 = constant lr)", getattr(self, key))
+
+    def server_lr_for(self) -> float:
+        """The server learning rate the run uses: ``server_lr``, or when it is 0 the
+        strategy's own (1.0 for fedavg / fedprox: plain averaging; 0.01 for the adaptive
+        ones, as in Reddi et al. 2021)."""
+        if self.server_lr > 0:
+            return self.server_lr
+        return 1.0 if self.strategy in ("fedavg", "fedprox") else 0.01
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -368,18 +383,29 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def load(path: str | Path) -> Config:
-    """Load a TOML config file; errors name the file and the key."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    return from_dict(raw)
+
+
+def load(path: str | Path) -> Config:
+    """Load a TOML config file; errors name the file and the key."""
+    return from_dict(_read_toml(Path(path)))
+
+
+def with_file(cfg: Config, path: str | Path) -> Config:
+    """``cfg`` with the keys of a TOML file set over it (a preset such as
+    ``experiments/configs/fedavg.toml``); keys the file leaves out keep ``cfg``'s values."""
+    def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in top.items()}}
+    return from_dict(merge(to_dict(cfg), _read_toml(Path(path))))
 
 
 def dumps(cfg: Config) -> str:

@@ -5,10 +5,11 @@ directory (config.toml, summary.json, rounds.csv, plots), ``results.json`` and a
 comparison plot. Numbers are what these runs measured; nothing is tuned per target.
 
 - ``fl_vs_central``: centralized training, then federated training with the configured
-  strategy (and FedAvg too when that is another one); for each, the first evaluated round
+  strategy (and the FedAvg defaults until late 2026-12-06, ``experiments/configs/fedavg.toml``,
+  too when that is another one); for each, the first evaluated round
   whose AUC reaches ``centralized_auc - 0.01``, with its simulated time, and the same in
   expected AUC on synthetic data (``reached_expected``).
-- ``window``: the same sync FedAvg run waiting for every sampled client
+- ``window``: the same sync run waiting for every sampled client
   (``window.kind="none"``, no over-selection) vs the adaptive window with over-selection: median simulated round time ratio and
   the AUC difference at equal rounds.
 - ``async``: sync (adaptive window) vs FedBuff at the same client concurrency and the
@@ -40,12 +41,15 @@ from typing import Any
 import numpy as np
 
 from adfed import rundir
-from adfed.config import Config, with_overrides
+from adfed.config import Config, with_file, with_overrides
 from adfed.data.store import Dataset
 from adfed.fl.population import Population
 from adfed.trainer import TrainResult
 from experiments import ceiling, plotting, privacy, replay, scale
 from experiments.runs import Progress, train_and_write
+
+#: the federated defaults until late 2026-12-06 (FedAvg), a config preset
+FEDAVG_PRESET = Path(__file__).parent / "configs" / "fedavg.toml"
 
 
 def first_reaching(rows: list[dict[str, Any]], target: float, key: str = "auc") -> dict[str, Any] | None:
@@ -74,8 +78,8 @@ def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress)
     target_expected = None if central_expected is None else central_expected - 0.01
     fed_cfg = with_overrides(base, ['train.mode="federated"'])
     runs = {fed_cfg.fl.strategy: fed_cfg}
-    if fed_cfg.fl.strategy != "fedavg":  # the target names FedAvg: always measure it
-        runs["fedavg"] = with_overrides(fed_cfg, ['fl.strategy="fedavg"', "fl.server_lr=1.0"])
+    if fed_cfg.fl.strategy != "fedavg":  # the FedAvg defaults until late 2026-12-06, beside
+        runs["fedavg"] = with_file(fed_cfg, FEDAVG_PRESET)
     federated = {}
     first: TrainResult | None = None
     for name, cfg in runs.items():
@@ -89,7 +93,7 @@ def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress)
             else first_reaching(fed.rows, target_expected, "auc_expected"),
             "rounds": fed.summary["rounds"],
             "sim_time_s": fed.summary["sim_time_s"],
-            "server_lr": cfg.fl.server_lr,
+            "server_lr": cfg.fl.server_lr_for(),
             "bytes_up_per_client": fed.summary["bytes_up_per_client"],
             "bytes_up_dense_per_client": fed.summary["bytes_up_dense_per_client"],
             "bytes_up_sparse_per_client": fed.summary["bytes_up_sparse_per_client"],

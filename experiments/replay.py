@@ -168,7 +168,7 @@ def run_pass(model: PCVRModel, optimizers: list[torch.optim.Optimizer], cfg: Con
 def analyse(base: Config, dataset: Dataset, progress: Any) -> dict[str, Any]:
     """The three curves (module docstring) and each one's best and last evaluation."""
     fl = base.fl
-    step = fl.local_epochs * fl.server_lr
+    step = fl.local_epochs * fedavg_server_lr(base)
     sgd_lr, table_lr, sparse_lr = fl.local_lr * step, fl.local_table_lr * step, fl.local_sparse_lr * step
     local_lr = (fl.local_user_lr or fl.local_sparse_lr) * fl.local_epochs  # a phone's own rows are never averaged
     split, test = pooled_split(base, dataset)
@@ -230,14 +230,21 @@ def part_of(model: PCVRModel, name: str, local: set[str]) -> str:
     return "tables" if model.is_dense_table(name) else "towers"
 
 
+def fedavg_server_lr(cfg: Config) -> float:
+    """FedAvg's server step in the replay: the run's server lr under fedavg / fedprox; under an
+    adaptive strategy 1 (the replay's SGD parts are FedAvg's arithmetic, as the parts outside
+    ``fl.server_adaptive_scope`` step in the engine)."""
+    return cfg.fl.server_lr_for() if cfg.fl.strategy in ("fedavg", "fedprox") else 1.0
+
+
 def part_optimizers(model: PCVRModel, cfg: Config, adam: tuple[str, ...]) -> list[torch.optim.Optimizer]:
     """One optimizer per part: Adam at ``train.lr`` (lazy row Adam for sparse parts) for
     the parts in ``adam``, otherwise SGD at FedAvg's step for that part (``fl.local_lr``,
     ``fl.local_table_lr``, ``fl.local_sparse_lr``; a phone's own rows at
-    ``fl.local_user_lr`` or else ``fl.local_sparse_lr``), times ``fl.server_lr``."""
-    fl = cfg.fl
-    sgd = {"towers": fl.local_lr * fl.server_lr, "tables": fl.local_table_lr * fl.server_lr,
-           "rows": fl.local_sparse_lr * fl.server_lr, "local": fl.local_user_lr or fl.local_sparse_lr}
+    ``fl.local_user_lr`` or else ``fl.local_sparse_lr``), times :func:`fedavg_server_lr`."""
+    fl, step = cfg.fl, fedavg_server_lr(cfg)
+    sgd = {"towers": fl.local_lr * step, "tables": fl.local_table_lr * step,
+           "rows": fl.local_sparse_lr * step, "local": fl.local_user_lr or fl.local_sparse_lr}
     local = set(group_names(model, ParamGroup.LOCAL))
     params: dict[str, list[torch.nn.Parameter]] = {p: [] for p in PARTS}
     for name, p in model.named_parameters():

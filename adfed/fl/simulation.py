@@ -184,6 +184,19 @@ def privacy_summary(cfg: Config, plan: PrivacyPlan, rounds: int, state: ServerSt
     return out
 
 
+def strategy_advice(cfg: Config) -> str | None:
+    """A one-line warning when a server Adam (the sync default) runs where it was measured to
+    lose to FedAvg: under DP (its noise normalized into full-size steps) and async
+    (docs/results/2026-12-06-federated-quality.md, section 7); None otherwise."""
+    if cfg.fl.strategy not in ("fedadam", "fedyogi", "fedadagrad"):
+        return None
+    where = "privacy.dp" if cfg.privacy.dp else "fl.schedule=async" if cfg.fl.schedule == "async" else None
+    if where is None:
+        return None
+    return (f"fl.strategy={cfg.fl.strategy} with {where} was measured below FedAvg (docs/results/"
+            "2026-12-06-federated-quality.md, section 7); for FedAvg add --config experiments/configs/fedavg.toml")
+
+
 def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
     if ckpt is None or not ckpt.exists():
         if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
@@ -230,12 +243,14 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
         set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
     towers = None if cfg.fl.server_adaptive_scope == "all" else frozenset(
         n for n in get_dense(eval_model, ParamGroup.DENSE_SHARED) if not eval_model.is_dense_table(n))
-    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr, cfg.fl.server_tau, cfg.fl.server_betas,
+    server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr_for(), cfg.fl.server_tau, cfg.fl.server_betas,
                                    cfg.fl.server_bias_correction, towers)
     plan: PrivacyPlan | None = None
     vocabulary: Vocabulary | None = None
     stopped_at: int | None = None
     realized: list[float] = []  # distributed noise: each round's real noise multiplier
+    if (advice := strategy_advice(cfg)) is not None:
+        logger.warning("%s", advice)
     if cfg.privacy.dp:
         cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population)
     state = initial_server_state(cfg, eval_model, server_opt)

@@ -11,7 +11,7 @@ from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
 from adfed.model.groups import group_names
 from adfed.trainer import model_from_config
-from experiments import fl_targets
+from experiments import fl_targets, replay
 
 
 def test_first_reaching_picks_the_first_evaluated_row_at_target():
@@ -159,8 +159,10 @@ def test_replay_experiment_runs_one_pass_with_sgd_and_adam(small_world, fl_confi
                     "fl.local_table_lr=5.0")
     results = fl_targets.run("replay", cfg, tmp_path)
     assert results["steps"] == 6  # 3,000 users, all with training rows, 500 per step
-    assert results["sgd"]["lr"] == 0.5 * cfg.fl.local_epochs * cfg.fl.server_lr
-    assert results["sgd"]["table_lr"] == 5.0 * cfg.fl.local_epochs * cfg.fl.server_lr
+    # the default strategy is a server Adam: the replay's SGD steps at FedAvg's lr 1
+    assert cfg.fl.strategy == "fedadam" and replay.fedavg_server_lr(cfg) == 1.0
+    assert results["sgd"]["lr"] == 0.5 * cfg.fl.local_epochs
+    assert results["sgd"]["table_lr"] == 5.0 * cfg.fl.local_epochs
     assert results["sgd_one_lr"]["table_lr"] == results["sgd_one_lr"]["lr"] == results["sgd"]["lr"]
     assert results["adam"]["lr"] == cfg.train.lr
     assert results["sgd"]["curve"] != results["sgd_one_lr"]["curve"]  # the tables' lr matters
@@ -315,7 +317,7 @@ def test_a_replay_step_is_one_fedavg_round_of_the_same_users(small_world, fl_con
     model = federated_start(cfg, dataset)
     fl = cfg.fl
     optimizers = make_optimizers(model, lr=fl.local_lr, dense_opt="sgd", sparse_opt="sgd", table_lr=fl.local_table_lr,
-                                 sparse_lr=fl.local_sparse_lr, local_lr=fl.local_sparse_lr)
+                                 sparse_lr=fl.local_sparse_lr, local_lr=fl.local_user_lr or fl.local_sparse_lr)
     replay_step(model, optimizers, Examples.concat(population.train_data_many(users)), fl.max_weight)
     params = dict(model.named_parameters())
     moved = 0

@@ -479,7 +479,7 @@ def test_fl_server_lr_decay_start_scales_the_server_step_after_start(small_world
     # a start past the last round steps exactly as a constant server lr; an early one moves
     # the dense part and the sparse rows less (the sparse rows: server_lr now steps them too)
     lr = "0.5" if strategy == "fedavg" else "0.01"
-    base = ("fl.rounds=3", f'fl.strategy="{strategy}"', f"fl.server_lr={lr}")
+    base = ("fl.rounds=3", f'fl.strategy="{strategy}"', f"fl.server_lr={lr}", 'fl.server_adaptive_scope="all"')
     constant = _final_params(Trainer(fl_config(small_world, *base)).fit())
     late = _final_params(Trainer(fl_config(small_world, *base, "fl.server_lr_decay_start=3")).fit())
     early = _final_params(Trainer(fl_config(small_world, *base, "fl.server_lr_decay_start=1")).fit())

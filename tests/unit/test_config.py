@@ -104,6 +104,42 @@ def test_strategy_choices_match_the_registry() -> None:
     assert sorted(choices) == registered
 
 
+@pytest.mark.parametrize(("strategy", "server_lr", "used"), [
+    ("fedavg", 0.0, 1.0), ("fedprox", 0.0, 1.0), ("fedadam", 0.0, 0.01), ("fedyogi", 0.0, 0.01),
+    ("fedadagrad", 0.0, 0.01), ("fedavg", 0.7, 0.7), ("fedadam", 0.03, 0.03)])
+def test_server_lr_zero_means_the_strategys_own(strategy: str, server_lr: float, used: float) -> None:
+    # Execute
+    fl = with_overrides(Config(), [f'fl.strategy="{strategy}"', f"fl.server_lr={server_lr}"]).fl
+
+    # Assert
+    assert fl.server_lr_for() == used
+
+
+def test_fedavg_preset_restores_the_defaults_before_the_server_adam() -> None:
+    # Prepare: the preset the studies up to 2026-12-06 ran with
+    preset = Path(__file__).parents[2] / "experiments" / "configs" / "fedavg.toml"
+    base = with_overrides(Config(), ["fl.rounds=7", "seed=3"])
+
+    # Execute
+    cfg = C.with_file(base, preset)
+
+    # Assert: FedAvg at lr 1, uniform draws, constant rates; what the preset leaves out is kept
+    fl = cfg.fl
+    assert (fl.strategy, fl.server_lr_for(), fl.sampling, fl.server_lr_decay_start) == ("fedavg", 1.0, "uniform", 0)
+    assert (fl.local_user_lr, fl.server_adaptive_scope, fl.server_bias_correction) == (0.0, "all", False)
+    assert (fl.rounds, cfg.seed, cfg.train) == (7, 3, base.train)
+    assert Config().fl.strategy == "fedadam" and Config().fl.sampling == "passes"
+
+
+def test_with_file_names_a_bad_key_of_the_file(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path, "[fl]\nstrategy = \"fedsgd\"\n")
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"fl\.strategy must be one of"):
+        C.with_file(Config(), path)
+
+
 def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -137,6 +173,7 @@ def test_config_is_frozen() -> None:
         ("[data]\ntest_fraction = 1.0\n", r"data\.test_fraction must be in \(0, 1\); got 1\.0"),
         ("[train]\nlr = -1\n", r"train\.lr must be a float > 0; got -1\.0"),
         ("[train]\nema = 1.0\n", r"train\.ema must be a float in \[0, 1\) \(0 = off\); got 1\.0"),
+        ("[fl]\nserver_lr = -0.5\n", r"fl\.server_lr must be a float >= 0 \(0 = the strategy's own\); got -0\.5"),
         ("[fl]\nserver_ema = 1.0\n", r"fl\.server_ema must be a float in \[0, 1\) \(0 = off\), e\.g\. 0\.98; got 1\.0"),
         ("[train]\neval_points = 0\n", r"train\.eval_points must be an int >= 1 \(1 = epoch ends only\); got 0"),
         ("[train]\nuser_lr = -0.1\n", r"train\.user_lr must be a float >= 0 \(0 = train\.sparse_lr\); got -0\.1"),

@@ -299,3 +299,26 @@ def test_towers_scope_steps_only_the_named_tensors_adaptively() -> None:
     assert new["w"].tolist() == pytest.approx([0.01, -0.01], rel=5e-3)  # Adam: lr-sized (tau 1e-3)
     assert torch.equal(new["emb.age.weight"], delta["emb.age.weight"])  # FedAvg: + delta
     assert table[2].tolist() == [0.5, -0.5] and not table[[0, 1, 3]].any()
+
+
+@pytest.mark.parametrize(("sets", "names"), [
+    ([], None),
+    (["privacy.dp=true"], "privacy.dp"),
+    (['fl.schedule="async"'], "fl.schedule=async"),
+    (['fl.schedule="async"', 'fl.strategy="fedavg"'], None),
+    (["privacy.dp=true", 'fl.strategy="fedyogi"'], "privacy.dp"),
+])
+def test_a_server_adam_under_dp_or_async_is_told_of_fedavg(sets: list[str], names: str | None) -> None:
+    # Prepare: the sync default (a server Adam) where it was measured to lose
+    from adfed.config import Config, with_overrides
+    from adfed.fl.simulation import strategy_advice
+
+    # Execute
+    advice = strategy_advice(with_overrides(Config(), sets))
+
+    # Assert: one line naming the setting and the fix, only where it applies
+    if names is None:
+        assert advice is None
+    else:
+        assert advice is not None and names in advice and "experiments/configs/fedavg.toml" in advice
+        assert "\n" not in advice

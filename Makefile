@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_fl.py --data $(DEMO_DATA)
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 experiments: $(STAMP)
 	test -f $(DEMO_DATA)/manifest.json || $(BIN)/adfed data generate --users 20000 --ads 10000 --seed 0 --out $(DEMO_DATA)

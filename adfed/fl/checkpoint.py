@@ -69,17 +69,13 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
 
 
 def _store_entries(store: LocalStore, out: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The LRU order and, per key, the phones holding it and their stacked values."""
-    users = list(store.entries.keys())
-    by_key: dict[str, list[int]] = collections.defaultdict(list)
-    for u, entry in store.entries.items():
-        for k in entry:
-            by_key[k].append(u)
-    out["store/order"] = torch.tensor(users, dtype=torch.int64)
+    """The LRU order and, per key, the phones holding it and their stacked values
+    (:meth:`LocalStore.packed`: only what changed since the last checkpoint is read)."""
+    out["store/order"] = torch.from_numpy(np.fromiter(store.entries.keys(), dtype=np.int64, count=len(store.entries)))
     keys = {}
-    for i, (k, holders) in enumerate(sorted(by_key.items())):
-        out[f"store/{i}/users"] = torch.tensor(holders, dtype=torch.int64)
-        out[f"store/{i}/values"] = torch.stack([store.entries[u][k] for u in holders])
+    for i, (k, (holders, values)) in enumerate(sorted(store.packed().items())):
+        out[f"store/{i}/users"] = holders
+        out[f"store/{i}/values"] = values
         keys[str(i)] = k
     return {"keys": keys, "evicted": store.evicted, "capacity": store.capacity}
 

@@ -199,6 +199,10 @@ class LocalStore:
     entries: collections.OrderedDict[int, dict[str, torch.Tensor]] = dataclasses.field(
         default_factory=collections.OrderedDict)
     evicted: int = 0
+    #: :meth:`packed`'s last result and the phones put or evicted since (None: pack all)
+    _packed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
+    _changed: set[int] = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
 
     def get(self, user_id: int) -> dict[str, torch.Tensor] | None:
         state = self.entries.get(user_id)
@@ -207,10 +211,52 @@ class LocalStore:
         return state
 
     def put_inplace(self, user_id: int, state: dict[str, torch.Tensor]) -> None:
+        """Store ``state`` as the phone's entry (its tensors are not written to afterwards)."""
         if self.capacity == 0:
             return
         self.entries[user_id] = state
         self.entries.move_to_end(user_id)
+        self._changed.add(user_id)
         while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+            gone, _ = self.entries.popitem(last=False)
+            self._changed.add(gone)
             self.evicted += 1
+
+    def packed(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per key of the entries: (the ids of the phones holding it, sorted; their values
+        stacked in that order). Incremental: only the phones put or evicted since the last
+        call are read again, so a checkpoint every round stays cheap when the store holds
+        100k phones (one read of every entry was ~0.5-0.8 s there)."""
+        changed = set(self.entries) if self._packed is None else self._changed
+        base = self._packed or {}
+        gone = torch.tensor(sorted(changed), dtype=torch.int64)
+        fresh: dict[str, list[int]] = collections.defaultdict(list)
+        for u in sorted(changed):
+            for k in self.entries.get(u, ()):
+                fresh[k].append(u)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for k in sorted(set(base) | set(fresh)):
+            ids, values = base.get(k, (torch.zeros(0, dtype=torch.int64), None))
+            if len(ids) and len(gone):  # sorted ids: the changed phones by binary search
+                at = torch.searchsorted(ids, gone).clamp_(max=len(ids) - 1)
+                keep = torch.ones(len(ids), dtype=torch.bool)
+                keep[at[ids[at] == gone]] = False
+                kept = keep.nonzero().squeeze(1)
+                ids, values = ids.index_select(0, kept), values.index_select(0, kept)  # type: ignore[union-attr]
+            if fresh.get(k):  # merge two sorted lists: the new ones' places, the rest kept
+                new_ids = torch.tensor(fresh[k], dtype=torch.int64)
+                new_values = torch.stack([self.entries[u][k] for u in fresh[k]])
+                place = torch.searchsorted(ids, new_ids) + torch.arange(len(new_ids))
+                old = torch.ones(len(ids) + len(new_ids), dtype=torch.bool)
+                old[place] = False
+                merged_ids = torch.empty(len(old), dtype=torch.int64).index_copy_(0, place, new_ids)
+                merged = new_values.new_empty((len(old), *new_values.shape[1:])).index_copy_(0, place, new_values)
+                if len(ids):
+                    rest = old.nonzero().squeeze(1)
+                    merged_ids.index_copy_(0, rest, ids)
+                    merged.index_copy_(0, rest, values)  # type: ignore[arg-type]
+                ids, values = merged_ids, merged
+            if len(ids):
+                out[k] = (ids, values)  # type: ignore[assignment]
+        self._packed, self._changed = out, set()
+        return out

@@ -87,3 +87,19 @@ def test_a_damaged_file_is_a_one_line_config_error(tmp_path: Path, damage: bytes
     path.write_bytes(path.read_bytes()[:200] if damage is None else damage)
     with pytest.raises(ConfigError, match=r"--resume: .* is not a readable adfed checkpoint .*; start a new run"):
         checkpoint.load(path)
+
+
+def test_the_checkpoint_benchmark_packs_incrementally_what_a_full_read_packs() -> None:
+    # the benchmark asserts that its incremental pack equals a full one on every round
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[3] / "benchmarks" / "bench_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    result = bench.measure(phones=500, changed=40, rounds=3, dim=4, seed=1)
+
+    assert result["phones"] == 500 and result["full_ms"] > 0 and result["incremental_ms"] > 0

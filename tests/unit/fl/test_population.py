@@ -255,3 +255,43 @@ def test_passes_defer_offline_clients_and_start_the_next_pass(small_world) -> No
     pop.profiles.online_prob[:] = 0.0
     chosen, _ = pop.sample_passes(k, np.random.default_rng(0), Passes(), seed=2)
     assert len(chosen) == 0
+
+
+def _full_pack(store: LocalStore) -> dict[str, tuple[list[int], list[list[float]]]]:
+    """What packed() must equal: every entry read again, per key, sorted by phone id."""
+    out: dict[str, tuple[list[int], list[list[float]]]] = {}
+    for u in sorted(store.entries):
+        for k, v in store.entries[u].items():
+            ids, vals = out.setdefault(k, ([], []))
+            ids.append(u)
+            vals.append(v.reshape(-1).tolist())
+    return out
+
+
+def _as_lists(packed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[list[int], list[list[float]]]]:
+    return {k: (ids.tolist(), vals.reshape(len(ids), -1).tolist()) for k, (ids, vals) in packed.items()}
+
+
+def test_packed_stays_equal_to_a_full_read_across_puts_evictions_and_keys() -> None:
+    # Prepare: entries with a second, optional key (a pipeline's per-phone state)
+    store = LocalStore(capacity=5)
+    rng = torch.Generator().manual_seed(0)
+
+    def state(u: int, extra: bool) -> dict[str, torch.Tensor]:
+        s = {"emb.user_id.weight": torch.rand((1, 2), generator=rng)}
+        if extra:
+            s["pipeline/ef/residual"] = torch.full((3,), float(u))
+        return s
+
+    # Execute / Assert: after every change, the incremental pack equals a fresh full read
+    for step, u in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]):
+        store.put_inplace(u, state(u, extra=step % 3 == 0))
+        if step % 2:
+            assert _as_lists(store.packed()) == _full_pack(store), step
+    assert store.evicted > 0
+    assert _as_lists(store.packed()) == _full_pack(store)
+    assert _as_lists(store.packed()) == _full_pack(store)  # nothing changed: the same
+
+
+def test_packed_of_an_empty_store_is_empty() -> None:
+    assert LocalStore(capacity=3).packed() == {}

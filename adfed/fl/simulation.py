@@ -85,7 +85,7 @@ def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.S
 def load_global_inplace(model: PCVRModel, state: ServerState, store: LocalStore) -> None:
     """Write the released global model (``fl.server_ema``: the average) and the phones'
     local rows into a full-size eval model."""
-    assemble_global_inplace(model, state.released.dense, state.released.sparse, store.entries)
+    assemble_global_inplace(model, state.released.dense, state.released.sparse, store.packed())
 
 
 def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> None:

@@ -81,9 +81,10 @@ def assemble_phone_model(model: PCVRModel, dense: Tensors, tables: Tensors,
 
 
 def assemble_global_inplace(model: PCVRModel, dense: Tensors, tables: Tensors,
-                            phones: Mapping[int, Tensors]) -> None:
+                            local: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Write the global tensors and every phone's ``local`` rows into a full-size model
-    (one user row per user id); users with no entry in ``phones`` get zero rows."""
+    (one user row per user id). ``local`` maps a ``local`` parameter to (user ids, their
+    rows stacked; :meth:`adfed.fl.population.LocalStore.packed`); users not in it get zero rows."""
     set_dense_inplace(model, dense)
     set_dense_inplace(model, tables)
     params = parameters(model)
@@ -91,6 +92,6 @@ def assemble_global_inplace(model: PCVRModel, dense: Tensors, tables: Tensors,
         for name in group_names(model, ParamGroup.LOCAL):
             # fresh zeros rather than zero_(): a full-size user table's untouched pages stay unresident
             params[name].data = untouched_zeros(tuple(params[name].shape))
-            if phones:
-                users = torch.tensor(list(phones.keys()), dtype=torch.int64)
-                params[name][users] = torch.cat([e[name] for e in phones.values()])
+            if name in local:
+                users, rows = local[name]
+                params[name][users] = rows.reshape(len(users), *params[name].shape[1:])

@@ -523,3 +523,26 @@ def test_only_fedprox_sends_the_phones_a_proximal_term(small_world, fl_config, s
     assert client_settings(cfg).prox_mu == mu
     assert _offer(cfg, initial_server_state(cfg, model_from_config(cfg, Dataset.open(small_world)),
                                             strategies.create(strategy, 1.0))).settings.prox_mu == mu
+
+
+def test_the_eval_model_gets_every_stored_phones_local_rows_and_zeros_elsewhere(small_world, fl_config):
+    from adfed.fl.population import LocalStore
+    from adfed.fl.simulation import load_global_inplace
+
+    cfg = fl_config(small_world)
+    model = model_from_config(cfg, Dataset.open(small_world))
+    state = initial_server_state(cfg, model, strategies.create("fedavg", 1.0))
+    local = group_names(model, ParamGroup.LOCAL)
+    params = dict(model.named_parameters())
+    store = LocalStore(capacity=2)
+    for user in (5, 9, 2):  # 5 is evicted by the third
+        store.put_inplace(user, {n: torch.full((1, *params[n].shape[1:]), float(user)) for n in local})
+    store.packed()  # a checkpoint packed the store before the last change
+    store.put_inplace(9, {n: torch.full((1, *params[n].shape[1:]), 90.0) for n in local})
+
+    load_global_inplace(model, state, store)
+
+    params = dict(model.named_parameters())
+    for n in local:
+        assert torch.all(params[n][9] == 90.0) and torch.all(params[n][2] == 2.0), n
+        assert torch.all(params[n][5] == 0.0) and torch.all(params[n][0] == 0.0), n

@@ -223,6 +223,12 @@ class WindowConfig:
     max_deadline_s: float = 600.0
     min_clients: int = 10  # a round that gets fewer arrivals is retried
     max_retries: int = 3
+    # which on-time uploads a sync round aggregates: "first" (it closes at its
+    # fl.clients_per_round-th upload; with over-selection the slower, heavier phones are
+    # the ones cut) or "random" (it waits for the deadline or everyone, then takes a
+    # uniformly random fl.clients_per_round of the on-time uploads; the rest are counted
+    # as surplus). Privacy on: every on-time upload counts either way
+    take: Literal["first", "random"] = "first"
 
     def __post_init__(self) -> None:
         _check(self.deadline_s > 0, "window.deadline_s", "a float > 0", self.deadline_s)

@@ -33,7 +33,7 @@ from adfed.fl.wire import Envelope, WireSpec, encode_model
 from adfed.model.groups import lr_decay_factor
 
 #: salts of the per-round RNG streams (with seed and round)
-SELECT_SALT, AGGREGATE_SALT = 0x5EC, 0xA66
+SELECT_SALT, AGGREGATE_SALT, TAKE_SALT = 0x5EC, 0xA66, 0x7A4E
 #: salt of DP-FTRL's pass orders (with seed and pass number)
 FTRL_PASS_SALT = 0xF7E1
 
@@ -133,7 +133,7 @@ def rules(cfg: Config) -> server.RoundRules:
     if cfg.privacy.dp:
         return server.RoundRules(target=sys.maxsize, min_clients=0, max_retries=0)
     return server.RoundRules(target=cfg.fl.clients_per_round, min_clients=cfg.window.min_clients,
-                             max_retries=cfg.window.max_retries)
+                             max_retries=cfg.window.max_retries, take_random=cfg.window.take == "random")
 
 
 def simulated_times(population: Population, cfg: Config, results: Sequence[ClientResult]) -> np.ndarray:
@@ -196,6 +196,7 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
         sim_s += rnd.end_s
         window = next_state(cfg.window, window, np.array(rnd.arrivals_s, dtype=np.float64))
         if server.enough(rnd):
+            rnd = server.take_random(rnd, np.random.default_rng([cfg.seed, rnd.expect.round, rnd.attempt, TAKE_SALT]))
             rnd = server.finish(rnd)
             updates = server.updates_in_offer_order(rnd)
             # with privacy on every phone weighs one (the DP sum ignores weights)

@@ -210,6 +210,7 @@ class Counts:
     discarded: int = 0
     rejected: int = 0
     retries: int = 0
+    surplus: int = 0  # on time, but not among the random ``target`` taken (``window.take``)
 
     def add(self, **kw: int) -> Counts:
         return dataclasses.replace(self, **{k: getattr(self, k) + v for k, v in kw.items()})
@@ -218,11 +219,14 @@ class Counts:
 @dataclasses.dataclass(frozen=True)
 class RoundRules:
     """The round's policy, from config: close at ``target`` uploads (clients_per_round),
-    aggregate only with at least ``min_clients``, at most ``max_retries`` retries."""
+    aggregate only with at least ``min_clients``, at most ``max_retries`` retries. With
+    ``take_random`` the round does not close at ``target``: it waits for its deadline (or
+    everyone) and :func:`take_random` keeps a random ``target`` of the uploads."""
 
     target: int
     min_clients: int
     max_retries: int
+    take_random: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,9 +305,21 @@ def accept(rnd: SyncRound, client: int, payload: bytes, at_s: float, spec: WireS
     else:
         rnd = dataclasses.replace(rnd, pending=pending, arrivals_s=arrivals,
                                   uploads=(*rnd.uploads, Upload(update, float(at_s), len(payload))))
-    if len(rnd.uploads) >= rnd.rules.target or not rnd.pending:
+    if (len(rnd.uploads) >= rnd.rules.target and not rnd.rules.take_random) or not rnd.pending:
         return close(rnd, at_s)
     return rnd
+
+
+def take_random(rnd: SyncRound, rng: np.random.Generator) -> SyncRound:
+    """A closed round under ``take_random`` with more than ``target`` uploads keeps a
+    uniformly random ``target`` of them (the rest counted as surplus); otherwise unchanged."""
+    _require(rnd, Phase.CLOSED, "take from")
+    extra = len(rnd.uploads) - rnd.rules.target
+    if not rnd.rules.take_random or extra <= 0:
+        return rnd
+    keep = np.sort(rng.choice(len(rnd.uploads), size=rnd.rules.target, replace=False))
+    return dataclasses.replace(rnd, uploads=tuple(rnd.uploads[i] for i in keep.tolist()),
+                               counts=rnd.counts.add(surplus=extra))
 
 
 def enough(rnd: SyncRound) -> bool:

@@ -120,6 +120,20 @@ def test_every_selected_client_is_counted_once_including_retried_attempts(small_
     assert result.summary["dropped_clients"] == sum(r["failed"] + r["late"] + r["discarded"] for r in result.rows)
 
 
+def test_a_random_take_aggregates_the_target_and_counts_the_rest_as_surplus(small_world, fl_config):
+    # a deadline late enough that more than clients_per_round arrive on time
+    sets = ("fl.rounds=3", "window.quantile=1.0", "window.deadline_s=600", "fl.over_selection=1.5")
+    first = Trainer(fl_config(small_world, *sets)).fit()
+    random = Trainer(fl_config(small_world, *sets, 'window.take="random"')).fit()
+    for row in random.rows:
+        assert row["selected"] == row["failed"] + row["late"] + row["arrived"] + row["discarded"] + row["surplus"], row
+        assert row["arrived"] == 12
+    assert sum(r["surplus"] for r in random.rows) > 0 == sum(r["surplus"] for r in first.rows)
+    # it waits for the stragglers the first-k round leaves: longer rounds, another model
+    assert random.rows[0]["round_sim_s"] > first.rows[0]["round_sim_s"]
+    assert random.summary["auc"] != first.summary["auc"]
+
+
 def test_over_selection_rounds_the_product_before_its_ceiling(small_world, fl_config):
     from adfed.fl.population import Population
     from adfed.fl.rounds import select

@@ -64,6 +64,39 @@ def test_round_closes_at_the_target_count_and_later_uploads_are_late() -> None:
     assert rnd.counts.late == 1 and rnd.arrivals_s == (1.0, 2.0, 3.0, 4.0)
 
 
+def test_a_random_take_waits_for_the_deadline_and_keeps_a_random_target_of_the_on_time() -> None:
+    # Prepare: target 3 of 5 offered, uploads at 1..4 s, the deadline at 10 s
+    rnd = server.open_round(_state(10.0), RoundRules(3, 2, 1, take_random=True), PIPE.codec)
+    rnd = server.offer(rnd, [11, 12, 13, 14, 15])
+
+    # Execute
+    for t, c in enumerate([11, 12, 13, 14], start=1):
+        rnd = server.accept(rnd, c, _payload(c), float(t), SPEC, PIPE)
+    still_open = rnd.phase
+    rnd = server.expire(rnd, 11.0)
+    taken = {s: server.take_random(rnd, np.random.default_rng(s)) for s in range(20)}
+
+    # Assert: not closed at the 3rd upload; 3 of the 4 on-time ones kept, which ones by the rng
+    assert still_open is Phase.OPEN and rnd.phase is Phase.CLOSED and rnd.end_s == 10.0
+    for t in taken.values():
+        kept = [u.update.client_id for u in t.uploads]
+        assert len(kept) == 3 and set(kept) <= {11, 12, 13, 14} and kept == sorted(kept)
+        assert t.counts.surplus == 1 and t.counts.late == 0
+    assert len({tuple(u.update.client_id for u in t.uploads) for t in taken.values()}) > 1
+
+
+def test_take_random_leaves_a_first_k_round_and_a_short_one_alone() -> None:
+    first = _open(target=3)
+    for t, c in enumerate([11, 12, 13], start=1):
+        first = server.accept(first, c, _payload(c), float(t), SPEC, PIPE)
+    short = server.open_round(_state(10.0), RoundRules(3, 1, 1, take_random=True), PIPE.codec)
+    short = server.offer(short, [11, 12])
+    for t, c in enumerate([11, 12], start=1):
+        short = server.accept(short, c, _payload(c), float(t), SPEC, PIPE)
+    rng = np.random.default_rng(0)
+    assert server.take_random(first, rng) == first and server.take_random(short, rng) == short
+
+
 def test_round_closes_at_the_deadline_when_an_upload_comes_after_it() -> None:
     # Prepare
     rnd = _open(target=5, deadline=10.0)
@@ -143,7 +176,7 @@ def test_too_few_uploads_retry_then_give_up_with_every_client_counted_once() -> 
     assert outcomes == [(False, True), (False, False)]
     c = rnd.counts
     assert (c.selected, c.failed, c.discarded, c.retries, c.arrived) == (10, 8, 2, 2, 0)
-    assert c.selected == c.failed + c.late + c.arrived + c.discarded + c.rejected
+    assert c.selected == c.failed + c.late + c.arrived + c.discarded + c.rejected + c.surplus
     assert rnd.deadline_s == 20.0 and rnd.attempt == 1
 
 

@@ -39,10 +39,20 @@ def measure(phones: int, changed: int, rounds: int, dim: int, seed: int) -> dict
     sys.path.insert(0, str(ROOT))
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(phones, changed, rounds, dim, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(phones: int, changed: int, rounds: int, dim: int, seed: int) -> dict:
+    import torch
+
     from adfed.fl import checkpoint
     from adfed.fl.population import LocalStore
 
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(seed)
     store = LocalStore(capacity=phones)
     for u in range(phones):

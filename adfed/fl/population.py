@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -187,6 +188,10 @@ class Population:
         return pool[order[online][:k]]
 
 
+#: per-phone values up to which :meth:`LocalStore.packed` keeps a key's stack between calls
+PACKED_NUMEL = 1024
+
+
 @dataclasses.dataclass
 class LocalStore:
     """The phones' own storage of their ``local`` group, bounded in entries (LRU).
@@ -222,18 +227,35 @@ class LocalStore:
             self._changed.add(gone)
             self.evicted += 1
 
-    def packed(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per key of the entries: (the ids of the phones holding it, sorted; their values
-        stacked in that order). Incremental: only the phones put or evicted since the last
-        call are read again, so a checkpoint every round stays cheap when the store holds
-        100k phones (one read of every entry was ~0.5-0.8 s there)."""
+    def packed(self, keys: Collection[str] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per key of the entries (``keys``, or all): (the ids of the phones holding it,
+        sorted; their values stacked in that order). Incremental for the small keys (at
+        most :data:`PACKED_NUMEL` values a phone: the phones' own rows): their stacks are
+        kept, and only the phones put or evicted since the last call are read again, so a
+        checkpoint every round stays cheap when the store holds 100k phones (one read of
+        every entry was ~0.5-0.8 s there). Larger per-phone state (an error-feedback
+        residual) is stacked afresh when asked for, never held twice."""
         changed = set(self.entries) if self._packed is None else self._changed
-        base = self._packed or {}
+        cached = self._small(self._packed or {}, changed)
+        self._packed, self._changed = cached, set()
+        wanted = set(keys) if keys is not None else {k for e in self.entries.values() for k in e}
+        out = {k: cached[k] for k in sorted(wanted) if k in cached}
+        for k in sorted(wanted - set(cached)):
+            holders = [u for u in sorted(self.entries) if k in self.entries[u]]
+            if holders and self.entries[holders[0]][k].numel() > PACKED_NUMEL:
+                out[k] = (torch.tensor(holders, dtype=torch.int64),
+                          torch.stack([self.entries[u][k] for u in holders]))
+        return out
+
+    def _small(self, base: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               changed: set[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The small keys' stacks ``base`` brought up to date with the ``changed`` phones."""
         gone = torch.tensor(sorted(changed), dtype=torch.int64)
         fresh: dict[str, list[int]] = collections.defaultdict(list)
         for u in sorted(changed):
-            for k in self.entries.get(u, ()):
-                fresh[k].append(u)
+            for k, v in self.entries.get(u, {}).items():
+                if v.numel() <= PACKED_NUMEL:
+                    fresh[k].append(u)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for k in sorted(set(base) | set(fresh)):
             ids, values = base.get(k, (torch.zeros(0, dtype=torch.int64), None))
@@ -258,5 +280,4 @@ class LocalStore:
                 ids, values = merged_ids, merged
             if len(ids):
                 out[k] = (ids, values)  # type: ignore[assignment]
-        self._packed, self._changed = out, set()
         return out

@@ -42,7 +42,7 @@ from adfed.fl.types import GlobalState
 from adfed.fl.window import initial_state
 from adfed.fl.wire import WireSpec
 from adfed.model.assembly import assemble_global_inplace, model_from_config
-from adfed.model.groups import get_dense, model_bytes
+from adfed.model.groups import get_dense, group_names, model_bytes
 from adfed.model.pcvr import PCVRModel, set_output_priors_
 from adfed.privacy import accountant as privacy_accountant
 from adfed.privacy import setup as privacy_setup
@@ -85,7 +85,8 @@ def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.S
 def load_global_inplace(model: PCVRModel, state: ServerState, store: LocalStore) -> None:
     """Write the released global model (``fl.server_ema``: the average) and the phones'
     local rows into a full-size eval model."""
-    assemble_global_inplace(model, state.released.dense, state.released.sparse, store.packed())
+    assemble_global_inplace(model, state.released.dense, state.released.sparse,
+                            store.packed(group_names(model, ParamGroup.LOCAL)))
 
 
 def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> None:

@@ -295,3 +295,24 @@ def test_packed_stays_equal_to_a_full_read_across_puts_evictions_and_keys() -> N
 
 def test_packed_of_an_empty_store_is_empty() -> None:
     assert LocalStore(capacity=3).packed() == {}
+
+
+def test_packed_keeps_no_second_copy_of_large_per_phone_state_and_can_be_asked_for_keys() -> None:
+    # Prepare: the phone's own row (small) and an error-feedback residual (large)
+    from adfed.fl.population import PACKED_NUMEL
+
+    store = LocalStore(capacity=10)
+    for u in (4, 2, 7):
+        store.put_inplace(u, {"emb.user_id.weight": torch.full((1, 2), float(u)),
+                              "pipeline/ef/residual": torch.full((PACKED_NUMEL + 1,), float(u))})
+
+    # Execute
+    both = store.packed()
+    small = store.packed(["emb.user_id.weight"])
+
+    # Assert: the large key is stacked when asked for, but only the small one is kept
+    assert both["pipeline/ef/residual"][0].tolist() == [2, 4, 7]
+    assert both["pipeline/ef/residual"][1][:, 0].tolist() == [2.0, 4.0, 7.0]
+    assert set(small) == {"emb.user_id.weight"} and small["emb.user_id.weight"][0].tolist() == [2, 4, 7]
+    assert set(store._packed or {}) == {"emb.user_id.weight"}
+    assert _as_lists(store.packed()) == _full_pack(store)

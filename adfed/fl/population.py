@@ -208,6 +208,8 @@ class LocalStore:
     _packed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False)
     _changed: set[int] = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
+    #: the keys seen with more than PACKED_NUMEL values a phone (stacked afresh when asked for)
+    _large: set[str] = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
 
     def get(self, user_id: int) -> dict[str, torch.Tensor] | None:
         state = self.entries.get(user_id)
@@ -238,7 +240,7 @@ class LocalStore:
         changed = set(self.entries) if self._packed is None else self._changed
         cached = self._small(self._packed or {}, changed)
         self._packed, self._changed = cached, set()
-        wanted = set(keys) if keys is not None else {k for e in self.entries.values() for k in e}
+        wanted = set(keys) if keys is not None else set(cached) | self._large
         out = {k: cached[k] for k in sorted(wanted) if k in cached}
         for k in sorted(wanted - set(cached)):
             holders = [u for u in sorted(self.entries) if k in self.entries[u]]
@@ -256,6 +258,8 @@ class LocalStore:
             for k, v in self.entries.get(u, {}).items():
                 if v.numel() <= PACKED_NUMEL:
                     fresh[k].append(u)
+                else:
+                    self._large.add(k)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for k in sorted(set(base) | set(fresh)):
             ids, values = base.get(k, (torch.zeros(0, dtype=torch.int64), None))

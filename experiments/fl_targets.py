@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress)
             "model_bytes": fed.summary["model_bytes"],
         }
     return {
-        "one_pass": one_pass(central, first, fed_cfg, dataset) if first else {},
+        "one_pass": one_pass(central.summary, first, fed_cfg, dataset) if first else {},
         "centralized_auc": central.summary["auc"],
         "oracle_auc": central.summary.get("oracle_auc"),
         "target_auc": target,
@@ -111,12 +111,12 @@ def fl_vs_central(base: Config, dataset: Dataset, out: Path, progress: Progress)
     }
 
 
-def one_pass(central: TrainResult, fed: TrainResult, cfg: Config, dataset: Dataset) -> dict[str, Any]:
+def one_pass(central: Mapping[str, Any], fed: TrainResult, cfg: Config, dataset: Dataset) -> dict[str, Any]:
     """The federated run after one pass over the users (``users / clients_per_round``
     rounds: as many examples as one centralized epoch) against the centralized epoch: the
     gap in sampled and expected CVR AUC at the last evaluation at or before that round,
     and the wall time federated / centralized for the same examples (evaluation excluded
-    on both sides)."""
+    on both sides). ``central``: the centralized run's summary."""
     clients = len(Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed))
     rounds = -(-clients // cfg.fl.clients_per_round)
     evaluated = [r for r in fed.rows if r.get("auc") is not None and r["round"] <= rounds]
@@ -125,7 +125,7 @@ def one_pass(central: TrainResult, fed: TrainResult, cfg: Config, dataset: Datas
     row = evaluated[-1]
     upto = [r for r in fed.rows if r["round"] <= row["round"]]
     fed_wall = row["wall_time_s"] - sum(r.get("eval_s", 0.0) for r in upto)
-    s = central.summary
+    s = central
     central_train_s = s["train_examples"] * s.get("epochs", 1) / s["examples_per_s"]
     out = {"rounds": rounds, "evaluated_round": row["round"], "reached": row["round"] == rounds,
            "auc": row["auc"], "auc_gap": s["auc"] - row["auc"],

@@ -15,6 +15,11 @@ Each (world, seed) trains centralized (``train.epochs`` epochs) and federated fo
 ``ceil(users / fl.clients_per_round)`` rounds, evaluating every tenth of them, and keeps
 ``fl_targets.one_pass``; ``protocol.json`` holds every row and the summary. Worlds are
 generated into ``OUT/../worlds`` once (``--worlds-dir`` to share them between candidates).
+``--central-from DEFAULTS_OUT`` takes each centralized run from another candidate's
+directory where it trained the same thing (centralized training reads only
+:data:`CENTRAL_KEYS` of the config; a candidate's ``--set``s are federated settings), so a
+candidate trains only its federated runs; each row names the run it took
+(``centralized_from``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adfed import rundir
+from adfed import config, rundir
 from adfed.config import Config, with_overrides
 from adfed.data.store import Dataset
 from experiments.fl_targets import one_pass
@@ -41,6 +46,9 @@ STAGES: dict[str, tuple[tuple[World, ...], tuple[int, ...]]] = {"choice": (CHOIC
 TARGET, WORST = 0.01, 0.015
 #: the rule: a candidate's mean gap at least GAIN below the defaults', no world LOSS worse
 GAIN, LOSS = 0.005, 0.005
+#: the config centralized training reads (trainer.fit_centralized, model_from_config,
+#: pooled_split): two centralized runs with these equal are the same run
+CENTRAL_KEYS = ("seed", "data", "model", "train")
 
 
 def world_path(worlds_dir: Path, users: int, seed: int) -> Path:
@@ -54,17 +62,42 @@ def world_path(worlds_dir: Path, users: int, seed: int) -> Path:
     return path
 
 
-def one(base: Config, data: Path, users: int, seed: int, out: Path, progress: Progress) -> dict[str, Any]:
-    """Centralized and federated on one world and training seed: ``one_pass``'s figures."""
+def reusable_central(cfg: Config, run: Path) -> dict[str, Any] | None:
+    """The summary of the centralized run directory ``run`` when it trained exactly what
+    ``cfg`` would (equal :data:`CENTRAL_KEYS`); None when it is missing, unreadable or
+    trained something else."""
+    try:
+        saved = config.to_dict(config.load(run / "config.toml"))
+        summary: dict[str, Any] = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = config.to_dict(cfg)
+    if any(saved.get(k) != want.get(k) for k in CENTRAL_KEYS):
+        return None
+    return summary
+
+
+def one(base: Config, data: Path, users: int, seed: int, out: Path, progress: Progress,
+        central_from: Path | None = None) -> dict[str, Any]:
+    """Centralized and federated on one world and training seed: ``one_pass``'s figures.
+    ``central_from``: an earlier centralized run of the same world and seed to take
+    instead of training it again, when :func:`reusable_central` accepts it."""
     rounds = -(-users // base.fl.clients_per_round)
     cfg = with_overrides(base, [f'data.path="{data}"', f"seed={seed}", f"fl.rounds={rounds}",
                                 f"fl.eval_every={max(1, rounds // 10)}"])
     dataset = Dataset.open(data)
-    central = train_and_write(with_overrides(cfg, ['train.mode="centralized"']), dataset, out / "centralized", progress)
+    central_cfg = with_overrides(cfg, ['train.mode="centralized"'])
+    central = None if central_from is None else reusable_central(central_cfg, central_from)
+    taken: dict[str, Any] = {}
+    if central is not None:
+        progress(f"centralized: taken from {central_from}")
+        taken = {"centralized_from": str(central_from)}
+    else:
+        central = train_and_write(central_cfg, dataset, out / "centralized", progress).summary
     fed_cfg = with_overrides(cfg, ['train.mode="federated"'])
     fed = train_and_write(fed_cfg, dataset, out / "federated", progress)
-    return {"centralized_auc": central.summary["auc"], "centralized_auc_expected": central.summary.get("auc_expected"),
-            **one_pass(central, fed, fed_cfg, dataset)}
+    return {"centralized_auc": central["auc"], "centralized_auc_expected": central.get("auc_expected"),
+            **taken, **one_pass(central, fed, fed_cfg, dataset)}
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -95,20 +128,24 @@ def verdict(candidate: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
 
 
 def run(base: Config, worlds: Sequence[World], seeds: Sequence[int], out: Path, worlds_dir: Path,
-        progress: Progress = lambda _: None) -> dict[str, Any]:
-    """Every world and seed (skipping those ``out`` already holds), then ``protocol.json``."""
+        progress: Progress = lambda _: None, central_from: Path | None = None) -> dict[str, Any]:
+    """Every world and seed (skipping those ``out`` already holds), then ``protocol.json``;
+    ``central_from``: another run of the protocol whose centralized runs to take where
+    they trained the same (:func:`one`)."""
     rows: list[dict[str, Any]] = []
     for users, world_seed in worlds:
         data = world_path(worlds_dir, users, world_seed)
         for seed in seeds:
-            target = out / f"world-{users}-{world_seed}" / f"seed-{seed}"
+            where = Path(f"world-{users}-{world_seed}") / f"seed-{seed}"
+            target = out / where
             done = target / "one_pass.json"
             if done.exists():
                 row = json.loads(done.read_text())
             else:
                 progress(f"protocol: {users} users, world seed {world_seed}, training seed {seed}")
                 row = {"world": f"{users}-{world_seed}", "users": users, "world_seed": world_seed, "seed": seed,
-                       **one(base, data, users, seed, target, progress)}
+                       **one(base, data, users, seed, target, progress,
+                              None if central_from is None else central_from / where / "centralized")}
                 rundir.atomic_write(done, json.dumps(row, indent=2) + "\n")
             rows.append(row)
     results = {"rows": rows, **summarize(rows)}
@@ -135,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="training seeds instead of the stage's (choice: 0; report: 0 1 2); runs already in "
                              "OUT are reused, so adding a seed trains only that seed")
+    parser.add_argument("--central-from", type=Path,
+                        help="another candidate's OUT (e.g. the defaults'): take its centralized runs where they "
+                             "trained the same config (seed, data, model, train) instead of training them again")
     parser.add_argument("--verdict", type=Path, help="a candidate's OUT: apply the rule against --against")
     parser.add_argument("--against", type=Path, help="the defaults' OUT (with --verdict)")
     args = parser.parse_args(argv)
@@ -152,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds = tuple(args.seeds)
         base = with_overrides(Config(), args.sets)
         results = run(base, worlds, seeds, args.out, args.worlds_dir or args.out.parent / "worlds",
-                      progress=lambda msg: print(msg, file=sys.stderr))
+                      progress=lambda msg: print(msg, file=sys.stderr), central_from=args.central_from)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from adfed.config import with_overrides
 from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
 from adfed.model.groups import group_names
@@ -349,10 +350,38 @@ def test_protocol_runs_worlds_and_seeds_and_resumes(fl_config, small_world, tmp_
     assert protocol.run(base, [(300, 5)], [0, 1], tmp_path / "cand", tmp_path / "worlds")["rows"] == results["rows"]
 
 
+def test_protocol_takes_the_centralized_runs_of_another_candidate(fl_config, small_world, tmp_path, monkeypatch):
+    from experiments import protocol
+
+    base = fl_config(small_world, "fl.clients_per_round=100", "window.min_clients=3")
+    first = protocol.run(base, [(300, 5)], [0], tmp_path / "defaults", tmp_path / "worlds")
+    trained = []
+    real = protocol.train_and_write
+    monkeypatch.setattr(protocol, "train_and_write",
+                        lambda cfg, *a, **k: trained.append(cfg.train.mode) or real(cfg, *a, **k))
+    cand = protocol.run(with_overrides(base, ["fl.server_lr=0.5"]), [(300, 5)], [0], tmp_path / "cand",
+                        tmp_path / "worlds", central_from=tmp_path / "defaults")
+    assert trained == ["federated"]  # the centralized run is the defaults' own
+    row, ref = cand["rows"][0], first["rows"][0]
+    assert row["centralized_from"] == str(tmp_path / "defaults" / "world-300-5" / "seed-0" / "centralized")
+    assert row["centralized_auc_expected"] == ref["centralized_auc_expected"]
+    assert row["auc_expected_gap"] == pytest.approx(row["centralized_auc_expected"] - row["auc_expected"])
+    assert not (tmp_path / "cand" / "world-300-5" / "seed-0" / "centralized").exists()
+
+    # a centralized setting of its own (or no run to take) trains its own
+    trained.clear()
+    protocol.run(with_overrides(base, ["train.lr=0.02"]), [(300, 5)], [0], tmp_path / "cand2",
+                 tmp_path / "worlds", central_from=tmp_path / "defaults")
+    assert trained == ["centralized", "federated"]
+    trained.clear()
+    protocol.run(base, [(300, 5)], [1], tmp_path / "cand3", tmp_path / "worlds", central_from=tmp_path / "defaults")
+    assert trained == ["centralized", "federated"]
+
+
 def test_protocol_seeds_replace_the_stages(tmp_path, monkeypatch):
     from experiments import protocol
     seen = {}
-    def fake_run(base, worlds, seeds, out, worlds_dir, progress):  # noqa: ANN001, ANN202
+    def fake_run(base, worlds, seeds, out, worlds_dir, progress, central_from=None):  # noqa: ANN001, ANN202
         seen["seeds"], seen["worlds"] = seeds, worlds
         return {"rows": [], "worlds": {}, "mean_gap": None, "target_met": False}
     monkeypatch.setattr(protocol, "run", fake_run)

@@ -229,6 +229,12 @@ class WindowConfig:
     # uniformly random fl.clients_per_round of the on-time uploads; the rest are counted
     # as surplus). Privacy on: every on-time upload counts either way
     take: Literal["first", "random"] = "first"
+    # what a sync round does with an upload that comes after it closed: "drop" it (counted
+    # late; with the deadline the late ones are the heavier phones, whose rows then never
+    # count) or aggregate it in the "next" round if it comes before that one closes, one
+    # model version stale and weighted as FedBuff weighs staleness (1 / sqrt(2)); counted
+    # as carried in rounds.csv. Privacy on: "drop" only (the accountant's sampling)
+    late: Literal["drop", "next"] = "drop"
 
     def __post_init__(self) -> None:
         _check(self.deadline_s > 0, "window.deadline_s", "a float > 0", self.deadline_s)
@@ -318,6 +324,9 @@ class Config:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "an int in [0, 2**63)", self.seed)
         _check(not self.privacy.dp or self.fl.schedule == "sync", "fl.schedule",
                '"sync" with privacy.dp (the accountant assumes synchronous rounds)', self.fl.schedule)
+        _check(not self.privacy.dp or self.window.late == "drop", "window.late",
+               '"drop" with privacy.dp (a late upload in the next round breaks the accountant\'s sampling)',
+               self.window.late)
         # a sync round accepts at most clients_per_round updates: more would retry forever
         _check(self.fl.schedule != "sync" or self.window.min_clients <= self.fl.clients_per_round,
                "window.min_clients", f"<= fl.clients_per_round ({self.fl.clients_per_round}); lower it",

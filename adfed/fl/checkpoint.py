@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from adfed.errors import ConfigError
 from adfed.fl.fedbuff import AsyncState, Event, Started
 from adfed.fl.population import LocalStore
-from adfed.fl.server import ServerState
+from adfed.fl.server import Expected, Late, ServerState
 from adfed.fl.types import GlobalState, Passes
 from adfed.fl.window import WindowState
 from adfed.fl.wirespec import read_header
@@ -113,6 +113,20 @@ def _restore_async(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> As
                       failed=int(meta["failed"]))
 
 
+def _late(late: tuple[Late, ...], out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """The last round's late uploads (``window.late = "next"``): payloads as tensors."""
+    for i, u in enumerate(late):
+        out[f"late/{i}/payload"] = _bytes_tensor(u.payload)
+    return [{"client": u.client, "after_s": u.after_s, "bytes_down": u.bytes_down,
+             "expect": dataclasses.asdict(u.expect)} for u in late]
+
+
+def _restore_late(meta: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> tuple[Late, ...]:
+    return tuple(Late(client=int(u["client"]), payload=tensors[f"late/{i}/payload"].numpy().tobytes(),
+                      expect=Expected(**u["expect"]), after_s=float(u["after_s"]), bytes_down=int(u["bytes_down"]))
+                 for i, u in enumerate(meta))
+
+
 def encode(ck: Checkpoint) -> bytes:
     """The checkpoint as safetensors bytes (see module doc)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -131,7 +145,8 @@ def encode(ck: Checkpoint) -> bytes:
                    "window": {"deadline_s": s.window.deadline_s, "history": [list(h) for h in s.window.history]},
                    "passes": None if s.passes is None else {"number": s.passes.number, "cursor": s.passes.cursor,
                                                             "deferred": _flatten("passes/deferred", torch.from_numpy(
-                                                                s.passes.deferred.astype(np.int64)), tensors)}},
+                                                                s.passes.deferred.astype(np.int64)), tensors)},
+                   "late": _late(s.late, tensors)},
         "rows": ck.rows,
         "async": _async(ck.async_state, tensors),
         "store": _store_entries(ck.store, tensors),
@@ -164,7 +179,7 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
                             round=int(srv["round"]), sim_time_s=float(srv["sim_time_s"]),
                             clip=float(srv.get("clip", 0.0)),
                             clips=tuple((str(k), float(v)) for k, v in srv.get("clips", [])), average=average,
-                            passes=passes)
+                            passes=passes, late=_restore_late(srv.get("late", []), tensors))
         return Checkpoint(state=state, rows=list(meta["rows"]), async_state=_restore_async(meta["async"], tensors),
                           store=_restore_store(meta["store"], tensors), wall_s=float(meta["wall_s"]),
                           settings=dict(meta["settings"]))

@@ -77,15 +77,17 @@ def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
                           user_lr=cfg.fl.local_user_lr * f if cfg.fl.local_user_lr > 0 else None)
 
 
-def offered(cfg: Config) -> int:
-    """How many phones a sync round offers: the target times the over-selection factor."""
+def offered(cfg: Config, carried: int = 0) -> int:
+    """How many phones a sync round offers: the target times the over-selection factor;
+    with ``carried`` late uploads of the last round coming (``window.late = "next"``, they
+    count towards the target) only what the target still needs (at least one phone)."""
     # rounded first: 100 x 1.1 is 110.00000000000001 in floats, which ceil makes 111
-    return math.ceil(round(cfg.fl.clients_per_round * cfg.fl.over_selection, 9))
+    return math.ceil(round(max(cfg.fl.clients_per_round - carried, 1) * cfg.fl.over_selection, 9))
 
 
-def select(population: Population, cfg: Config, rng: np.random.Generator) -> np.ndarray:
-    """Uniform sample of online clients with over-selection (target × factor)."""
-    return population.sample(offered(cfg), rng)
+def select(population: Population, cfg: Config, rng: np.random.Generator, carried: int = 0) -> np.ndarray:
+    """Uniform sample of online clients with over-selection (:func:`offered`)."""
+    return population.sample(offered(cfg, carried), rng)
 
 
 def select_dp(population: Population, cfg: Config, round_no: int, rng: np.random.Generator) -> np.ndarray:
@@ -148,10 +150,13 @@ def simulated_times(population: Population, cfg: Config, results: Sequence[Clien
     )
 
 
-def run_attempt(rnd: SyncRound, engine: Engine, store: LocalStore, offer: Offer,
-                passes: Passes | None) -> tuple[SyncRound, list[ClientResult], Passes | None]:
+def run_attempt(rnd: SyncRound, engine: Engine, store: LocalStore, offer: Offer, passes: Passes | None,
+                carried: Sequence[server.Late] = ()) -> tuple[SyncRound, list[ClientResult], Passes | None,
+                                                             list[server.Late]]:
     """Select, offer, train and deliver one attempt; returns the closed attempt, its
-    results and where the passes stand after it (``fl.sampling = "passes"``; else None).
+    results, where the passes stand after it (``fl.sampling = "passes"``; else None) and
+    its late uploads (kept with ``window.late = "next"``, else none). ``carried``: the
+    last round's late uploads, delivered at their times among this attempt's.
 
     The phones come from the privacy accountant's sampler with privacy on
     (:func:`select_dp`), else from the passes or uniform draws (``fl.sampling``).
@@ -163,9 +168,9 @@ def run_attempt(rnd: SyncRound, engine: Engine, store: LocalStore, offer: Offer,
     if cfg.privacy.dp:
         selected = select_dp(population, cfg, rnd.expect.round, rng)
     elif cfg.fl.sampling == "passes":
-        selected, passes = population.sample_passes(offered(cfg), rng, passes or Passes(), cfg.seed)
+        selected, passes = population.sample_passes(offered(cfg, len(carried)), rng, passes or Passes(), cfg.seed)
     else:
-        selected = select(population, cfg, rng)
+        selected = select(population, cfg, rng, len(carried))
     rnd = server.offer(rnd, selected)
     failed = devices.failures(population.profiles, selected, rng)
     for client in selected[failed].tolist():
@@ -175,13 +180,26 @@ def run_attempt(rnd: SyncRound, engine: Engine, store: LocalStore, offer: Offer,
     for res in results:
         store.put_inplace(res.client_id, res.phone)
     arrive = simulated_times(population, cfg, results)
+    keep = cfg.window.late == "next"
+    late: list[server.Late] = []
+    # every delivery in time order: the carried ones (-1 - j) before this attempt's (i) at equal times
+    times = np.concatenate([[c.after_s for c in carried], arrive]) if carried else arrive
+    who = np.concatenate([-1 - np.arange(len(carried)), np.arange(len(results))]) if carried else np.arange(len(results))
     with server.torch_threads(cfg.fl.server_threads):  # decoding many small payloads: like aggregation
-        for i in np.argsort(arrive, kind="stable").tolist():
+        for k in np.argsort(times, kind="stable").tolist():
+            i = int(who[k])
+            if i < 0:
+                rnd = server.accept_late(rnd, carried[-1 - i], engine.spec, engine.pipeline)
+                continue
+            before = rnd.counts.late
             rnd = server.accept(rnd, results[i].client_id, results[i].payload, float(arrive[i]),
                                 engine.spec, engine.pipeline)
+            if keep and rnd.counts.late > before:
+                late.append(server.Late(results[i].client_id, results[i].payload, rnd.expect,
+                                        float(arrive[i]) - rnd.end_s, results[i].bytes_down))
     if rnd.phase is server.Phase.OPEN:  # nobody arrived
         rnd = server.close(rnd, server.deadline_or(rnd, 0.0))
-    return rnd, results, passes
+    return rnd, results, passes, late
 
 
 def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tuple[ServerState, dict[str, Any]]:
@@ -191,22 +209,28 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
     offer = make_offer(state, engine, rnd.expect.round)
     row: dict[str, Any] = {"round": rnd.expect.round, "deadline_s": state.window.deadline_s}
     sim_start, sim_s, window, passes = state.sim_time_s, state.sim_time_s, state.window, state.passes
+    carried = came = state.late  # the last round's late uploads come in this round's first attempt
+    late: list[server.Late] = []
     while True:
-        rnd, results, passes = run_attempt(rnd, engine, store, offer, passes)
+        rnd, results, passes, late = run_attempt(rnd, engine, store, offer, passes, carried)
+        carried = ()
         sim_s += rnd.end_s
         window = next_state(cfg.window, window, np.array(rnd.arrivals_s, dtype=np.float64))
         if server.enough(rnd):
             rnd = server.take_random(rnd, np.random.default_rng([cfg.seed, rnd.expect.round, rnd.attempt, TAKE_SALT]))
             rnd = server.finish(rnd)
-            updates = server.updates_in_offer_order(rnd)
+            uploads = server.uploads_in_offer_order(rnd)
+            updates = [u.update for u in uploads]
             # with privacy on every phone weighs one (the DP sum ignores weights)
-            weights = np.ones(len(updates)) if cfg.privacy.dp else \
-                server.server_weights([u.num_examples for u in updates], cfg.fl.max_weight)
+            weights = np.ones(len(updates)) if cfg.privacy.dp else server.server_weights(
+                [u.num_examples for u in updates], cfg.fl.max_weight, [u.staleness for u in uploads])
             state, stats = engine.aggregate(state, updates, weights, rnd.expect.round)
             row.update(stats)
-            row.update(byte_stats(rnd.uploads, {r.client_id: r.bytes_down for r in results}))
+            downs = {c.client: c.bytes_down for c in came} | {r.client_id: r.bytes_down for r in results}
+            row.update(byte_stats(rnd.uploads, downs))
             row["train_loss"] = float(np.mean([u.metrics.get("loss", math.nan) for u in updates]))
             break
+        late = []  # an attempt that is not aggregated moves no model version: its late uploads are dropped
         retry = server.can_retry(rnd)
         rnd = server.discard(rnd)
         if not retry:
@@ -215,7 +239,8 @@ def run_sync_round(state: ServerState, engine: Engine, store: LocalStore) -> tup
     row.update(dataclasses.asdict(rnd.counts))
     row["round_sim_s"] = sim_s - sim_start
     row["sim_time_s"] = sim_s
-    return dataclasses.replace(state, window=window, round=rnd.expect.round, sim_time_s=sim_s, passes=passes), row
+    return dataclasses.replace(state, window=window, round=rnd.expect.round, sim_time_s=sim_s, passes=passes,
+                               late=tuple(late)), row
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -59,6 +59,8 @@ class ServerState:
     #: where sync rounds stand in their passes over the population (``fl.sampling =
     #: "passes"``); None before the first such round
     passes: Passes | None = None
+    #: the last round's late uploads, for the next round (``window.late = "next"``)
+    late: tuple[Late, ...] = ()
 
     @property
     def released(self) -> GlobalState:
@@ -160,6 +162,19 @@ class Upload:
     update: Update
     at_s: float
     bytes_up: int
+    staleness: int = 0  # model versions between the one it was trained from and the round's
+
+
+@dataclasses.dataclass(frozen=True)
+class Late:
+    """An upload that came after its sync round closed, kept for the next round
+    (``window.late = "next"``): still encoded, checked when that round takes it."""
+
+    client: int
+    payload: bytes
+    expect: Expected  # the round it was made for
+    after_s: float  # seconds after that round closed: when it comes, in the next round's time
+    bytes_down: int = 0  # what its phone downloaded for it (rounds.csv's bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +226,7 @@ class Counts:
     rejected: int = 0
     retries: int = 0
     surplus: int = 0  # on time, but not among the random ``target`` taken (``window.take``)
+    carried: int = 0  # late uploads of the round before, aggregated in this one (``window.late``)
 
     def add(self, **kw: int) -> Counts:
         return dataclasses.replace(self, **{k: getattr(self, k) + v for k, v in kw.items()})
@@ -310,6 +326,28 @@ def accept(rnd: SyncRound, client: int, payload: bytes, at_s: float, spec: WireS
     return rnd
 
 
+def accept_late(rnd: SyncRound, late: Late, spec: WireSpec, pipeline: Pipeline) -> SyncRound:
+    """The last round's late upload ``late`` comes ``late.after_s`` into this round: taken
+    (checked against the round it was made for, one model version stale) if this round is
+    still open, counting towards its target; otherwise left out. It is not one of the
+    round's offers, and its time was learned by the window in its own round."""
+    rnd = expire(rnd, late.after_s)
+    if rnd.phase is Phase.CLOSED:
+        return rnd
+    try:
+        update = open_upload(late.payload, spec, pipeline, late.expect)
+        if update.client_id != late.client:
+            raise DataError(f"upload from client {late.client} names client {update.client_id}")
+    except DataError as exc:
+        logger.warning("round %d: rejected a late upload of round %d: %s", rnd.expect.round, late.expect.round, exc)
+        return rnd
+    staleness = rnd.expect.model_version - late.expect.model_version
+    rnd = dataclasses.replace(rnd, uploads=(*rnd.uploads, Upload(update, late.after_s, len(late.payload), staleness)))
+    if len(rnd.uploads) >= rnd.rules.target and not rnd.rules.take_random:
+        return close(rnd, late.after_s)
+    return rnd
+
+
 def take_random(rnd: SyncRound, rng: np.random.Generator) -> SyncRound:
     """A closed round under ``take_random`` with more than ``target`` uploads keeps a
     uniformly random ``target`` of them (the rest counted as surplus); otherwise unchanged."""
@@ -346,18 +384,26 @@ def retry(rnd: SyncRound, deadline_s: float) -> SyncRound:
                                pending=frozenset(), offered=(), arrivals_s=(), end_s=0.0)
 
 
-def updates_in_offer_order(rnd: SyncRound) -> list[Update]:
-    """The accepted updates in the order their clients were offered the round: what the
-    aggregator gets, so that its float sums do not depend on arrival order (which real
-    networks do not repeat)."""
+def uploads_in_offer_order(rnd: SyncRound) -> list[Upload]:
+    """The accepted uploads in the order their clients were offered the round (the last
+    round's late ones first, by client): what the aggregator gets, so that its float sums
+    do not depend on arrival order (which real networks do not repeat)."""
     rank = {c: i for i, c in enumerate(rnd.offered)}
-    return [u.update for u in sorted(rnd.uploads, key=lambda u: rank[u.update.client_id])]
+    return sorted(rnd.uploads, key=lambda u: (1, rank[u.update.client_id]) if u.staleness == 0
+                  else (0, u.update.client_id))
+
+
+def updates_in_offer_order(rnd: SyncRound) -> list[Update]:
+    """The updates of :func:`uploads_in_offer_order`."""
+    return [u.update for u in uploads_in_offer_order(rnd)]
 
 
 def finish(rnd: SyncRound) -> SyncRound:
-    """The counts of a closed round that is aggregated: its uploads arrived."""
+    """The counts of a closed round that is aggregated: its uploads arrived (the last
+    round's late ones: carried)."""
     _require(rnd, Phase.CLOSED, "finish")
-    return dataclasses.replace(rnd, counts=rnd.counts.add(arrived=len(rnd.uploads)))
+    carried = sum(1 for u in rnd.uploads if u.staleness)
+    return dataclasses.replace(rnd, counts=rnd.counts.add(arrived=len(rnd.uploads) - carried, carried=carried))
 
 
 def _require(rnd: SyncRound, phase: Phase, what: str) -> None:

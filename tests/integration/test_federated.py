@@ -12,7 +12,7 @@ import torch
 from adfed.config import Config
 from adfed.data.schema import ParamGroup
 from adfed.data.store import Dataset
-from adfed.errors import DataError
+from adfed.errors import ConfigError, DataError
 from adfed.fl import pipeline, strategies
 from adfed.fl.backends import ClientResult, InProcessBackend, Job, Offer
 from adfed.fl.rounds import client_settings
@@ -132,6 +132,28 @@ def test_a_random_take_aggregates_the_target_and_counts_the_rest_as_surplus(smal
     # it waits for the stragglers the first-k round leaves: longer rounds, another model
     assert random.rows[0]["round_sim_s"] > first.rows[0]["round_sim_s"]
     assert random.summary["auc"] != first.summary["auc"]
+
+
+def test_late_uploads_come_in_the_next_round_and_resume_keeps_them(small_world, fl_config, tmp_path):
+    from adfed.fl import checkpoint
+
+    sets = ("fl.rounds=4", "window.deadline_s=0.5", "window.quantile=0.5", 'window.late="next"')
+    result = Trainer(fl_config(small_world, *sets)).fit(checkpoint_dir=tmp_path / "a")
+    drop = Trainer(fl_config(small_world, *sets[:-1])).fit()
+    rows = result.rows
+    for row in rows:  # the carried ones are not this round's offers
+        assert row["selected"] == row["failed"] + row["late"] + row["arrived"] + row["discarded"], row
+    assert rows[0]["carried"] == 0 and sum(r["carried"] for r in rows) > 0
+    assert all(r["carried"] <= prev["late"] for prev, r in zip(rows, rows[1:], strict=False))
+    assert sum(r["carried"] for r in drop.rows) == 0 and drop.summary["auc"] != result.summary["auc"]
+    # the last round's late uploads are part of the server's state: a checkpoint keeps them
+    ck = checkpoint.load(tmp_path / "a" / CHECKPOINT)
+    assert ck.state.late and ck.state.late == checkpoint.decode(checkpoint.encode(ck), tmp_path).state.late
+
+
+def test_late_uploads_into_the_next_round_are_refused_with_privacy(small_world, fl_config):
+    with pytest.raises(ConfigError, match="window.late"):
+        fl_config(small_world, "privacy.dp=true", 'window.late="next"')
 
 
 def test_over_selection_rounds_the_product_before_its_ceiling(small_world, fl_config):

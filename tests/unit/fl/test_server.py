@@ -97,6 +97,36 @@ def test_take_random_leaves_a_first_k_round_and_a_short_one_alone() -> None:
     assert server.take_random(first, rng) == first and server.take_random(short, rng) == short
 
 
+def test_a_late_upload_comes_in_the_next_round_stale_by_one_and_counts_there() -> None:
+    # Prepare: round 8 (model 4) made client 14's upload; round 9 (model 5) is open
+    late = server.Late(client=14, payload=_payload(14, rnd=8, version=4), expect=server.Expected(8, 4, "identity"),
+                       after_s=0.5)
+    rnd = server.open_round(_state(10.0, version=5, rnd=8), RoundRules(3, 2, 1), PIPE.codec)
+    rnd = server.offer(rnd, [11, 12, 13])
+
+    # Execute
+    rnd = server.accept_late(rnd, late, SPEC, PIPE)
+    for t, c in enumerate([12, 11], start=1):
+        rnd = server.accept(rnd, c, _payload(c, rnd=9, version=5), float(t), SPEC, PIPE)
+
+    # Assert: it counted towards the target (closed at 3 uploads, 13 still pending is late
+    # when it comes), weighs as one version stale, comes first in the aggregation order
+    assert rnd.phase is Phase.CLOSED and rnd.end_s == 2.0 and rnd.pending == {13}
+    assert [(u.update.client_id, u.staleness) for u in server.uploads_in_offer_order(rnd)] == [(14, 1), (11, 0), (12, 0)]
+    assert rnd.arrivals_s == (1.0, 2.0)  # its time was the window's in its own round
+    assert server.finish(rnd).counts == Counts(selected=3, arrived=2, carried=1)
+
+
+def test_a_late_upload_after_the_next_round_closed_or_foreign_is_left_out() -> None:
+    late = server.Late(client=14, payload=_payload(14, rnd=8, version=4), expect=server.Expected(8, 4, "identity"),
+                       after_s=12.0)
+    rnd = server.offer(server.open_round(_state(10.0, version=5, rnd=8), RoundRules(3, 2, 1), PIPE.codec), [11])
+    gone = server.accept_late(rnd, late, SPEC, PIPE)
+    assert gone.phase is Phase.CLOSED and gone.uploads == ()  # past this round's deadline
+    forged = dataclasses.replace(late, after_s=1.0, expect=server.Expected(7, 3, "identity"))
+    assert server.accept_late(rnd, forged, SPEC, PIPE).uploads == ()  # not the round it names
+
+
 def test_round_closes_at_the_deadline_when_an_upload_comes_after_it() -> None:
     # Prepare
     rnd = _open(target=5, deadline=10.0)

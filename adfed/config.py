@@ -142,7 +142,9 @@ class FLConfig:
     server_lr: float = 0.0
     # rounds (async: server steps) at the full server lr; after n > server_lr_decay_start,
     # the server lr (dense part and sparse rows) is scaled by server_lr_decay_start / n
-    # (0 = constant). The phones' lrs follow fl.lr_decay_start
+    # (0 = constant). With server_adaptive_scope = "towers" that is the towers' adaptive
+    # step only: the tables and rows add the mean delta undecayed. The phones' lrs follow
+    # fl.lr_decay_start
     server_lr_decay_start: int = 50
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"

@@ -46,8 +46,12 @@ class ModelConfig:
     bag_pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # multi-hot / sequence fields
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
     # ("zero"); "auto": base_rates when federated (much better there), zero when
-    # centralized (mixed there: docs/results/2026-11-26-fedavg-small-tables.md, "The zero start")
-    output_bias: Literal["auto", "base_rates", "zero"] = "auto"
+    # centralized (mixed there: docs/results/2026-11-26-fedavg-small-tables.md, "The zero start").
+    # "auto_cvr": as auto, but federated runs start the CVR head's bias only at its rate (both
+    # heads at their rates cost 0.005-0.009 at 200k users, the CTR head's alone is slow to
+    # start: docs/results/2026-12-06-federated-quality.md, section 10). Whenever a head starts
+    # at its rate, the CVR tower's last weights start at zero
+    output_bias: Literal["auto", "auto_cvr", "base_rates", "zero"] = "auto"
     # fields of one vocabulary (schema vocab_of: intent -> ad_category) read one table
     share_vocab_tables: bool = True
     # a logit weight per head on "how many bag ids equal the ad's id of the same vocabulary"
@@ -55,8 +59,15 @@ class ModelConfig:
     vocab_match: bool = True
 
     def starts_at_base_rates(self, mode: str) -> bool:
-        """Whether a run in ``mode`` ("centralized" | "federated") sets the output priors."""
-        return self.output_bias == "base_rates" or (self.output_bias == "auto" and mode == "federated")
+        """Whether a run in ``mode`` ("centralized" | "federated") sets output priors."""
+        return bool(self.base_rate_heads(mode))
+
+    def base_rate_heads(self, mode: str) -> tuple[str, ...]:
+        """The heads (``"ctr"``, ``"cvr"``) whose bias a run in ``mode`` starts at the base
+        rate (:func:`adfed.model.pcvr.set_output_priors_`); () for none."""
+        if self.output_bias == "base_rates" or (self.output_bias == "auto" and mode == "federated"):
+            return ("ctr", "cvr")
+        return ("cvr",) if self.output_bias == "auto_cvr" and mode == "federated" else ()
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim >= 1, "model.embedding_dim", "an int >= 1", self.embedding_dim)

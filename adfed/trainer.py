@@ -84,7 +84,7 @@ def fit_centralized(cfg: Config, dataset: Dataset, *, on_step: StepCallback | No
     split, test = pooled_split(cfg, dataset)
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("centralized"):
-        set_output_priors_(model, LabelCounts.of_labels(split.train.labels))
+        set_output_priors_(model, LabelCounts.of_labels(split.train.labels), cfg.model.base_rate_heads("centralized"))
     optimizers = make_optimizers(model, lr=cfg.train.lr, sparse_lr=cfg.train.sparse_lr,
                                  dense_opt=cfg.train.optimizer, sparse_opt=cfg.train.sparse_optimizer,
                                  weight_decay=cfg.train.weight_decay, local_lr=cfg.train.user_lr or None)

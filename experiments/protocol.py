@@ -64,14 +64,17 @@ def world_path(worlds_dir: Path, users: int, seed: int) -> Path:
 
 def reusable_central(cfg: Config, run: Path) -> dict[str, Any] | None:
     """The summary of the centralized run directory ``run`` when it trained exactly what
-    ``cfg`` would (equal :data:`CENTRAL_KEYS`); None when it is missing, unreadable or
-    trained something else."""
+    ``cfg`` would (equal :data:`CENTRAL_KEYS`, ``model.output_bias`` compared by the start it
+    gives centralized training); None when it is missing, unreadable or trained something
+    else."""
     try:
-        saved = config.to_dict(config.load(run / "config.toml"))
+        saved_cfg = config.load(run / "config.toml")
         summary: dict[str, Any] = json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    want = config.to_dict(cfg)
+    saved, want = config.to_dict(saved_cfg), config.to_dict(cfg)
+    for d, c in ((saved, saved_cfg), (want, cfg)):
+        d["model"] = {**d["model"], "output_bias": list(c.model.base_rate_heads("centralized"))}
     if any(saved.get(k) != want.get(k) for k in CENTRAL_KEYS):
         return None
     return summary

@@ -120,7 +120,8 @@ def federated_start(cfg: Config, dataset: Dataset) -> PCVRModel:
     model = model_from_config(cfg, dataset)
     if cfg.model.starts_at_base_rates("federated"):
         population = Population(dataset, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
-        set_output_priors_(model, population.label_counts(prior_sample(population, cfg.seed)))
+        set_output_priors_(model, population.label_counts(prior_sample(population, cfg.seed)),
+                           cfg.model.base_rate_heads("federated"))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in group_names(model, ParamGroup.LOCAL):

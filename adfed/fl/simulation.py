@@ -241,7 +241,8 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
 
     eval_model = model_from_config(cfg, dataset, local_zeros=True)  # its user rows are the phones'
     if cfg.model.starts_at_base_rates("federated") and not resume:  # a resume restores the state
-        set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)))
+        set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)),
+                           cfg.model.base_rate_heads("federated"))
     towers = None if cfg.fl.server_adaptive_scope == "all" else frozenset(
         n for n in get_dense(eval_model, ParamGroup.DENSE_SHARED) if not eval_model.is_dense_table(n))
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr_for(), cfg.fl.server_tau, cfg.fl.server_betas,

@@ -495,14 +495,16 @@ class Towers(nn.Module):
         self.ctr = _mlp(hidden[0], hidden[1:], 1)
         self.cvr = _mlp(hidden[0], hidden[1:], 1)
 
-    def start_heads_(self, ctr_logit: float, cvr_logit: float) -> None:
-        """Start the heads at fixed logits: each tower's last bias, and the CVR tower's last
-        weights at zero, so the CVR logit is ``cvr_logit`` on every input (the CTR head
-        keeps its drawn weights)."""
+    def start_heads_(self, ctr_logit: float | None, cvr_logit: float | None) -> None:
+        """Start the heads at fixed logits: each tower's last bias (None: as drawn), and the
+        CVR tower's last weights at zero, so the CVR logit is its bias on every input (the
+        CTR head keeps its drawn weights)."""
         with torch.no_grad():
-            cast(nn.Linear, self.ctr[-1]).bias.fill_(ctr_logit)
+            if ctr_logit is not None:
+                cast(nn.Linear, self.ctr[-1]).bias.fill_(ctr_logit)
             cvr = cast(nn.Linear, self.cvr[-1])
-            cvr.bias.fill_(cvr_logit)
+            if cvr_logit is not None:
+                cvr.bias.fill_(cvr_logit)
             cvr.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -444,9 +444,11 @@ class LabelCounts:
         return self.conversions / self.clicks_observed if self.clicks_observed else 0.5
 
 
-def set_output_priors_(model: PCVRModel, counts: LabelCounts) -> None:
-    """Start both heads at the base rates: each tower's last bias = logit(rate), and the
-    CVR tower's last weights at zero, so pCVR starts at its base rate on every impression.
+def set_output_priors_(model: PCVRModel, counts: LabelCounts, heads: tuple[str, ...] = ("ctr", "cvr")) -> None:
+    """Start the ``heads`` (``model.output_bias``: both, or ``("cvr",)`` / ``("ctr",)``) at
+    their base rates, the others' biases as drawn: each tower's last bias = logit(rate), and the
+    CVR tower's last weights at zero, so pCVR starts at one value on every impression (its base
+    rate when ``"cvr"`` is among the heads).
 
     With zero biases the model starts at pCTR = pCVR = 0.5 against rates of ~0.03 and
     ~0.1; its first updates then mostly push pCVR down, hardest where pCTR is high, which
@@ -461,7 +463,11 @@ def set_output_priors_(model: PCVRModel, counts: LabelCounts) -> None:
         p = min(max(p, 1e-4), 1 - 1e-4)
         return math.log(p / (1 - p))
 
-    model.towers.start_heads_(logit(counts.click_rate), logit(counts.conversion_rate))
+    unknown = set(heads) - {"ctr", "cvr"}
+    if unknown or not heads:
+        raise ValueError(f"set_output_priors_: heads are 'ctr' and/or 'cvr'; got {heads!r}")
+    model.towers.start_heads_(logit(counts.click_rate) if "ctr" in heads else None,
+                              logit(counts.conversion_rate) if "cvr" in heads else None)
 
 
 def ensure_finite(loss: torch.Tensor, *, where: str) -> torch.Tensor:

@@ -378,6 +378,21 @@ def test_protocol_takes_the_centralized_runs_of_another_candidate(fl_config, sma
     assert trained == ["centralized", "federated"]
 
 
+def test_protocol_reuses_a_centralized_run_by_the_start_it_made(tmp_path):
+    from adfed import config
+    from experiments import protocol
+
+    run = tmp_path / "centralized"
+    run.mkdir()
+    cfg = config.Config()
+    (run / "config.toml").write_text(config.dumps(cfg))
+    (run / "summary.json").write_text('{"auc_expected": 0.7}')
+    # auto_cvr changes only the federated start: centralized training starts as under auto
+    assert protocol.reusable_central(with_overrides(cfg, ['model.output_bias="auto_cvr"']), run) == {"auc_expected": 0.7}
+    assert protocol.reusable_central(with_overrides(cfg, ['model.output_bias="zero"']), run) == {"auc_expected": 0.7}
+    assert protocol.reusable_central(with_overrides(cfg, ['model.output_bias="base_rates"']), run) is None
+
+
 def test_protocol_seeds_replace_the_stages(tmp_path, monkeypatch):
     from experiments import protocol
     seen = {}

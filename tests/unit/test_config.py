@@ -288,8 +288,11 @@ def test_parse_override_splits_key_path() -> None:
 
 
 @pytest.mark.parametrize(("setting", "central", "federated"),
-                         [("auto", False, True), ("base_rates", True, True), ("zero", False, False)])
-def test_output_bias_setting_per_mode(setting: str, central: bool, federated: bool) -> None:
+                         [("auto", (), ("ctr", "cvr")), ("base_rates", ("ctr", "cvr"), ("ctr", "cvr")),
+                          ("zero", (), ()), ("auto_cvr", (), ("cvr",))])
+def test_output_bias_setting_per_mode(setting: str, central: tuple[str, ...], federated: tuple[str, ...]) -> None:
     model = with_overrides(Config(), [f'model.output_bias="{setting}"']).model
-    assert model.starts_at_base_rates("centralized") is central
-    assert model.starts_at_base_rates("federated") is federated
+    assert model.base_rate_heads("centralized") == central
+    assert model.base_rate_heads("federated") == federated
+    assert model.starts_at_base_rates("centralized") is bool(central)
+    assert model.starts_at_base_rates("federated") is bool(federated)

@@ -379,6 +379,26 @@ def test_output_priors_start_pcvr_at_its_base_rate_on_every_row(schema: Schema,
     assert out.pctr.std() > 0
 
 
+def test_output_priors_of_one_head_keep_the_other_heads_drawn_bias(schema: Schema) -> None:
+    from adfed.model.pcvr import LabelCounts, set_output_priors_
+
+    counts = LabelCounts(impressions=100, clicks=4, clicks_observed=4, conversions=1)
+    model = build_model(schema, tower=(16, 8), seed=0)
+    ctr_bias = model.towers.ctr[-1].bias.detach().clone()
+    set_output_priors_(model, counts, ("cvr",))
+    assert torch.equal(model.towers.ctr[-1].bias.detach(), ctr_bias)
+    assert float(model.towers.cvr[-1].bias.detach()) == pytest.approx(np.log(0.25 / 0.75))
+    assert not model.towers.cvr[-1].weight.detach().any()
+    model = build_model(schema, tower=(16, 8), seed=0)
+    cvr_bias = model.towers.cvr[-1].bias.detach().clone()
+    set_output_priors_(model, counts, ("ctr",))
+    assert float(model.towers.ctr[-1].bias.detach()) == pytest.approx(np.log(0.04 / 0.96))
+    assert torch.equal(model.towers.cvr[-1].bias.detach(), cvr_bias)
+    assert not model.towers.cvr[-1].weight.detach().any()
+    with pytest.raises(ValueError, match="heads"):
+        set_output_priors_(model, counts, ("pctr",))
+
+
 def test_build_model_defaults_are_the_config_defaults() -> None:
     defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()}
     cfg = ModelConfig()

@@ -47,7 +47,7 @@ class ModelConfig:
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
     # ("zero"); "auto": base_rates when federated (much better there), zero when
     # centralized (mixed there: docs/results/2026-11-26-fedavg-small-tables.md, "The zero start").
-    # "auto_cvr": as auto, but federated runs start the CVR head's bias only at its rate (both
+    # "auto_cvr": as auto, but federated runs start the CVR head's bias only at its rate (the CTR head's at zero) (both
     # heads at their rates cost 0.005-0.009 at 200k users, the CTR head's alone is slow to
     # start: docs/results/2026-12-06-federated-quality.md, section 10). Whenever a head starts
     # at its rate, the CVR tower's last weights start at zero

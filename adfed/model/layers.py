@@ -496,7 +496,7 @@ class Towers(nn.Module):
         self.cvr = _mlp(hidden[0], hidden[1:], 1)
 
     def start_heads_(self, ctr_logit: float | None, cvr_logit: float | None) -> None:
-        """Start the heads at fixed logits: each tower's last bias (None: as drawn), and the
+        """Start the heads at fixed logits: each tower's last bias (None: left as it is), and the
         CVR tower's last weights at zero, so the CVR logit is its bias on every input (the
         CTR head keeps its drawn weights)."""
         with torch.no_grad():

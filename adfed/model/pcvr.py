@@ -446,9 +446,9 @@ class LabelCounts:
 
 def set_output_priors_(model: PCVRModel, counts: LabelCounts, heads: tuple[str, ...] = ("ctr", "cvr")) -> None:
     """Start the ``heads`` (``model.output_bias``: both, or ``("cvr",)`` / ``("ctr",)``) at
-    their base rates, the others' biases as drawn: each tower's last bias = logit(rate), and the
-    CVR tower's last weights at zero, so pCVR starts at one value on every impression (its base
-    rate when ``"cvr"`` is among the heads).
+    their base rates, the other's bias left as it is (zero from :func:`build_model`): each
+    tower's last bias = logit(rate), and the CVR tower's last weights at zero, so pCVR starts
+    at one value on every impression (its base rate when ``"cvr"`` is among the heads).
 
     With zero biases the model starts at pCTR = pCVR = 0.5 against rates of ~0.03 and
     ~0.1; its first updates then mostly push pCVR down, hardest where pCTR is high, which

@@ -410,7 +410,7 @@ def test_local_state_persists_between_rounds(small_world, fl_config):
     assert int((user_rows.abs().sum(dim=1) > 0).sum()) > 0
 
 
-@pytest.mark.parametrize("setting", ["auto", "zero"])
+@pytest.mark.parametrize("setting", ["auto", "zero", "auto_cvr"])
 def test_federated_heads_start_at_the_sampled_phones_base_rates(small_world, fl_config, setting):
     import math
 
@@ -427,8 +427,12 @@ def test_federated_heads_start_at_the_sampled_phones_base_rates(small_world, fl_
         return
     pop = Population(Dataset.open(small_world), test_fraction=cfg.data.test_fraction, seed=cfg.seed)
     counts = pop.label_counts(prior_sample(pop, cfg.seed))
-    assert ctr_bias == pytest.approx(math.log(counts.click_rate / (1 - counts.click_rate)), abs=1e-6)
     assert cvr_bias == pytest.approx(math.log(counts.conversion_rate / (1 - counts.conversion_rate)), abs=1e-6)
+    assert float(model.towers.cvr[-1].weight.detach().abs().max()) < 1e-9  # zero, after one step of lr 1e-12
+    if setting == "auto_cvr":  # the CTR head's bias stays at its start, zero
+        assert ctr_bias == pytest.approx(0.0, abs=1e-6)
+        return
+    assert ctr_bias == pytest.approx(math.log(counts.click_rate / (1 - counts.click_rate)), abs=1e-6)
     assert ctr_bias < -1.0  # a click rate of a few percent
 
 

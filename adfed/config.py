@@ -47,11 +47,12 @@ class ModelConfig:
     # heads start at the training click / conversion rates ("base_rates") or at 0.5
     # ("zero"); "auto": base_rates when federated (much better there), zero when
     # centralized (mixed there: docs/results/2026-11-26-fedavg-small-tables.md, "The zero start").
-    # "auto_cvr": as auto, but federated runs start the CVR head's bias only at its rate (the CTR head's at zero) (both
-    # heads at their rates cost 0.005-0.009 at 200k users, the CTR head's alone is slow to
-    # start: docs/results/2026-12-06-federated-quality.md, section 10). Whenever a head starts
-    # at its rate, the CVR tower's last weights start at zero
-    output_bias: Literal["auto", "auto_cvr", "base_rates", "zero"] = "auto"
+    # "auto_cvr" (the default since 2026-12-07): as auto, but federated runs start only the
+    # CVR head's bias at its rate, the CTR head's at zero (both heads at their rates cost
+    # 0.005-0.009 at 200k users, the CTR head's alone is slow to start:
+    # docs/results/2026-12-06-federated-quality.md, section 10). Whenever a head starts at
+    # its rate, the CVR tower's last weights start at zero
+    output_bias: Literal["auto", "auto_cvr", "base_rates", "zero"] = "auto_cvr"
     # fields of one vocabulary (schema vocab_of: intent -> ad_category) read one table
     share_vocab_tables: bool = True
     # a logit weight per head on "how many bag ids equal the ad's id of the same vocabulary"
@@ -141,8 +142,11 @@ class FLConfig:
     local_user_lr: float = 0.2
     local_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: fresh state every round
     # rounds (async: server steps) at the full local lrs; after n > lr_decay_start, every
-    # phone lr is scaled by lr_decay_start / n (0 = constant; docs/results/2026-11-27-federated.md)
-    lr_decay_start: int = 0
+    # phone lr is scaled by lr_decay_start / n (0 = constant; docs/results/2026-11-27-federated.md).
+    # 200 since 2026-12-07 with server_lr_decay_start, server_ema and model.output_bias (CV:
+    # docs/results/2026-12-06-federated-quality.md, section 10); the defaults before:
+    # --config experiments/configs/towers-adam-2026-12-06.toml
+    lr_decay_start: int = 200
     # the defaults since late 2026-12-06: a server Adam on the towers, the tables and rows as
     # FedAvg, phones drawn in passes (chosen by the protocol of
     # docs/results/2026-12-06-federated-quality.md, section 6); the FedAvg defaults before
@@ -155,8 +159,8 @@ class FLConfig:
     # the server lr (dense part and sparse rows) is scaled by server_lr_decay_start / n
     # (0 = constant). With server_adaptive_scope = "towers" that is the towers' adaptive
     # step only: the tables and rows add the mean delta undecayed. The phones' lrs follow
-    # fl.lr_decay_start
-    server_lr_decay_start: int = 50
+    # fl.lr_decay_start (from round 200 as well: centralized training's step 300)
+    server_lr_decay_start: int = 200
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
@@ -174,8 +178,9 @@ class FLConfig:
     # the released model (evaluated, saved, exported) is a moving average of the global
     # model over server steps, warmed up as train.ema (0 = off: the last model). Phones
     # still train from the last model; no privacy cost (post-processing). Measured in
-    # docs/results/2026-12-06-federated-quality.md, section 6
-    server_ema: float = 0.0
+    # docs/results/2026-12-06-federated-quality.md, sections 6 and 10 (0.99, as train.ema,
+    # since 2026-12-07)
+    server_ema: float = 0.99
     prox_mu: float = 0.01
     max_weight: float = 200.0  # cap on a client's aggregation weight (examples)
     schedule: Literal["sync", "async"] = "sync"

@@ -127,8 +127,26 @@ def test_fedavg_preset_restores_the_defaults_before_the_server_adam() -> None:
     fl = cfg.fl
     assert (fl.strategy, fl.server_lr_for(), fl.sampling, fl.server_lr_decay_start) == ("fedavg", 1.0, "uniform", 0)
     assert (fl.local_user_lr, fl.server_adaptive_scope, fl.server_bias_correction) == (0.0, "all", False)
+    assert (fl.lr_decay_start, fl.server_ema, cfg.model.output_bias) == (0, 0.0, "auto")
     assert (fl.rounds, cfg.seed, cfg.train) == (7, 3, base.train)
     assert Config().fl.strategy == "fedadam" and Config().fl.sampling == "passes"
+
+
+def test_towers_adam_preset_restores_the_defaults_before_2026_12_07() -> None:
+    # Prepare: the preset the studies of late 2026-12-06 to 2026-12-07 ran with ("T")
+    preset = Path(__file__).parents[2] / "experiments" / "configs" / "towers-adam-2026-12-06.toml"
+
+    # Execute
+    cfg = C.with_file(Config(), preset)
+
+    # Assert: the server Adam on the towers decayed from round 50, constant phone lrs, the last
+    # model released, both heads at their base rates; today's defaults differ in exactly these
+    assert (cfg.fl.strategy, cfg.fl.server_adaptive_scope, cfg.fl.sampling) == ("fedadam", "towers", "passes")
+    assert (cfg.fl.server_lr_decay_start, cfg.fl.lr_decay_start, cfg.fl.server_ema) == (50, 0, 0.0)
+    assert cfg.model.base_rate_heads("federated") == ("ctr", "cvr")
+    now = Config()
+    assert (now.fl.server_lr_decay_start, now.fl.lr_decay_start, now.fl.server_ema) == (200, 200, 0.99)
+    assert now.model.base_rate_heads("federated") == ("cvr",) and now.model.base_rate_heads("centralized") == ()
 
 
 def test_with_file_names_a_bad_key_of_the_file(tmp_path: Path) -> None:

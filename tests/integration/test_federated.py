@@ -207,7 +207,7 @@ def test_server_ema_releases_an_average_and_trains_the_same(small_world, fl_conf
     args = ("fl.rounds=3", f'fl.schedule="{schedule}"', "fl.async_concurrency=4", "fl.async_buffer=2")
 
     # Execute
-    last = Trainer(fl_config(small_world, *args)).fit()
+    last = Trainer(fl_config(small_world, *args, "fl.server_ema=0")).fit()
     average = Trainer(fl_config(small_world, *args, "fl.server_ema=0.9")).fit()
 
     # Assert: the phones trained the same models; what was released differs in the shared
@@ -505,9 +505,10 @@ def test_fl_lr_decay_start_scales_the_phones_lrs_after_start(small_world, fl_con
     for done, f in ((0, 1.0), (2, 1.0), (4, 0.5), (8, 0.25)):
         s = client_settings(cfg, done)
         assert (s.lr, s.sparse_lr, s.table_lr) == pytest.approx((1.5 * f, 0.5 * f, 40 * f)), done
-    assert client_settings(fl_config(small_world, "fl.local_lr=1.5"), 1000).lr == 1.5  # default: constant
+    assert client_settings(fl_config(small_world, "fl.local_lr=1.5", "fl.lr_decay_start=0"), 1000).lr == 1.5  # 0: constant
+    assert client_settings(fl_config(small_world, "fl.local_lr=1.5"), 1000).lr == pytest.approx(1.5 * 200 / 1000)  # default 200
     # wired into the rounds: a start past the last round trains exactly as constant lrs
-    constant = _final_params(Trainer(fl_config(small_world, "fl.rounds=3")).fit())
+    constant = _final_params(Trainer(fl_config(small_world, "fl.rounds=3", "fl.lr_decay_start=0")).fit())
     late = _final_params(Trainer(fl_config(small_world, "fl.rounds=3", "fl.lr_decay_start=3")).fit())
     early = _final_params(Trainer(fl_config(small_world, "fl.rounds=3", "fl.lr_decay_start=1")).fit())
     _assert_same(constant, late)

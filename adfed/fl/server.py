@@ -296,6 +296,19 @@ def close(rnd: SyncRound, at_s: float) -> SyncRound:
     return dataclasses.replace(rnd, phase=Phase.CLOSED, end_s=float(at_s))
 
 
+def _open_from(client: int, payload: bytes, spec: WireSpec, pipeline: Pipeline, expect: Expected) -> Update:
+    """:func:`open_upload` of an upload that must come from ``client``; DataError otherwise."""
+    update = open_upload(payload, spec, pipeline, expect)
+    if update.client_id != client:
+        raise DataError(f"upload from client {client} names client {update.client_id}")
+    return update
+
+
+def _full(rnd: SyncRound) -> bool:
+    """The round holds its target of uploads and closes on it (not with a random take)."""
+    return len(rnd.uploads) >= rnd.rules.target and not rnd.rules.take_random
+
+
 def accept(rnd: SyncRound, client: int, payload: bytes, at_s: float, spec: WireSpec,
            pipeline: Pipeline) -> SyncRound:
     """An upload from ``client`` arrives at ``at_s``. Late (after the deadline or after the
@@ -312,16 +325,14 @@ def accept(rnd: SyncRound, client: int, payload: bytes, at_s: float, spec: WireS
     if rnd.phase is Phase.CLOSED:
         return dataclasses.replace(rnd, pending=pending, arrivals_s=arrivals, counts=rnd.counts.add(late=1))
     try:
-        update = open_upload(payload, spec, pipeline, rnd.expect)
-        if update.client_id != client:
-            raise DataError(f"upload from client {client} names client {update.client_id}")
+        update = _open_from(client, payload, spec, pipeline, rnd.expect)
     except DataError as exc:
         logger.warning("round %d: rejected: %s", rnd.expect.round, exc)
         rnd = dataclasses.replace(rnd, pending=pending, arrivals_s=arrivals, counts=rnd.counts.add(rejected=1))
     else:
         rnd = dataclasses.replace(rnd, pending=pending, arrivals_s=arrivals,
                                   uploads=(*rnd.uploads, Upload(update, float(at_s), len(payload))))
-    if (len(rnd.uploads) >= rnd.rules.target and not rnd.rules.take_random) or not rnd.pending:
+    if _full(rnd) or not rnd.pending:
         return close(rnd, at_s)
     return rnd
 
@@ -335,15 +346,13 @@ def accept_late(rnd: SyncRound, late: Late, spec: WireSpec, pipeline: Pipeline) 
     if rnd.phase is Phase.CLOSED:
         return rnd
     try:
-        update = open_upload(late.payload, spec, pipeline, late.expect)
-        if update.client_id != late.client:
-            raise DataError(f"upload from client {late.client} names client {update.client_id}")
+        update = _open_from(late.client, late.payload, spec, pipeline, late.expect)
     except DataError as exc:
         logger.warning("round %d: rejected a late upload of round %d: %s", rnd.expect.round, late.expect.round, exc)
         return rnd
     staleness = rnd.expect.model_version - late.expect.model_version
     rnd = dataclasses.replace(rnd, uploads=(*rnd.uploads, Upload(update, late.after_s, len(late.payload), staleness)))
-    if len(rnd.uploads) >= rnd.rules.target and not rnd.rules.take_random:
+    if _full(rnd):
         return close(rnd, late.after_s)
     return rnd
 

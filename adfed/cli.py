@@ -240,7 +240,8 @@ def train(
 
 
 def _interrupted(out: Path, cfg: config_mod.Config) -> NoReturn:
-    """Ctrl-C during training: a federated run keeps its last round's checkpoint; write the
+    """Ctrl-C during training: a federated run keeps its checkpoint (written after the round
+    in progress, or the last one written on a second Ctrl-C); write the
     resolved config beside it and say how to continue. Exit code 130 (SIGINT's)."""
     from adfed import rundir
     from adfed.fl.checkpoint import CHECKPOINT
@@ -248,7 +249,7 @@ def _interrupted(out: Path, cfg: config_mod.Config) -> NoReturn:
     ckpt = out / CHECKPOINT
     if cfg.train.mode == "federated" and ckpt.exists():
         rundir.atomic_write(out / "config.toml", config_mod.dumps(cfg))
-        console.print(f"interrupted: the checkpoint of the last finished round is {ckpt}; continue with\n"
+        console.print(f"interrupted: the run's checkpoint is {ckpt}; continue with\n"
                       f"  adfed train --config {out / 'config.toml'} --out {out} --resume",
                       highlight=False, soft_wrap=True)
     else:

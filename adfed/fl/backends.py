@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -287,6 +288,9 @@ _WORKER: WorkerContext | None = None
 
 def _init_worker(data_path: str, cfg: Config) -> None:
     global _WORKER
+    # Ctrl-C reaches the whole process group: the workers finish their jobs and the main
+    # process decides (it stops after the round in progress: simulation._StopAtRoundEnd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER = WorkerContext(data_path, cfg)
 

@@ -3,11 +3,11 @@
 ``fit_federated`` is what ``Trainer(cfg).fit()`` runs for ``train.mode = "federated"``.
 It builds the engine's components (population, backend, aggregator, server optimizer,
 update pipeline, wire spec) and drives sync rounds (:mod:`adfed.fl.rounds`) or async
-steps (:mod:`adfed.fl.fedbuff`). Each round's server state, the phones' local storage
-and the rows so far are checkpointed atomically to
-``checkpoint_dir/checkpoint.safetensors`` (:mod:`adfed.fl.checkpoint`: no pickle) when a
-directory is given;
-``resume=True`` continues from it to the same final model as an uninterrupted run
+steps (:mod:`adfed.fl.fedbuff`). The server state, the phones' local storage and the
+rows so far are checkpointed atomically to ``checkpoint_dir/checkpoint.safetensors``
+(:mod:`adfed.fl.checkpoint`: no pickle) when a directory is given, at round ends on the
+schedule of ``fl.checkpoint_every_s`` and when Ctrl-C stops the run (after the round in
+progress: :class:`_StopAtRoundEnd`); ``resume=True`` continues from it to the same final model as an uninterrupted run
 (all randomness is derived from (seed, round, client), never from carried RNG state).
 """
 
@@ -18,6 +18,9 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,6 +229,34 @@ def _settled_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+class _StopAtRoundEnd:
+    """Ctrl-C during federated training: the first press ends the run after the round (or
+    async step) in progress, whose checkpoint is then written, so nothing trained is lost
+    and the checkpoint is a round boundary; a second press stops at once (the last written
+    checkpoint stays). Installed only in the main thread and only over Python's default
+    handler (a process started with SIGINT ignored keeps ignoring it)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopAtRoundEnd:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping after this round and writing its checkpoint (Ctrl-C again: stop at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None = None,
                   resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Run ``cfg.fl.rounds`` rounds (sync) or server steps (async); see module doc."""
@@ -272,7 +303,16 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     try:
         engine = build_engine(cfg, dataset, population, state, backend, server_opt, plan=plan,
                               vocabulary=vocabulary)
-        with _settled_gc():
+        saved_at, saved_round = -math.inf, state.round if resume else -1
+
+        def save(wall_s: float) -> None:
+            nonlocal saved_at, saved_round
+            if checkpoint_dir is not None and saved_round != state.round:
+                checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
+                                                           store=store, wall_s=wall_s, settings=_resume_settings(cfg)))
+                saved_at, saved_round = time.perf_counter(), state.round
+
+        with _settled_gc(), _StopAtRoundEnd() as stop:
             while state.round < cfg.fl.rounds:
                 if plan is not None and cfg.privacy.target_epsilon > 0 and cfg.privacy.on_target == "stop" and \
                         privacy_accountant.epsilon(plan, state.round + 1) > cfg.privacy.target_epsilon:
@@ -298,12 +338,16 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
                 row["wall_time_s"] = wall_before + time.perf_counter() - start
                 rows.append(row)
                 logger.info("round %d auc %s sim %.1fs", state.round, row.get("auc"), row["sim_time_s"])
-                if checkpoint_dir is not None:
-                    checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
-                                                               store=store, wall_s=row["wall_time_s"],
-                                                               settings=_resume_settings(cfg)))
                 if on_step:
                     on_step(row)
+                if saved_round < 0 or state.round == cfg.fl.rounds or \
+                        time.perf_counter() - saved_at >= cfg.fl.checkpoint_every_s:
+                    save(row["wall_time_s"])
+                if stop.requested:  # Ctrl-C during this round: its checkpoint, then stop
+                    save(row["wall_time_s"])
+                    raise KeyboardInterrupt
+            if rows:  # stopped early (privacy.on_target = "stop"): the last round's checkpoint
+                save(rows[-1]["wall_time_s"])
     finally:
         backend.close()
     if not final:  # resumed a finished run: evaluate the restored model

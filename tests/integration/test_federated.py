@@ -201,6 +201,48 @@ def test_resume_continues_to_the_same_result(small_world, fl_config, tmp_path, o
     _assert_same(full, _final_params(resumed))
 
 
+def test_the_checkpoint_is_written_on_its_schedule(small_world, fl_config, tmp_path, monkeypatch):
+    # after the first and the last rounds, and between them once fl.checkpoint_every_s has passed
+    from adfed.fl import checkpoint
+
+    written: list[int] = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda d, ck: (written.append(ck.state.round), real_save(d, ck)))
+    for every, expected in (("1e9", [1, 4]), ("0", [1, 2, 3, 4])):
+        written.clear()
+        Trainer(fl_config(small_world, "fl.rounds=4", f"fl.checkpoint_every_s={every}")).fit(
+            checkpoint_dir=tmp_path / every)
+        assert written == expected, every
+        assert checkpoint.load(tmp_path / every / CHECKPOINT).state.round == 4
+
+
+def test_ctrl_c_ends_the_run_after_the_round_in_progress_and_checkpoints_it(small_world, fl_config, tmp_path):
+    import os
+    import signal
+
+    from adfed.fl import checkpoint
+
+    # Prepare: checkpoints only after the first and last rounds; Ctrl-C arrives during round 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    full = _final_params(Trainer(fl_config(small_world, "fl.rounds=4")).fit())
+
+    def ctrl_c(row):
+        if row["round"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # Execute
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(fl_config(small_world, "fl.rounds=4", "fl.checkpoint_every_s=1e9")).fit(
+            checkpoint_dir=tmp_path, on_step=ctrl_c)
+
+    # Assert: round 2 is kept (not round 1, the last scheduled write), Python's handler is
+    # back, and the resumed run ends where the uninterrupted one does
+    assert checkpoint.load(tmp_path / CHECKPOINT).state.round == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = Trainer(fl_config(small_world, "fl.rounds=4")).fit(checkpoint_dir=tmp_path, resume=True)
+    _assert_same(full, _final_params(resumed))
+
+
 @pytest.mark.parametrize("schedule", ["sync", "async"])
 def test_server_ema_releases_an_average_and_trains_the_same(small_world, fl_config, schedule):
     # Prepare

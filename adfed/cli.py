@@ -201,6 +201,7 @@ def train(
     from adfed.trainer import Trainer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    aside: Path | None = None  # --overwrite: the old run's files, until the new run is written
     try:
         cfg = _resolve_config(config_file, sets or [], {
             "data.path": data, "train.mode": mode, "seed": seed, "fl.rounds": rounds,
@@ -213,7 +214,7 @@ def train(
         cfg, extra = _clamp_clients(cfg, dataset, flag=clients_per_round is not None)
         if ref is not None:
             extra.update(reference_run=str(reference), reference_auc=ref.get("auc"))
-        rundir.prepare_out(out, resume=resume, overwrite=overwrite, federated=cfg.train.mode == "federated")
+        aside = rundir.prepare_out(out, resume=resume, overwrite=overwrite, federated=cfg.train.mode == "federated")
         total = cfg.train.epochs if cfg.train.mode == "centralized" else cfg.fl.rounds
         unit = "epoch" if cfg.train.mode == "centralized" else "round"
         with _progress() as progress:
@@ -228,12 +229,27 @@ def train(
                 result = Trainer(cfg).fit(dataset, checkpoint_dir=out, resume=resume, on_step=on_step)
             except KeyboardInterrupt:
                 progress.stop()
+                from adfed.fl.checkpoint import CHECKPOINT
+
+                kept = cfg.train.mode == "federated" and (out / CHECKPOINT).exists()
+                # the new run's checkpoint replaces the old run; without one the old run stays
+                if kept:
+                    rundir.finish_out(aside)
+                else:
+                    rundir.restore_out(out, aside)
+                aside = None
                 _interrupted(out, cfg)
         summary = rundir.write_run(out, cfg, result, reference=ref, extra=extra)
+        rundir.finish_out(aside)
+        aside = None
     except (AdfedError, ValueError, OSError) as exc:
+        rundir.restore_out(out, aside)  # --overwrite: a run that fails leaves the old one as it was
         _fail(str(exc))
+    except BaseException:
+        rundir.restore_out(out, aside)
+        raise
     keys = ("mode", "auc", "auc_expected", "oracle_auc", "ctcvr_auc", "logloss", "rounds", "sim_time_s", "wall_time_s")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2), flush=True)
+    print(json.dumps(rundir.json_ready({k: summary[k] for k in keys if k in summary}), indent=2), flush=True)
     console.print(_results_table([(out.name or str(out), summary)], title="results"))
     _warn_noisy([(str(out), summary)])
     console.print(f"run directory: {out}  (summary.json, config.toml, plots/)", highlight=False, soft_wrap=True)

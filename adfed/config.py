@@ -72,7 +72,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim >= 1, "model.embedding_dim", "an int >= 1", self.embedding_dim)
-        _check(all(w >= 1 for w in self.tower), "model.tower", "a list of ints >= 1", self.tower)
+        _check(len(self.tower) >= 1 and all(w >= 1 for w in self.tower), "model.tower",
+               "a list of one or more ints >= 1, e.g. [64]", self.tower)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

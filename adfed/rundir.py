@@ -33,11 +33,12 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def _clean(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (in nested dicts too) as None: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     return value
 
 
@@ -49,13 +50,21 @@ RUN_FILES = ("config.toml", "summary.json", "epochs.csv", "steps.csv", "rounds.c
 MODEL_FILE = "model.safetensors"
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) -> None:
+#: where ``--overwrite`` sets the old run's files aside until the new run has written its own
+REPLACED = ".replaced"
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) -> Path | None:
     """Check ``adfed train``'s ``--out`` before any training, and clear it for ``--overwrite``.
 
     A directory that already holds files is refused unless the run continues it
     (``resume``, a federated run only: a centralized one has no checkpoint) or replaces it
-    (``overwrite``: the files of :data:`RUN_FILES` and ``plots/`` are removed first, so no
-    file of the old run is left beside the new one; other files stay).
+    (``overwrite``: the files of :data:`RUN_FILES` and ``plots/`` are moved into
+    ``out/.replaced`` first, so no file of the old run is left beside the new one; other
+    files stay). Returns that folder (None when nothing was set aside): the caller passes
+    it to :func:`restore_out` if the new run fails, so a bad setting found only during
+    training costs nothing already written, or to :func:`finish_out` once the new run is
+    written.
 
     Raises
     ------
@@ -70,13 +79,36 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool, federated: bool) ->
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the run")
     if not out.is_dir() or resume or not any(out.iterdir()):
-        return
+        return None
     if not overwrite:
         raise ConfigError(f"--out {out} already holds files; pass --overwrite to replace its run, "
                           f"--resume to continue it, or choose another --out")
+    aside = out / REPLACED
+    shutil.rmtree(aside, ignore_errors=True)  # left by a run that was killed: an older run still
+    aside.mkdir()
+    for name in (*RUN_FILES, "plots"):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    return aside
+
+
+def restore_out(out: Path, aside: Path | None) -> None:
+    """The replacing run failed: remove what it wrote and put the old run's files back
+    (:func:`prepare_out`); nothing to do when ``aside`` is None."""
+    if aside is None or not aside.is_dir():
+        return
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "plots", ignore_errors=True)
+    for p in aside.iterdir():
+        os.replace(p, out / p.name)
+    aside.rmdir()
+
+
+def finish_out(aside: Path | None) -> None:
+    """The replacing run is written: drop the old run's files set aside by :func:`prepare_out`."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_config(out: Path, cfg: Config) -> None:
@@ -84,7 +116,7 @@ def write_config(out: Path, cfg: Config) -> None:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write(out / "summary.json", json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+    atomic_write(out / "summary.json", json.dumps(json_ready(summary), indent=2, sort_keys=True) + "\n")
 
 
 #: columns an evaluation adds to a round's row (sync or async), in the order rounds.csv

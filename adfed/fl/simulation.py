@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
+import json
 import logging
 import math
 import signal
@@ -106,23 +108,32 @@ def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> Non
 
 
 #: settings a resumed run must share with the run that wrote the checkpoint: the server
-#: optimizer's state, the async clock and the per-round seeds depend on them.
-RESUME_KEYS = ("seed", "fl.strategy", "fl.schedule")
+#: optimizer's state, the async clock, the per-round seeds and the privacy state depend on
+#: them, and the phones' rows on the dataset ("data": a digest of its files)
+RESUME_KEYS = ("seed", "fl.strategy", "fl.schedule", "privacy.dp", "data")
 
 
-def _resume_settings(cfg: Config) -> dict[str, Any]:
-    return {"seed": cfg.seed, "fl.strategy": cfg.fl.strategy, "fl.schedule": cfg.fl.schedule}
+def _resume_settings(cfg: Config, dataset: Dataset) -> dict[str, Any]:
+    files = json.dumps(dataset.manifest.get("files", {}), sort_keys=True).encode()
+    return {"seed": cfg.seed, "fl.strategy": cfg.fl.strategy, "fl.schedule": cfg.fl.schedule,
+            "privacy.dp": cfg.privacy.dp, "data": hashlib.sha256(files).hexdigest()[:16]}
 
 
-def _check_same_settings(saved: dict[str, Any] | None, cfg: Config, ckpt: Path) -> None:
-    """ConfigError when the checkpoint was written under another seed, strategy or schedule
-    (a FedAvg checkpoint resumed as FedAdam has no moments to continue). Checkpoints from
-    before this check carry no settings and are not checked."""
-    now = _resume_settings(cfg)
+def _check_same_settings(saved: dict[str, Any] | None, cfg: Config, dataset: Dataset, ckpt: Path) -> None:
+    """ConfigError when the checkpoint was written under another seed, strategy, schedule,
+    privacy setting or dataset (a FedAvg checkpoint resumed as FedAdam has no moments to
+    continue). Checkpoints from before a key was kept do not carry it and are not checked
+    on it."""
+    now = _resume_settings(cfg, dataset)
     for key in RESUME_KEYS:
-        if saved is not None and key in saved and saved[key] != now[key]:
-            raise ConfigError(f"--resume: {ckpt} was written with {key}={saved[key]!r}, not {now[key]!r}; "
-                              f"resume with --set {key}={saved[key]!r} or start a new run without --resume")
+        if saved is None or key not in saved or saved[key] == now[key]:
+            continue
+        if key == "data":
+            raise ConfigError(f"--resume: {ckpt} was trained on another dataset than data.path {dataset.path} (its "
+                              f"files differ); resume with the data.path of that run's config.toml")
+        raise ConfigError(f"--resume: {ckpt} was written with {key}={json.dumps(saved[key])}, not "
+                          f"{json.dumps(now[key])}; resume with --set {key}={json.dumps(saved[key])} or start a new "
+                          f"run (--overwrite)")
 
 
 def _summary(cfg: Config, rows: list[dict[str, Any]], final: dict[str, float], model: PCVRModel,
@@ -201,14 +212,14 @@ def strategy_advice(cfg: Config) -> str | None:
             "2026-12-06-federated-quality.md, section 7); for FedAvg add --config experiments/configs/fedavg.toml")
 
 
-def _restore(ckpt: Path | None, cfg: Config, fresh: ServerState) -> Checkpoint:
+def _restore(ckpt: Path | None, cfg: Config, dataset: Dataset, fresh: ServerState) -> Checkpoint:
     if ckpt is None or not ckpt.exists():
         if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
             raise ConfigError(f"--resume: {ckpt.parent} holds checkpoint.pt, a pickled checkpoint of an older adfed, "
                               f"which is not read (unpickling runs code); start a new run without --resume")
         raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
     saved = checkpoint.load(ckpt)
-    _check_same_settings(saved.settings, cfg, ckpt)
+    _check_same_settings(saved.settings, cfg, dataset, ckpt)
     _check_same_model(saved.state.model, fresh.model, ckpt)
     if cfg.fl.rounds < saved.state.round:
         raise ConfigError(f"--resume: {ckpt} is at round {saved.state.round}; fl.rounds ({cfg.fl.rounds}) must be "
@@ -293,7 +304,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     wall_before = 0.0
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if resume:
-        saved = _restore(ckpt, cfg, state)
+        saved = _restore(ckpt, cfg, dataset, state)
         state, rows, async_state, wall_before = saved.state, saved.rows, saved.async_state, saved.wall_s
         store = dataclasses.replace(saved.store, capacity=cfg.fl.local_cache)
         realized = [float(r["realized_noise_multiplier"]) for r in rows if "realized_noise_multiplier" in r]
@@ -309,7 +320,7 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
             nonlocal saved_at, saved_round
             if checkpoint_dir is not None and saved_round != state.round:
                 checkpoint.save(checkpoint_dir, Checkpoint(state=state, rows=rows, async_state=async_state,
-                                                           store=store, wall_s=wall_s, settings=_resume_settings(cfg)))
+                                                           store=store, wall_s=wall_s, settings=_resume_settings(cfg, dataset)))
                 saved_at, saved_round = time.perf_counter(), state.round
 
         with _settled_gc(), _StopAtRoundEnd() as stop:

@@ -66,6 +66,10 @@ def setup(cfg: Config, dataset: Dataset, population: Population
         if spent > p.target_epsilon:
             raise ConfigError(f"privacy.target_epsilon {p.target_epsilon} is already exceeded before round 1 "
                               f"(the DP row count costs {spent:.3g}); raise it or privacy.vocabulary_noise")
+        if p.on_target == "stop" and (first := epsilon(plan, 1)) > p.target_epsilon:
+            raise ConfigError(f"privacy.target_epsilon {p.target_epsilon} is exceeded by round 1 (epsilon "
+                              f"{first:.3g} at noise multiplier {p.noise_multiplier:g}); raise it or "
+                              f"privacy.noise_multiplier, or set privacy.on_target=\"calibrate\"")
         if p.on_target == "calibrate":
             z = calibrate(plan, cfg.fl.rounds, p.target_epsilon)
             logger.info("privacy: noise multiplier %.4f reaches epsilon %.3g after %d rounds", z,

@@ -54,10 +54,15 @@ def cloud_model(run: Path, cloud_run: Path | None, dataset: Dataset, out: Path, 
     cfg = config_mod.with_overrides(base, ['model.variant="cloud_only"', 'train.mode="centralized"',
                                            f'data.path="{dataset.path}"'])
     target = out / "cloud_run"
-    rundir.prepare_out(target, resume=False, overwrite=True, federated=False)
+    aside = rundir.prepare_out(target, resume=False, overwrite=True, federated=False)
     say(f"no --cloud-run: training the cloud's cloud_only model (centralized) into {target}")
-    result = Trainer(cfg).fit(dataset)
-    rundir.write_run(target, cfg, result)
+    try:
+        result = Trainer(cfg).fit(dataset)
+        rundir.write_run(target, cfg, result)
+    except BaseException:
+        rundir.restore_out(target, aside)
+        raise
+    rundir.finish_out(aside)
     return target, result.model.eval()
 
 

@@ -256,6 +256,25 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     assert target.read_text() == "x"
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails(small_world: Path, tmp_path: Path) -> None:
+    # Prepare: a finished federated run
+    run = tmp_path / "RUN"
+    fed = ["--mode", "federated", "--rounds", "1", "--clients-per-round", "10", "--set", "window.min_clients=2"]
+    assert adfed("train", "--data", small_world, "--out", run, *fed, *SMALL_TRAIN).exit_code == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    # Execute: --overwrite with a setting only the engine checks (after --out was cleared)
+    result = adfed("train", "--data", small_world, "--out", run, "--overwrite", *fed, *SMALL_TRAIN,
+                   "--set", 'robust.aggregator="bogus"')
+
+    # Assert: a one-line error, and the old run exactly as it was (nothing set aside is left)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    (err,) = error_lines(result)
+    assert "bogus" in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (run / ".replaced").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -272,8 +272,9 @@ def test_resume_with_another_model_is_a_config_error(small_world, fl_config, tmp
 
 
 @pytest.mark.parametrize(("first", "then", "match"), [
-    ("fl.strategy=\"fedavg\"", "fl.strategy=\"fedadam\"", r"written with fl\.strategy='fedavg', not 'fedadam'"),
+    ("fl.strategy=\"fedavg\"", "fl.strategy=\"fedadam\"", r'written with fl\.strategy="fedavg", not "fedadam"'),
     ("seed=0", "seed=3", r"written with seed=0, not 3; resume with --set seed=0"),
+    ("privacy.dp=false", "privacy.dp=true", r"written with privacy\.dp=false, not true; resume with --set privacy\.dp=false"),
 ])
 def test_resume_with_another_strategy_or_seed_is_a_config_error(small_world, fl_config, tmp_path,
                                                                 first, then, match):
@@ -284,6 +285,18 @@ def test_resume_with_another_strategy_or_seed_is_a_config_error(small_world, fl_
     with pytest.raises(ConfigError, match=match):
         Trainer(fl_config(small_world, then)).fit(checkpoint_dir=tmp_path, resume=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == before  # nothing written over
+
+
+def test_resume_on_another_dataset_is_a_config_error(small_world, tiny_world, fl_config, tmp_path):
+    from adfed.errors import ConfigError
+
+    Trainer(fl_config(small_world, "fl.rounds=1")).fit(checkpoint_dir=tmp_path)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(ConfigError, match=r"was trained on another dataset than data\.path .*; resume with the "
+                                          r"data\.path of that run's config\.toml"):
+        Trainer(fl_config(tiny_world, "fl.clients_per_round=20", "window.min_clients=5")).fit(
+            checkpoint_dir=tmp_path, resume=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
 
 
 def test_async_fedbuff_applies_buffers_with_staleness(small_world, fl_config):

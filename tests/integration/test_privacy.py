@@ -117,6 +117,15 @@ def test_a_target_spent_before_round_one_is_a_one_line_error(small_world, fl_con
         Trainer(cfg).fit()
 
 
+def test_a_stop_target_that_round_one_exceeds_is_a_one_line_error(small_world, fl_config):
+    # at z = 1 and q ~ 60/2900 one round costs ~0.8: a stop target below it would train nothing
+    cfg = fl_config(small_world, *DP, "privacy.target_epsilon=0.3", 'privacy.on_target="stop"',
+                    "privacy.vocabulary_size=0")
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon 0.3 is exceeded by round 1 \(epsilon 0\.\d+ at "
+                                          r"noise multiplier 1\); raise it or privacy.noise_multiplier"):
+        Trainer(cfg).fit()
+
+
 @pytest.mark.parametrize("extra", [['privacy.mechanism="dp_ftrl"'], ['privacy.noise="distributed"'],
                                    ["privacy.adaptive_clip=true"],
                                    ['privacy.clip_mode="per_tensor"', "privacy.adaptive_clip=true"]])

@@ -354,9 +354,10 @@ class Config:
                '"drop" with privacy.dp (a late upload in the next round breaks the accountant\'s sampling)',
                self.window.late)
         # a sync round accepts at most clients_per_round updates: more would retry forever
-        _check(self.fl.schedule != "sync" or self.window.min_clients <= self.fl.clients_per_round,
-               "window.min_clients", f"<= fl.clients_per_round ({self.fl.clients_per_round}); lower it",
-               self.window.min_clients)
+        _check(self.train.mode != "federated" or self.fl.schedule != "sync"
+               or self.window.min_clients <= self.fl.clients_per_round, "window.min_clients",
+               f"<= fl.clients_per_round ({self.fl.clients_per_round}): pass --set "
+               f"window.min_clients={self.fl.clients_per_round} or more clients a round", self.window.min_clients)
 
 
 # -- (de)serialisation -----------------------------------------------------------------

@@ -81,9 +81,9 @@ def _row_groups(path: Path, shard: str,
                         f"regenerate or re-import the dataset") from exc
 
 
-def _persona_of(manifest: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:
+def _persona_of(manifest: dict[str, Any], where: Path) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:
     """``(user_ids -> persona, number of personas)`` for a data_gen world, else None."""
-    world = world_from_manifest(manifest)
+    world = world_from_manifest(manifest, str(where))
     if world is None:
         return None
     return (lambda ids: personas(world, ids)), world.params.num_personas
@@ -121,7 +121,7 @@ def describe(path: Path | str) -> dict[str, Any]:
     counts = manifest.get("counts", {})
     shards = sorted(p.name for p in (path / "impressions").glob("part-*.parquet"))
     truth = (path / "truth").is_dir()
-    per = _persona_of(manifest)
+    per = _persona_of(manifest, path / MANIFEST)
     k = per[1] if per else 1
     # per persona: users, impressions, clicks, observed clicks, conversions
     acc = np.zeros((k, 5), dtype=np.int64)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from adfed.data.layout import DatasetWriter
+from adfed.errors import DataError
 from data_gen.ads import ads_table
 from data_gen.calibrate import build_world
 from data_gen.devices import devices_from_state
@@ -41,12 +42,19 @@ GENERATOR = "adfed.data_gen"
 DEFAULT_CHUNK_USERS = 4096
 
 
-def world_from_manifest(manifest: dict[str, Any]) -> World | None:
-    """The world that wrote a dataset with this ``manifest.json``; None when another
-    program (an importer) wrote it."""
+def world_from_manifest(manifest: dict[str, Any], where: str = "manifest.json") -> World | None:
+    """The world that wrote a dataset with this ``manifest.json`` (``where``: its path, for
+    errors); None when another program (an importer) wrote it."""
     if manifest.get("generator") != GENERATOR:
         return None
-    return build_world(WorldParams.from_dict(manifest["params"]), int(manifest["params"]["seed"]))
+    params = manifest.get("params")
+    try:
+        return build_world(WorldParams.from_dict(params), int(params["seed"]))  # type: ignore[arg-type,index]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        what = "has no 'params'" if not isinstance(params, dict) else \
+            f"holds 'params' that are not a generated world's ({type(exc).__name__}: {exc})"
+        raise DataError(f"{where}: written by {GENERATOR} but {what}; regenerate the dataset with adfed data "
+                        f"generate --overwrite") from exc
 
 
 @dataclasses.dataclass(frozen=True)

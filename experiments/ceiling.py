@@ -80,7 +80,7 @@ def world_of(dataset: Dataset, experiment: str = "ceiling") -> World:
     """The data_gen world that wrote ``dataset``; DataError (naming ``experiment``) for any
     other dataset."""
     manifest = json.loads((dataset.path / "manifest.json").read_text())
-    world = world_from_manifest(manifest)
+    world = world_from_manifest(manifest, str(dataset.path / "manifest.json"))
     if world is None:
         raise DataError(
             f"experiment {experiment} needs a synthetic dataset written by `adfed data generate`; "

@@ -282,7 +282,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails(small_world: Path, t
         (["--set", "train.lr=nan"], "train.lr must be a finite number; got nan"),
         (["--set", "seed=18446744073709551616"], "seed must be an int in [0, 2**63)"),
         (["--mode", "federated", "--clients-per-round", "5"],
-         "window.min_clients must be <= fl.clients_per_round (5); lower it; got 10"),
+         "window.min_clients must be <= fl.clients_per_round (5): pass --set window.min_clients=5"),
     ],
     ids=["inf", "nan", "huge-seed", "min-clients"],
 )

@@ -119,3 +119,14 @@ def test_ceiling_on_an_import_fails_before_training(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "needs a synthetic dataset" in errors(result)[-1]
     assert not (tmp_path / "exp" / "ceiling" / "centralized").exists()  # nothing was trained
+
+
+def test_describe_of_a_generated_manifest_without_params_is_a_one_line_error(data: Path) -> None:
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["params"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("data", "describe", data)
+    assert result.exit_code == 2
+    (line,) = errors(result)
+    assert line == (f"error: {data / 'manifest.json'}: written by adfed.data_gen but has no 'params'; "
+                    f"regenerate the dataset with adfed data generate --overwrite")

@@ -195,15 +195,17 @@ def test_config_is_frozen() -> None:
         ("[fl]\nserver_ema = 1.0\n", r"fl\.server_ema must be a float in \[0, 1\) \(0 = off\), e\.g\. 0\.98; got 1\.0"),
         ("[train]\neval_points = 0\n", r"train\.eval_points must be an int >= 1 \(1 = epoch ends only\); got 0"),
         ("[train]\nuser_lr = -0.1\n", r"train\.user_lr must be a float >= 0 \(0 = train\.sparse_lr\); got -0\.1"),
-        ("[model]\ntower = [64, 0]\n", r"model\.tower must be a list of ints >= 1"),
+        ("[model]\ntower = [64, 0]\n", r"model\.tower must be a list of one or more ints >= 1"),
+        ("[model]\ntower = []\n", r"model\.tower must be a list of one or more ints >= 1, e\.g\. \[64\]; got \(\)"),
         ("[model]\nembedding_dim = 0\n", r"model\.embedding_dim must be an int >= 1; got 0"),
         ("[window]\nquantile = 1.5\n", r"window\.quantile must be in \(0, 1\]; got 1\.5"),
         ("[window]\nsmoothing = 0\n", r"window\.smoothing must be in \(0, 1\]; got 0\.0"),
         ("[window]\nmin_deadline_s = 700\n", r"window\.min_deadline_s must be > 0 and <= window\.max_deadline_s; got 700\.0"),
         ("[window]\nmin_clients = 0\n", r"window\.min_clients must be an int >= 1; got 0"),
         # a sync round takes at most clients_per_round updates: it would retry forever
-        ("[fl]\nclients_per_round = 5\n",
-         r"window\.min_clients must be <= fl\.clients_per_round \(5\); lower it; got 10"),
+        ("[train]\nmode = \"federated\"\n[fl]\nclients_per_round = 5\n",
+         r"window\.min_clients must be <= fl\.clients_per_round \(5\): pass --set window\.min_clients=5 or more "
+         r"clients a round; got 10"),
     ],
 )
 def test_bad_toml_raises_config_error_naming_the_key(tmp_path: Path, text: str, match: str) -> None:
@@ -213,6 +215,14 @@ def test_bad_toml_raises_config_error_naming_the_key(tmp_path: Path, text: str, 
     # Execute / Assert
     with pytest.raises(ConfigError, match=match):
         C.load(path)
+
+
+def test_a_centralized_run_does_not_check_the_federated_round_size() -> None:
+    # --clients-per-round 5 is a federated setting; a centralized run never builds a round
+    cfg = with_overrides(Config(), ["fl.clients_per_round=5"])
+    assert cfg.train.mode == "centralized" and cfg.window.min_clients == 10
+    with pytest.raises(ConfigError, match=r"window\.min_clients must be <= fl\.clients_per_round \(5\)"):
+        with_overrides(cfg, ['train.mode="federated"'])
 
 
 def test_missing_file_raises_config_error(tmp_path: Path) -> None:

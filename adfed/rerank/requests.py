@@ -152,7 +152,12 @@ def read_requests(dataset: Dataset) -> Requests:
     if not path.exists():
         raise DataError(f"{path}: not found; rerank needs a synthetic world's held-out requests "
                         f"(adfed data generate writes them)")
-    return requests_from_table(pq.read_table(path), dataset.schema, where=str(path))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot be read ({str(exc).splitlines()[0]}); the file is truncated or damaged: "
+                        f"regenerate the dataset (adfed data verify DATASET names the files that changed)") from exc
+    return requests_from_table(table, dataset.schema, where=str(path))
 
 
 def _matrix(table: pa.Table, name: str, dtype: type, where: str) -> np.ndarray:

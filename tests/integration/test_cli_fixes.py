@@ -130,3 +130,13 @@ def test_describe_of_a_generated_manifest_without_params_is_a_one_line_error(dat
     (line,) = errors(result)
     assert line == (f"error: {data / 'manifest.json'}: written by adfed.data_gen but has no 'params'; "
                     f"regenerate the dataset with adfed data generate --overwrite")
+
+
+def test_a_damaged_requests_file_is_a_one_line_error(data: Path) -> None:
+    from adfed.data.store import Dataset
+    from adfed.errors import DataError
+    from adfed.rerank.requests import read_requests
+
+    (data / "requests.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"requests\.parquet: cannot be read \(.*\); the file is truncated or damaged"):
+        read_requests(Dataset.open(data))

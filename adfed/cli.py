@@ -30,7 +30,7 @@ from adfed.errors import AdfedError
 
 app = typer.Typer(help="adfed: federated pCVR prediction across phones.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Generate, import and describe datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Generate, import, describe and verify datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
@@ -183,11 +183,11 @@ def train(
     mode: Annotated[str | None, typer.Option(help="centralized | federated (train.mode).")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,
-    clients_per_round: Annotated[int | None, typer.Option(help="fl.clients_per_round.")] = None,
+    clients_per_round: Annotated[int | None, typer.Option(help="Phones a federated round trains (fl.clients_per_round).")] = None,
     backend: Annotated[str | None, typer.Option(help="inprocess | process | ray (fl.backend).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a federated run from OUT's checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (its run files and plots).")] = False,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=VALUE, VALUE in TOML (strings quoted: 'fl.strategy=\"fedavg\"'); repeatable; every key is listed in docs/config.md.")] = None,
     reference: Annotated[Path | None, typer.Option(
         help="A centralized run directory: its AUC is drawn on this run's plots.")] = None,
 ) -> None:
@@ -500,7 +500,7 @@ def experiment_run(
     data: Annotated[str | None, typer.Option(help="Dataset directory (data.path).")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds (fl.rounds).")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=value.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: section.key=VALUE, VALUE in TOML (strings quoted: 'fl.strategy=\"fedavg\"'); repeatable; every key is listed in docs/config.md.")] = None,
     users: Annotated[int | None, typer.Option(
         help="Instead of --data: a synthetic world of this many users (10,000 ads), generated "
              "into OUT/world-USERS-SEED (reused when there).")] = None,

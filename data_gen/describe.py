@@ -68,7 +68,9 @@ def _row_groups(path: Path, shard: str,
     where = path / "impressions" / shard
     try:
         imp = pq.ParquetFile(where)
-        tr = pq.ParquetFile(path / "truth" / shard) if truth else None
+        where = path / "truth" / shard
+        tr = pq.ParquetFile(where) if truth else None
+        where = path / "impressions" / shard
         for start in range(0, imp.num_row_groups, _GROUPS_PER_READ):
             groups = list(range(start, min(start + _GROUPS_PER_READ, imp.num_row_groups)))
             where = path / "truth" / shard

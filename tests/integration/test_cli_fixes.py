@@ -140,3 +140,11 @@ def test_a_damaged_requests_file_is_a_one_line_error(data: Path) -> None:
     (data / "requests.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"requests\.parquet: cannot be read \(.*\); the file is truncated or damaged"):
         read_requests(Dataset.open(data))
+
+
+def test_describe_names_the_damaged_truth_shard(data: Path) -> None:
+    (data / "truth" / "part-00000.parquet").write_bytes(b"garbage")
+    result = invoke("data", "describe", data)
+    assert result.exit_code == 2
+    (line,) = errors(result)
+    assert line.startswith(f"error: {data / 'truth' / 'part-00000.parquet'}: cannot be read")

@@ -70,7 +70,7 @@ def test_toml_round_trip_of_varied_config(tmp_path: Path) -> None:
 @given(
     seed=st.integers(0, 2**40),
     path=st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
-    tower=st.lists(st.integers(1, 4096), max_size=4).map(tuple),
+    tower=st.lists(st.integers(1, 4096), min_size=1, max_size=4).map(tuple),
     strategy=st.sampled_from(typing.get_args(typing.get_type_hints(C.FLConfig)["strategy"])),
     quantile=st.floats(0.01, 1.0),
     lr=st.floats(1e-8, 10.0),

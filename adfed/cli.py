@@ -210,6 +210,12 @@ def train(
         from adfed.data.store import Dataset
 
         dataset = Dataset.open(cfg.data.path)  # validate before any progress output
+        ignored = [f for f, v in (("--rounds", rounds), ("--clients-per-round", clients_per_round),
+                                  ("--backend", backend)) if v is not None]
+        if ignored and cfg.train.mode != "federated":
+            console.print(f"[yellow]warning:[/yellow] {', '.join(ignored)} set federated training; this run is "
+                          f"{cfg.train.mode} (one epoch per train.epochs): pass --mode federated to use "
+                          f"{'them' if len(ignored) > 1 else 'it'}", highlight=False, soft_wrap=True)
         ref = _read_summary(reference) if reference else None
         cfg, extra = _clamp_clients(cfg, dataset, flag=clients_per_round is not None)
         if ref is not None:

@@ -256,6 +256,13 @@ def test_train_refuses_a_run_directory_that_holds_a_run(small_world: Path, tmp_p
     assert target.read_text() == "x"
 
 
+def test_federated_flags_on_a_centralized_run_are_named_in_a_warning(small_world: Path, tmp_path: Path) -> None:
+    result = adfed("train", "--data", small_world, "--out", tmp_path / "run", "--rounds", "3", *SMALL_TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert ("warning: --rounds set federated training; this run is centralized (one epoch per train.epochs): "
+            "pass --mode federated to use it") in " ".join(result.stderr.split())
+
+
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails(small_world: Path, tmp_path: Path) -> None:
     # Prepare: a finished federated run
     run = tmp_path / "RUN"

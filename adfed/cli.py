@@ -201,6 +201,8 @@ def train(
     from adfed.trainer import Trainer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # dp-accounting's RDP search logs each order it cannot evaluate (harmless: the order is skipped)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     aside: Path | None = None  # --overwrite: the old run's files, until the new run is written
     try:
         cfg = _resolve_config(config_file, sets or [], {
@@ -421,6 +423,8 @@ def rerank(
     from adfed.rerank.report import run_rerank
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # dp-accounting's RDP search logs each order it cannot evaluate (harmless: the order is skipped)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         settings = RerankSettings(objective=objective, blend=blend, top_n=top_n, k=k, seed=seed)  # type: ignore[arg-type]
         with _progress() as progress:

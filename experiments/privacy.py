@@ -2,7 +2,8 @@
 vocabulary costs.
 
 - ``privacy``: the configured federated run (its ``fl.clients_per_round`` is the expected
-  cohort) non-private, then DP-FedAvg at each ε of ``EPSILONS`` (the noise multiplier
+  cohort) non-private, then the configured mechanism (``privacy.mechanism``: DP-FedAvg by
+  default, ``--set privacy.mechanism="dp_ftrl"`` for DP-FTRL) at each ε of ``EPSILONS`` (the noise multiplier
   calibrated by the accountant for the planned rounds at δ = 1/N^1.1) and at ε = ∞ (the
   same clipping, Poisson sampling and fixed denominator, no noise: what DP's mechanics
   cost before any noise). CVR AUC and expected AUC at equal rounds. Beside the runs, the
@@ -37,7 +38,7 @@ VOCABULARY_SIZES = (256, 1024, 4096)
 
 def _row(result: TrainResult) -> dict[str, Any]:
     s = result.summary
-    keys = ("auc", "auc_expected", "ctcvr_auc", "epsilon", "epsilon_pld", "delta", "noise_multiplier",
+    keys = ("auc", "auc_expected", "ctcvr_auc", "mechanism", "epsilon", "epsilon_pld", "delta", "noise_multiplier",
             "sampling_rate", "clip", "bytes_up_per_client", "bytes_down_per_client", "rounds", "wall_time_s")
     return {k: s.get(k) for k in keys}
 
@@ -89,10 +90,12 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     fig, ax = plotting.new_axes()
     runs = results["runs"]
     eps = [e for e in EPSILONS if f"eps_{e:g}" in runs]
+    mechanism = {"dp_fedavg": "DP-FedAvg", "dp_ftrl": "DP-FTRL"}.get(
+        str(runs[f"eps_{eps[0]:g}"].get("mechanism")) if eps else "", "DP-FedAvg")  # results before 2026-12-07: FedAvg
     for key, label in (("auc", "CVR AUC"), ("auc_expected", "expected CVR AUC")):
         ys = [runs[f"eps_{e:g}"].get(key) for e in eps]
         if all(y is not None for y in ys):
-            line = ax.plot(eps, ys, marker="o", label=f"{label}, DP-FedAvg")[0]
+            line = ax.plot(eps, ys, marker="o", label=f"{label}, {mechanism}")[0]
             ax.axhline(runs["non_private"][key], ls="--", color=line.get_color(), label=f"{label}, non-private")
             ax.axhline(runs["eps_inf"][key], ls=":", color=line.get_color(), label=f"{label}, ε = ∞ (clip only)")
     ax.set_xscale("log", base=2)

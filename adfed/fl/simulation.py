@@ -7,8 +7,9 @@ steps (:mod:`adfed.fl.fedbuff`). The server state, the phones' local storage and
 rows so far are checkpointed atomically to ``checkpoint_dir/checkpoint.safetensors``
 (:mod:`adfed.fl.checkpoint`: no pickle) when a directory is given, at round ends on the
 schedule of ``fl.checkpoint_every_s`` and when Ctrl-C stops the run (after the round in
-progress: :class:`_StopAtRoundEnd`); ``resume=True`` continues from it to the same final model as an uninterrupted run
-(all randomness is derived from (seed, round, client), never from carried RNG state).
+progress: :class:`_StopAtRoundEnd`); ``resume=True`` continues from it to the same final
+model as an uninterrupted run (all randomness is derived from (seed, round, client), never
+from carried RNG state).
 """
 
 from __future__ import annotations

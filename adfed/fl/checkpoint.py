@@ -185,7 +185,7 @@ def decode(payload: bytes, where: Path) -> Checkpoint:
                           settings=dict(meta["settings"]))
     except (SafetensorError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
         raise ConfigError(f"--resume: {where} is not a readable adfed checkpoint ({exc}); "
-                          f"start a new run without --resume") from exc
+                          f"start a new run: --overwrite instead of --resume") from exc
 
 
 def save(directory: Path, ck: Checkpoint) -> None:

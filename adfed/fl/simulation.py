@@ -213,12 +213,29 @@ def strategy_advice(cfg: Config) -> str | None:
             "2026-12-06-federated-quality.md, section 7); for FedAvg add --config experiments/configs/fedavg.toml")
 
 
+def privacy_advice(cfg: Config) -> str | None:
+    """A one-line warning when privacy settings do not give what they seem to: a target ε
+    or a DP transform without ``privacy.dp``, or DP without noise (ε is infinite); None
+    otherwise."""
+    p = cfg.privacy
+    dp_steps = [t for t in cfg.fl.update_pipeline if t in ("clip", "skellam")]
+    if not p.dp and (p.target_epsilon > 0 or dp_steps):
+        what = f"privacy.target_epsilon={p.target_epsilon:g}" if p.target_epsilon > 0 else \
+            f"fl.update_pipeline {dp_steps}"
+        return f"{what} without privacy.dp=true gives no privacy and no accounting; add --set privacy.dp=true"
+    if p.dp and p.noise_multiplier == 0 and p.target_epsilon == 0:
+        return ("privacy.noise_multiplier=0: DP's clipping and sampling without noise, epsilon is infinite; set "
+                "privacy.target_epsilon (or privacy.noise_multiplier) for a private model")
+    return None
+
+
 def _restore(ckpt: Path | None, cfg: Config, dataset: Dataset, fresh: ServerState) -> Checkpoint:
     if ckpt is None or not ckpt.exists():
         if ckpt is not None and (ckpt.parent / "checkpoint.pt").exists():
             raise ConfigError(f"--resume: {ckpt.parent} holds checkpoint.pt, a pickled checkpoint of an older adfed, "
-                              f"which is not read (unpickling runs code); start a new run without --resume")
-        raise ConfigError(f"--resume: no checkpoint at {ckpt}; run without --resume first")
+                              f"which is not read (unpickling runs code); start a new run: --overwrite instead of --resume")
+        raise ConfigError(f"--resume: no checkpoint at {ckpt}; start the run without --resume (with --overwrite "
+                          f"if its directory holds other files)")
     saved = checkpoint.load(ckpt)
     _check_same_settings(saved.settings, cfg, dataset, ckpt)
     _check_same_model(saved.state.model, fresh.model, ckpt)
@@ -294,8 +311,9 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     vocabulary: Vocabulary | None = None
     stopped_at: int | None = None
     realized: list[float] = []  # distributed noise: each round's real noise multiplier
-    if (advice := strategy_advice(cfg)) is not None:
-        logger.warning("%s", advice)
+    for advice in (strategy_advice(cfg), privacy_advice(cfg)):
+        if advice is not None:
+            logger.warning("%s", advice)
     if cfg.privacy.dp:
         cfg, plan, vocabulary = privacy_setup.setup(cfg, dataset, population)
     state = initial_server_state(cfg, eval_model, server_opt)

@@ -322,3 +322,22 @@ def test_a_server_adam_under_dp_or_async_is_told_of_fedavg(sets: list[str], name
     else:
         assert advice is not None and names in advice and "experiments/configs/fedavg.toml" in advice
         assert "\n" not in advice
+
+
+@pytest.mark.parametrize(("sets", "names"), [
+    ([], None),
+    (["privacy.dp=true", "privacy.target_epsilon=8"], None),
+    (["privacy.target_epsilon=8"], "privacy.target_epsilon=8 without privacy.dp=true"),
+    (['fl.update_pipeline=["clip"]'], "fl.update_pipeline ['clip'] without privacy.dp=true"),
+    (["privacy.dp=true", "privacy.noise_multiplier=0"], "privacy.noise_multiplier=0"),
+])
+def test_privacy_settings_that_give_no_privacy_are_named(sets: list[str], names: str | None) -> None:
+    from adfed.config import Config, with_overrides
+    from adfed.fl.simulation import privacy_advice
+
+    advice = privacy_advice(with_overrides(Config(), sets))
+
+    if names is None:
+        assert advice is None
+    else:
+        assert advice is not None and advice.startswith(names) and "\n" not in advice

@@ -136,8 +136,14 @@ class FieldSpec:
                 description=str(d.get("description", "")),
                 vocab_of=str(d.get("vocab_of", "")),
             )
-        except (KeyError, ValueError) as exc:
-            raise DataError(f"schema field {d.get('name', '?')!r} is malformed: {exc}") from exc
+        except KeyError as exc:
+            raise DataError(f"schema field {_name_of(d)!r} has no {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"schema field {_name_of(d)!r} is malformed ({exc})") from exc
+
+
+def _name_of(d: Any) -> str:
+    return str(d.get("name", "?")) if isinstance(d, dict) else "?"
 
 
 def default_group(vocab_size: int, *, is_user_key: bool = False) -> ParamGroup:
@@ -213,7 +219,15 @@ class Schema:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Schema:
         try:
+            if not isinstance(d["fields"], list):
+                raise TypeError(f"'fields' is a {type(d['fields']).__name__}, not a list of fields")
             fields = tuple(FieldSpec.from_dict(x) for x in d["fields"])
-            return cls(fields=fields, num_users=int(d["num_users"]), num_ads=int(d["num_ads"]))
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"manifest schema is malformed: missing {exc}") from exc
+            counts = {k: d[k] for k in ("num_users", "num_ads")}
+            for k, v in counts.items():
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"{k} is {v!r}, not a count")
+            return cls(fields=fields, num_users=counts["num_users"], num_ads=counts["num_ads"])
+        except KeyError as exc:
+            raise DataError(f"schema has no {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"schema is malformed ({exc})") from exc

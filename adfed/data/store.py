@@ -316,7 +316,10 @@ class Dataset:
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
-        self.schema = Schema.from_dict(manifest["schema"])
+        try:
+            self.schema = Schema.from_dict(manifest["schema"])
+        except DataError as exc:
+            raise DataError(f"{path / MANIFEST}: {exc}; regenerate or re-import the dataset") from exc
         self.has_truth = (path / "truth").is_dir()
         self._check_tables()
         index = _read_table(path / "index.parquet")

@@ -148,3 +148,20 @@ def test_describe_names_the_damaged_truth_shard(data: Path) -> None:
     assert result.exit_code == 2
     (line,) = errors(result)
     assert line.startswith(f"error: {data / 'truth' / 'part-00000.parquet'}: cannot be read")
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda s: s.update(num_users="abc"), "schema is malformed (num_users is 'abc', not a count)"),
+    (lambda s: s.update(fields=5), "schema is malformed ('fields' is a int, not a list of fields)"),
+    (lambda s: s["fields"].append(dict(s["fields"][1])), "duplicate field names"),
+    (lambda s: s["fields"][1].pop("kind"), "has no 'kind'"),
+])
+def test_a_malformed_manifest_schema_is_a_one_line_error_naming_the_file(data: Path, change, needle: str) -> None:  # noqa: ANN001
+    manifest = json.loads((data / "manifest.json").read_text())
+    change(manifest["schema"])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("train", "--data", data, "--out", data.parent / "run")
+    assert result.exit_code == 2
+    (line,) = errors(result)
+    assert line.startswith(f"error: {data / 'manifest.json'}: ") and needle in line
+    assert line.endswith("regenerate or re-import the dataset")

@@ -316,6 +316,12 @@ def _read_summary(run: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read it ({exc.strerror})") from exc
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: not a run summary (a JSON object)")
+    bad = [k for k in ("mode", "auc") if k not in summary] or \
+        [k for k in ("auc", "auc_expected", "logloss", "wall_time_s")
+         if summary.get(k) is not None and (isinstance(summary[k], bool) or not isinstance(summary[k], int | float))]
+    if bad:
+        raise ValueError(f"{path}: not an adfed run summary ({', '.join(bad)} missing or not a number); is {run} a "
+                         f"run directory (adfed train --out)?")
     return summary
 
 

@@ -95,3 +95,14 @@ def test_compare_and_reference_name_a_directory_without_a_summary(tiny: Path, tm
     result = invoke("train", "--data", tiny, "--out", tmp_path / "r", "--reference", tmp_path)
     assert result.exit_code == 2 and "summary.json: not found" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("summary", "bad"), [({}, "mode, auc"), ({"mode": "federated", "auc": "high"}, "auc"),
+                                              ({"mode": "centralized", "auc": 0.7, "logloss": [1]}, "logloss")])
+def test_compare_refuses_a_summary_that_is_not_a_runs(tmp_path: Path, summary: dict, bad: str) -> None:
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = invoke("compare", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'summary.json'}: not an adfed run summary ({bad} missing or not a number); is "
+        f"{tmp_path} a run directory (adfed train --out)?"]

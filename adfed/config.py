@@ -438,7 +438,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load(path: str | Path) -> Config:
     """Load a TOML config file; errors name the file and the key."""
-    return from_dict(_read_toml(Path(path)))
+    try:
+        return from_dict(_read_toml(Path(path)))
+    except ConfigError as exc:
+        raise ConfigError(exc.args[0] if str(path) in exc.args[0] else f"{path}: {exc.args[0]}") from exc
 
 
 def with_file(cfg: Config, path: str | Path) -> Config:
@@ -447,7 +450,11 @@ def with_file(cfg: Config, path: str | Path) -> Config:
     def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
                            for k, v in top.items()}}
-    return from_dict(merge(to_dict(cfg), _read_toml(Path(path))))
+    top = _read_toml(Path(path))
+    try:
+        return from_dict(merge(to_dict(cfg), top))
+    except ConfigError as exc:
+        raise ConfigError(exc.args[0] if str(path) in exc.args[0] else f"{path}: {exc.args[0]}") from exc
 
 
 def dumps(cfg: Config) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -324,3 +325,10 @@ def test_output_bias_setting_per_mode(setting: str, central: tuple[str, ...], fe
     assert model.base_rate_heads("federated") == federated
     assert model.starts_at_base_rates("centralized") is bool(central)
     assert model.starts_at_base_rates("federated") is bool(federated)
+
+
+def test_an_error_in_a_config_file_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[fl]\nroundz = 3\n")
+    for read in (C.load, lambda p: C.with_file(Config(), p)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown config key 'fl\.roundz'"):
+            read(path)

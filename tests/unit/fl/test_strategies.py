@@ -301,43 +301,34 @@ def test_towers_scope_steps_only_the_named_tensors_adaptively() -> None:
     assert table[2].tolist() == [0.5, -0.5] and not table[[0, 1, 3]].any()
 
 
-@pytest.mark.parametrize(("sets", "names"), [
-    ([], None),
-    (["privacy.dp=true"], "privacy.dp"),
-    (['fl.schedule="async"'], "fl.schedule=async"),
-    (['fl.schedule="async"', 'fl.strategy="fedavg"'], None),
-    (["privacy.dp=true", 'fl.strategy="fedyogi"'], "privacy.dp"),
+@pytest.mark.parametrize(("advise", "sets", "names", "fix"), [
+    ("strategy_advice", [], None, ""),
+    ("strategy_advice", ["privacy.dp=true"], "privacy.dp", "experiments/configs/fedavg.toml"),
+    ("strategy_advice", ['fl.schedule="async"'], "fl.schedule=async", "experiments/configs/fedavg.toml"),
+    ("strategy_advice", ['fl.schedule="async"', 'fl.strategy="fedavg"'], None, ""),
+    ("strategy_advice", ["privacy.dp=true", 'fl.strategy="fedyogi"'], "privacy.dp", "experiments/configs/fedavg.toml"),
+    ("privacy_advice", [], None, ""),
+    ("privacy_advice", ["privacy.dp=true", "privacy.target_epsilon=8"], None, ""),
+    ("privacy_advice", ["privacy.target_epsilon=8"], "privacy.target_epsilon=8 without privacy.dp=true",
+     "--set privacy.dp=true"),
+    ("privacy_advice", ['fl.update_pipeline=["clip"]'], "fl.update_pipeline ['clip'] without privacy.dp=true",
+     "--set privacy.dp=true"),
+    ("privacy_advice", ["privacy.dp=true", "privacy.noise_multiplier=0"], "privacy.noise_multiplier=0",
+     "set privacy.target_epsilon"),
 ])
-def test_a_server_adam_under_dp_or_async_is_told_of_fedavg(sets: list[str], names: str | None) -> None:
-    # Prepare: the sync default (a server Adam) where it was measured to lose
+def test_settings_measured_to_lose_or_to_give_no_privacy_are_told_in_one_line(
+        advise: str, sets: list[str], names: str | None, fix: str) -> None:
+    # Prepare: a server Adam (the sync default) where it was measured to lose to FedAvg, or
+    # privacy settings that give no privacy
     from adfed.config import Config, with_overrides
-    from adfed.fl.simulation import strategy_advice
+    from adfed.fl import simulation
 
     # Execute
-    advice = strategy_advice(with_overrides(Config(), sets))
+    advice = getattr(simulation, advise)(with_overrides(Config(), sets))
 
     # Assert: one line naming the setting and the fix, only where it applies
     if names is None:
         assert advice is None
     else:
-        assert advice is not None and names in advice and "experiments/configs/fedavg.toml" in advice
+        assert advice is not None and names in advice and fix in advice
         assert "\n" not in advice
-
-
-@pytest.mark.parametrize(("sets", "names"), [
-    ([], None),
-    (["privacy.dp=true", "privacy.target_epsilon=8"], None),
-    (["privacy.target_epsilon=8"], "privacy.target_epsilon=8 without privacy.dp=true"),
-    (['fl.update_pipeline=["clip"]'], "fl.update_pipeline ['clip'] without privacy.dp=true"),
-    (["privacy.dp=true", "privacy.noise_multiplier=0"], "privacy.noise_multiplier=0"),
-])
-def test_privacy_settings_that_give_no_privacy_are_named(sets: list[str], names: str | None) -> None:
-    from adfed.config import Config, with_overrides
-    from adfed.fl.simulation import privacy_advice
-
-    advice = privacy_advice(with_overrides(Config(), sets))
-
-    if names is None:
-        assert advice is None
-    else:
-        assert advice is not None and advice.startswith(names) and "\n" not in advice

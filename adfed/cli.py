@@ -40,6 +40,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _log_warnings() -> None:
+    """Warnings and errors of adfed's loggers on stderr, one line each; dp-accounting's RDP
+    search logs each order it cannot evaluate (harmless: the order is skipped), kept out."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -200,9 +207,7 @@ def train(
     from adfed import rundir
     from adfed.trainer import Trainer
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # dp-accounting's RDP search logs each order it cannot evaluate (harmless: the order is skipped)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    _log_warnings()
     aside: Path | None = None  # --overwrite: the old run's files, until the new run is written
     try:
         cfg = _resolve_config(config_file, sets or [], {
@@ -428,9 +433,7 @@ def rerank(
     from adfed.rerank.device import RerankSettings
     from adfed.rerank.report import run_rerank
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # dp-accounting's RDP search logs each order it cannot evaluate (harmless: the order is skipped)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    _log_warnings()
     try:
         settings = RerankSettings(objective=objective, blend=blend, top_n=top_n, k=k, seed=seed)  # type: ignore[arg-type]
         with _progress() as progress:

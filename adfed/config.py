@@ -12,6 +12,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -438,10 +439,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load(path: str | Path) -> Config:
     """Load a TOML config file; errors name the file and the key."""
-    try:
-        return from_dict(_read_toml(Path(path)))
-    except ConfigError as exc:
-        raise ConfigError(exc.args[0] if str(path) in exc.args[0] else f"{path}: {exc.args[0]}") from exc
+    return _from_file(path, lambda top: top)
 
 
 def with_file(cfg: Config, path: str | Path) -> Config:
@@ -450,9 +448,15 @@ def with_file(cfg: Config, path: str | Path) -> Config:
     def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
                            for k, v in top.items()}}
+    return _from_file(path, lambda top: merge(to_dict(cfg), top))
+
+
+def _from_file(path: str | Path, combine: Callable[[dict[str, Any]], dict[str, Any]]) -> Config:
+    """The config of ``combine(the TOML file's keys)``; an invalid key or value is a
+    ConfigError that names the file."""
     top = _read_toml(Path(path))
     try:
-        return from_dict(merge(to_dict(cfg), top))
+        return from_dict(combine(top))
     except ConfigError as exc:
         raise ConfigError(exc.args[0] if str(path) in exc.args[0] else f"{path}: {exc.args[0]}") from exc
 

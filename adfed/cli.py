@@ -70,6 +70,8 @@ def data_generate(
     from data_gen.generate import generate
     from data_gen.params import WorldParams
 
+    if workers < 1:  # before the progress bar draws its first line
+        _fail(f"--workers must be an int >= 1; got {workers}")
     try:
         params = WorldParams(num_users=users, num_ads=ads)
     except ValueError as exc:  # name the flags typed, not the dataclass fields
@@ -120,11 +122,11 @@ def data_describe(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Print a dataset's statistics (rates, rows per user, oracle AUC when truth exists)."""
-    from adfed.data.store import check_files_present, read_manifest
+    from adfed.data.store import Dataset
     from data_gen.describe import describe
 
     try:
-        check_files_present(path, read_manifest(path))
+        Dataset.open(path)  # the manifest, its schema and every table as training reads them
         stats = describe(path)
     except (AdfedError, ValueError) as exc:
         _fail(str(exc))
@@ -154,14 +156,18 @@ def data_describe(
 
 @data_app.command("verify")
 def data_verify(path: Annotated[Path, typer.Argument(help="Dataset directory.")]) -> None:
-    """Check every file of a dataset against the sha256 in its manifest.json.
+    """Check every file of a dataset against the sha256 in its manifest.json, then open it
+    as training does (the manifest's schema, every table's columns and types).
 
-    Prints one line per missing, changed or unlisted file and exits 1, or one ok line.
+    Prints one line per missing, changed or unlisted file and exits 1, a one-line error
+    (exit 2) for a dataset training would refuse, or one ok line.
     """
-    from adfed.data.store import verify_files
+    from adfed.data.store import Dataset, verify_files
 
     try:
         problems = verify_files(path)
+        if not problems:
+            Dataset.open(path)
     except (AdfedError, ValueError) as exc:
         _fail(str(exc))
     if problems:
@@ -169,7 +175,7 @@ def data_verify(path: Annotated[Path, typer.Argument(help="Dataset directory.")]
             console.print(f"[red]mismatch:[/red] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
     manifest = json.loads((path / "manifest.json").read_text())
-    print(f"ok: all {len(manifest['files'])} files of {path} match the sha256 in its manifest.json")
+    print(f"ok: all {len(manifest['files'])} files of {path} match the sha256 in its manifest.json, and it opens")
 
 
 # -- train -----------------------------------------------------------------------------

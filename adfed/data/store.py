@@ -101,7 +101,9 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file (truncated?): {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a readable parquet file (truncated?): {detail}; "
+                        "regenerate or re-import the dataset") from exc
 
 
 def table_to_examples(table: pa.Table, fields: tuple[FieldSpec, ...]) -> Examples:

@@ -142,12 +142,21 @@ def test_a_damaged_requests_file_is_a_one_line_error(data: Path) -> None:
         read_requests(Dataset.open(data))
 
 
+def test_describe_refuses_a_users_table_training_would_refuse(data: Path) -> None:
+    (data / "users.parquet").write_bytes(b"garbage")
+    result = invoke("data", "describe", data)
+    assert result.exit_code == 2
+    (line,) = errors(result)
+    assert line.startswith(f"error: {data / 'users.parquet'}: ")
+
+
 def test_describe_names_the_damaged_truth_shard(data: Path) -> None:
     (data / "truth" / "part-00000.parquet").write_bytes(b"garbage")
     result = invoke("data", "describe", data)
     assert result.exit_code == 2
     (line,) = errors(result)
-    assert line.startswith(f"error: {data / 'truth' / 'part-00000.parquet'}: cannot be read")
+    assert line.startswith(f"error: {data / 'truth' / 'part-00000.parquet'}: not a readable parquet file")
+    assert line.endswith("regenerate or re-import the dataset")
 
 
 @pytest.mark.parametrize(("change", "needle"), [
@@ -156,12 +165,23 @@ def test_describe_names_the_damaged_truth_shard(data: Path) -> None:
     (lambda s: s["fields"].append(dict(s["fields"][1])), "duplicate field names"),
     (lambda s: s["fields"][1].pop("kind"), "has no 'kind'"),
 ])
-def test_a_malformed_manifest_schema_is_a_one_line_error_naming_the_file(data: Path, change, needle: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("command", [["train", "--data"], ["data", "verify"], ["data", "describe"]])
+def test_a_malformed_manifest_schema_is_a_one_line_error_naming_the_file(data: Path, change, needle: str,  # noqa: ANN001
+                                                                        command: list[str]) -> None:
+    # verify and describe refuse what training refuses (verify said ok: the files' checksums match)
     manifest = json.loads((data / "manifest.json").read_text())
     change(manifest["schema"])
     (data / "manifest.json").write_text(json.dumps(manifest))
-    result = invoke("train", "--data", data, "--out", data.parent / "run")
+    extra = ["--out", data.parent / "run"] if command[0] == "train" else []
+    result = invoke(*command, data, *extra)
     assert result.exit_code == 2
     (line,) = errors(result)
     assert line.startswith(f"error: {data / 'manifest.json'}: ") and needle in line
     assert line.endswith("regenerate or re-import the dataset")
+
+
+def test_generate_names_the_workers_flag_before_any_progress(tmp_path: Path) -> None:
+    result = invoke("data", "generate", "--users", "100", "--workers", "0", "--out", tmp_path / "W")
+    assert result.exit_code == 2
+    assert errors(result) == ["error: --workers must be an int >= 1; got 0"]
+    assert "generating" not in result.stdout and not (tmp_path / "W").exists()

@@ -163,6 +163,11 @@ class FLConfig:
     # step only: the tables and rows add the mean delta undecayed. The phones' lrs follow
     # fl.lr_decay_start (from round 200 as well: centralized training's step 300)
     server_lr_decay_start: int = 200
+    # rounds (async: server steps) whose phones train on the CTR term of the ESMM loss only
+    # (its CTCVR term weighs 0), so that the CVR tower does not learn from a pCTR still far
+    # from the click rate (0 = from the first round; a diagnosis of the slow starts of
+    # docs/results/2026-12-06-federated-quality.md, section 12)
+    ctcvr_warmup_rounds: int = 0
     # sparse rows: mean over all clients of the round (= dense FedAvg) | over touching ones
     sparse_aggregation: Literal["touched", "all"] = "all"
     server_tau: float = 1e-8  # adaptivity (epsilon) of fedadam/fedyogi/fedadagrad
@@ -229,6 +234,8 @@ class FLConfig:
                self.checkpoint_every_s)
         for key in ("lr_decay_start", "server_lr_decay_start"):
             _check(getattr(self, key) >= 0, f"fl.{key}", "an int >= 0 (0 = constant lr)", getattr(self, key))
+        _check(isinstance(self.ctcvr_warmup_rounds, int) and self.ctcvr_warmup_rounds >= 0, "fl.ctcvr_warmup_rounds",
+               "an int >= 0 (0 = the whole loss from the first round)", self.ctcvr_warmup_rounds)
 
     def server_lr_for(self) -> float:
         """The server learning rate the run uses: ``server_lr``, or when it is 0 the

@@ -223,13 +223,14 @@ def _raw_wire(tasks: Any, results: Any) -> None:
     """The least any wire must do for these phones (a part of :func:`one_pass`'s floor):
     each download's rows and each upload's tensors copied once into one bytes object and
     once out of it, the upload's dense part summed into a mean. No header, no checks."""
+    def raw(t: torch.Tensor) -> memoryview:
+        return np.ascontiguousarray(t.detach().numpy()).data.cast("B")
+
     total = None
     for task, (update, _) in zip(tasks, results, strict=True):
-        down = b"".join([memoryview(t.numpy()).cast("B") for r in task.rows.values() for t in (r.ids, r.values)])
-        bytearray(down)
+        bytearray(b"".join([raw(t) for r in task.rows.values() for t in (r.ids, r.values)]))
         dense = update.dense.flat if hasattr(update.dense, "flat") else torch.cat([t.reshape(-1) for t in update.dense.values()])
-        up = bytearray(b"".join([memoryview(dense.numpy()).cast("B"),
-                                 *(memoryview(t.numpy()).cast("B") for r in update.sparse.values() for t in (r.ids, r.values))]))
+        up = bytearray(b"".join([raw(dense), *(raw(t) for r in update.sparse.values() for t in (r.ids, r.values))]))
         values = torch.frombuffer(up, dtype=dense.dtype, count=dense.numel())
         total = values.clone() if total is None else total.add_(values)
 
@@ -259,9 +260,10 @@ def one_pass(data: str, clients: int, per_phone: bool, central_threads: int) -> 
         timed_training = _timed(real, spent)
         timed_wire = _timed(_raw_wire, wire)
 
-        def training(model: Any, tasks: Any, data: Any, offsets: Any) -> Any:
-            results = timed_training(model, tasks, data, offsets)
-            timed_wire(tasks, results)  # inside the rounds' wall time: taken out of the pass below
+        def training(model: Any, tasks: Any, data: Any, offsets: Any, train: Any = timed_training,
+                     wire_floor: Any = timed_wire) -> Any:
+            results = train(model, tasks, data, offsets)
+            wire_floor(tasks, results)  # inside the rounds' wall time: taken out of the pass below
             return results
 
         backends.client_updates = training

@@ -58,7 +58,7 @@ _USER_BIAS = "user_bias.weight"
 # the settings local training reads; ``clip`` and ``clips`` (privacy) are applied after
 # it, to each phone's own update, by the update pipeline (run_job)
 _KNOWN_SETTINGS = frozenset({"epochs", "batch_size", "lr", "sparse_lr", "prox_mu", "optimizer", "embedding_l2",
-                             "table_lr", "user_lr", "clip", "clips"})
+                             "table_lr", "user_lr", "clip", "clips", "ctcvr_weight"})
 
 
 def unsupported(settings: ClientSettings, model: PCVRModel) -> str | None:
@@ -290,7 +290,8 @@ def _chunk(model: PCVRModel, tasks: Sequence[ClientTask], data: Examples,
     nll = ctcvr_nll(Output(ctr_logit=ctr, cvr_logit=cvr), batch)
     mask = batch.label_observed.to(nll.dtype)
     observed = _segment_sum(mask, phone, num).clamp(min=1.0)
-    per_row = bce / counts.to(bce.dtype)[phone] + nll * mask / observed[phone]
+    ctcvr = nll * mask / observed[phone]
+    per_row = bce / counts.to(bce.dtype)[phone] + (ctcvr if s.ctcvr_weight == 1.0 else s.ctcvr_weight * ctcvr)
     inputs = [*leaves, *(z for _, _, z in sites), ctr, cvr]
     grads = torch.autograd.grad(per_row.sum(), inputs)
     with torch.no_grad():

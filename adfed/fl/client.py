@@ -168,7 +168,7 @@ def client_update(
         for step, batch in enumerate(local_batches(data, s, rng)):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss = esmm_loss(scratch(batch), batch)
+            loss = esmm_loss(scratch(batch), batch, s.ctcvr_weight)
             value = float(loss.detach())
             if not math.isfinite(value):
                 ensure_finite(loss, where=f"client {task.client_id}, version {task.version}, step {step}")

@@ -67,14 +67,16 @@ class Engine:
 def client_settings(cfg: Config, done: int = 0) -> ClientSettings:
     """The local-training settings the server pushes to clients once ``done`` rounds (sync)
     or server steps (async) are complete: the phones' learning rates scaled by
-    ``lr_decay_factor(done, fl.lr_decay_start)``."""
+    ``lr_decay_factor(done, fl.lr_decay_start)``, and the loss's CTCVR term off during the
+    first ``fl.ctcvr_warmup_rounds``."""
     mu = cfg.fl.prox_mu if cfg.fl.strategy in strategies.PROXIMAL else 0.0
     f = lr_decay_factor(done, cfg.fl.lr_decay_start)
     return ClientSettings(epochs=cfg.fl.local_epochs, batch_size=cfg.fl.local_batch_size,
                           lr=cfg.fl.local_lr * f, sparse_lr=cfg.fl.local_sparse_lr * f, prox_mu=mu,
                           optimizer=cfg.fl.local_optimizer, embedding_l2=cfg.train.embedding_l2,
                           table_lr=cfg.fl.local_table_lr * f,
-                          user_lr=cfg.fl.local_user_lr * f if cfg.fl.local_user_lr > 0 else None)
+                          user_lr=cfg.fl.local_user_lr * f if cfg.fl.local_user_lr > 0 else None,
+                          ctcvr_weight=0.0 if done < cfg.fl.ctcvr_warmup_rounds else 1.0)
 
 
 def offered(cfg: Config, carried: int = 0) -> int:

@@ -130,6 +130,8 @@ class ClientSettings:
     clip: float = 0.0  # L2 clip norm of the whole shared update (privacy); 0: no clipping
     #: per-tensor clip norms (privacy.clip_mode = "per_tensor"): (name, clip) pairs; () : flat
     clips: tuple[tuple[str, float], ...] = ()
+    #: weight of the ESMM loss's CTCVR term (0 during fl.ctcvr_warmup_rounds)
+    ctcvr_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

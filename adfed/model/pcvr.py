@@ -363,8 +363,8 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def esmm_loss(out: Output, batch: Batch) -> torch.Tensor:
-    """ESMM loss: BCE(click, pCTR) + BCE(click ∧ conversion, pCTCVR).
+def esmm_loss(out: Output, batch: Batch, ctcvr_weight: float = 1.0) -> torch.Tensor:
+    """ESMM loss: BCE(click, pCTR) + ``ctcvr_weight`` * BCE(click ∧ conversion, pCTCVR).
 
     The CTR term averages over every row. The CTCVR term averages over rows whose
     conversion label is observed (``batch.label_observed``) and is 0 when there are none.
@@ -378,7 +378,7 @@ def esmm_loss(out: Output, batch: Batch) -> torch.Tensor:
     nll = ctcvr_nll(out, batch)
     mask = batch.label_observed.to(nll.dtype)
     ctcvr = (nll * mask).sum() / mask.sum().clamp(min=1.0)
-    return ctr + ctcvr
+    return ctr + ctcvr if ctcvr_weight == 1.0 else ctr + ctcvr_weight * ctcvr
 
 
 def ctcvr_nll(out: Output, batch: Batch) -> torch.Tensor:

@@ -20,6 +20,7 @@ from adfed.fl.rounds import client_settings, make_offer
 from adfed.fl.simulation import build_engine, initial_server_state
 from adfed.fl.types import FlatDense, SparseRows, Update
 from adfed.fl.wire import decode_update
+from adfed.fl.wirespec import read_header
 from adfed.model.assembly import model_from_config
 from adfed.model.groups import get_dense, group_names, sparse_tables
 from adfed.privacy import setup as privacy_setup
@@ -150,6 +151,7 @@ def _backend_round(cfg: Config, small_world, n: int = 30):  # noqa: ANN001, ANN2
     ("fl.local_batch_size=16",),  # the phones with more rows run several steps, one by one
     ('fl.local_optimizer="adam"',),  # all one by one
     ('fl.strategy="fedprox"',),
+    ("fl.ctcvr_warmup_rounds=5",),  # round 1 trains the CTR term only
     ("privacy.dp=true",),  # a vocabulary round: phones train on blocks, each update clipped after
     ("privacy.dp=true", 'privacy.clip_mode="per_tensor"', "privacy.adaptive_clip=true",
      "privacy.noise_multiplier=0.1", "privacy.clip_count_noise=5"),
@@ -175,8 +177,9 @@ def test_in_process_map_batched_equals_one_by_one(small_world, fl_config, overri
         assert (a.bytes_down, a.num_examples, a.phone.keys()) == (b.bytes_down, b.num_examples, b.phone.keys())
         ua, ub = decode_update(a.payload, offer.spec)[1], decode_update(b.payload, offer.spec)[1]
         _assert_close((ua, a.phone), (ub, b.phone))
-        if len(a.payload) != len(b.payload):  # only float bits may differ, never the layout
-            pytest.fail(f"client {a.client_id}: upload of {len(a.payload)} vs {len(b.payload)} bytes")
+        layout = [{k: (e[0], e[1]) for k, e in read_header(r.payload, offer.spec.max_bytes, "upload")[1].items()}
+                  for r in (a, b)]
+        assert layout[0] == layout[1], f"client {a.client_id}: only float bits may differ, never the layout"
     if cfg.fl.local_optimizer == "adam":
         assert [r.payload for r in got] == [r.payload for r in want]  # the reference path itself
         assert "clients train one by one: fl.local_optimizer = 'adam'" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,22 @@ def test_zero_learning_rates_send_zero_deltas(phone) -> None:  # noqa: ANN001
     update, _ = client_update(scratch, *task(scratch, a, lr=0.0))
     assert all(float(d.abs().max()) == 0 for d in update.dense.values())
     assert all(float(r.values.abs().max()) == 0 for r in update.sparse.values())
+
+
+def test_the_ctcvr_warm_up_keeps_the_cvr_tower_still(phone) -> None:  # noqa: ANN001
+    # Prepare: the settings of round 1 and of round 3 with fl.ctcvr_warmup_rounds = 2
+    cfg, dataset, (a, _), task = phone
+    scratch = _scratch(cfg, dataset)
+    t, data = task(scratch, a)
+    warm = dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, ctcvr_warmup_rounds=2))
+    assert (client_settings(warm, 1).ctcvr_weight, client_settings(warm, 2).ctcvr_weight) == (0.0, 1.0)
+
+    # Execute: the CTR term alone, then the whole loss
+    ctr_only, _ = client_update(scratch, dataclasses.replace(t, settings=client_settings(warm, 1)), data)
+    whole, _ = client_update(scratch, dataclasses.replace(t, settings=client_settings(warm, 2)), data)
+
+    # Assert: the CVR tower learns nothing from the CTR term; the towers below it do
+    cvr = [k for k in whole.dense if k.startswith("towers.cvr.")]
+    assert cvr and all(float(ctr_only.dense[k].abs().max()) == 0 for k in cvr)
+    assert all(float(whole.dense[k].abs().max()) > 0 for k in cvr)
+    assert float(ctr_only.dense["towers.bottom.0.weight"].abs().max()) > 0

@@ -182,6 +182,12 @@ class FLConfig:
     # or the "towers" only (the dense part but the small tables; tables and sparse rows
     # then step as FedAvg)
     server_adaptive_scope: Literal["all", "towers"] = "towers"
+    # how the server steps the two heads' output biases under server_adaptive_scope =
+    # "towers": with the towers' adaptive optimizer ("adaptive"), or as the tables are, the
+    # phones' mean delta ("average"), so that a bias far from its base rate moves there in
+    # a few rounds instead of at most server_lr a round (docs/results/2026-12-06-federated-
+    # quality.md, section 12)
+    output_bias_step: Literal["adaptive", "average"] = "adaptive"
     # the released model (evaluated, saved, exported) is a moving average of the global
     # model over server steps, warmed up as train.ema (0 = off: the last model). Phones
     # still train from the last model; no privacy cost (post-processing). Measured in
@@ -234,6 +240,9 @@ class FLConfig:
                self.checkpoint_every_s)
         for key in ("lr_decay_start", "server_lr_decay_start"):
             _check(getattr(self, key) >= 0, f"fl.{key}", "an int >= 0 (0 = constant lr)", getattr(self, key))
+        _check(self.output_bias_step == "adaptive" or self.server_adaptive_scope == "towers", "fl.output_bias_step",
+               '"adaptive" unless fl.server_adaptive_scope = "towers" (with "all" every part steps adaptively)',
+               self.output_bias_step)
         _check(isinstance(self.ctcvr_warmup_rounds, int) and self.ctcvr_warmup_rounds >= 0, "fl.ctcvr_warmup_rounds",
                "an int >= 0 (0 = the whole loss from the first round)", self.ctcvr_warmup_rounds)
 

@@ -77,6 +77,18 @@ def prior_sample(population: Population, seed: int) -> np.ndarray:
     return np.sort(rng.choice(population.clients, size=k, replace=False))
 
 
+def adaptive_names(cfg: Config, model: PCVRModel) -> frozenset[str] | None:
+    """The ``dense_shared`` tensors an adaptive server optimizer steps (None: every shared
+    part, ``fl.server_adaptive_scope = "all"``): the towers, less the heads' output biases
+    with ``fl.output_bias_step = "average"``; the rest steps as FedAvg."""
+    if cfg.fl.server_adaptive_scope == "all":
+        return None
+    towers = {n for n in get_dense(model, ParamGroup.DENSE_SHARED) if not model.is_dense_table(n)}
+    if cfg.fl.output_bias_step == "average":
+        towers -= set(model.towers.output_bias_names("towers"))
+    return frozenset(towers)
+
+
 def initial_server_state(cfg: Config, model: PCVRModel, server_opt: strategies.ServerOptimizer) -> ServerState:
     dense = get_dense(model, ParamGroup.DENSE_SHARED)
     sparse = get_dense(model, ParamGroup.SPARSE_SHARED)
@@ -303,10 +315,8 @@ def fit_federated(cfg: Config, dataset: Dataset, *, checkpoint_dir: Path | None 
     if cfg.model.starts_at_base_rates("federated") and not resume:  # a resume restores the state
         set_output_priors_(eval_model, population.label_counts(prior_sample(population, cfg.seed)),
                            cfg.model.base_rate_heads("federated"))
-    towers = None if cfg.fl.server_adaptive_scope == "all" else frozenset(
-        n for n in get_dense(eval_model, ParamGroup.DENSE_SHARED) if not eval_model.is_dense_table(n))
     server_opt = strategies.create(cfg.fl.strategy, cfg.fl.server_lr_for(), cfg.fl.server_tau, cfg.fl.server_betas,
-                                   cfg.fl.server_bias_correction, towers)
+                                   cfg.fl.server_bias_correction, adaptive_names(cfg, eval_model))
     plan: PrivacyPlan | None = None
     vocabulary: Vocabulary | None = None
     stopped_at: int | None = None

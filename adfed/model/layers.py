@@ -495,6 +495,11 @@ class Towers(nn.Module):
         self.ctr = _mlp(hidden[0], hidden[1:], 1)
         self.cvr = _mlp(hidden[0], hidden[1:], 1)
 
+    def output_bias_names(self, prefix: str) -> tuple[str, str]:
+        """The parameter names of the CTR and CVR heads' last biases, under ``prefix``
+        (the towers' own name in the model, e.g. ``"towers"``)."""
+        return f"{prefix}.ctr.{len(self.ctr) - 1}.bias", f"{prefix}.cvr.{len(self.cvr) - 1}.bias"
+
     def start_heads_(self, ctr_logit: float | None, cvr_logit: float | None) -> None:
         """Start the heads at fixed logits: each tower's last bias (None: left as it is), and the
         CVR tower's last weights at zero, so the CVR logit is its bias on every input (the

@@ -642,3 +642,30 @@ def test_the_eval_model_gets_every_stored_phones_local_rows_and_zeros_elsewhere(
     for n in local:
         assert torch.all(params[n][9] == 90.0) and torch.all(params[n][2] == 2.0), n
         assert torch.all(params[n][5] == 0.0) and torch.all(params[n][0] == 0.0), n
+
+
+def test_fl_output_bias_step_average_moves_the_heads_biases_as_the_tables(small_world, fl_config):
+    # under the towers' Adam a head's bias moves at most about server_lr a round; stepped as
+    # the tables (the phones' mean delta) it moves towards its base rate in a few rounds
+    from adfed.fl.simulation import adaptive_names
+
+    base = ("fl.rounds=3", 'model.output_bias="zero"')
+    cfg = fl_config(small_world, *base, 'fl.output_bias_step="average"')
+    model = model_from_config(cfg, Dataset.open(small_world))
+    ctr_bias, cvr_bias = model.towers.output_bias_names("towers")
+    stepped = adaptive_names(cfg, model)
+    assert stepped is not None and ctr_bias not in stepped and cvr_bias not in stepped
+    assert adaptive_names(fl_config(small_world, *base), model) == stepped | {ctr_bias, cvr_bias}
+    moved = {}
+    for step in ("adaptive", "average"):
+        params = _final_params(Trainer(fl_config(small_world, *base, f'fl.output_bias_step="{step}"')).fit())
+        moved[step] = abs(float(params[ctr_bias]))  # from zero
+    assert moved["adaptive"] <= 3 * 0.01 * 1.01 < 0.1 < moved["average"]
+
+
+def test_fl_output_bias_step_average_needs_the_towers_scope():
+    from adfed.config import Config, with_overrides
+    from adfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fl.output_bias_step must be \"adaptive\" unless fl.server_adaptive_scope"):
+        with_overrides(Config(), ['fl.output_bias_step="average"', 'fl.server_adaptive_scope="all"'])

@@ -422,6 +422,13 @@ def test_protocol_rule_and_target():
     # wins where the gap is, loses 0.006 where there was none: not adopted
     mixed = protocol.verdict(summary([0.007, 0.007], [0.005, 0.005]), defaults)
     assert mixed["gain"] == pytest.approx(0.007) and set(mixed["worse"]) == {"w0"} and not mixed["adopt"]
-    assert protocol.verdict(summary([0.001, 0.003], [0.012, 0.010]), defaults)["adopt"]
+    assert protocol.verdict(summary([0.001, 0.003], [0.012, 0.010]), defaults)["by"] == "rule"
+    # the tie-break: the same mean, the worst run 0.010 closer (0.020 against 0.030)
+    tie = protocol.verdict(summary([0.005, 0.007], [0.020, 0.020]), defaults)
+    assert tie["gain"] == pytest.approx(0.0, abs=1e-12) and tie["worst_run"] == pytest.approx(0.020)
+    assert tie["adopt"] and tie["by"] == "tie-break"
+    # ... but not with a larger mean, nor with a worst run only 0.004 closer
+    assert not protocol.verdict(summary([0.006, 0.007], [0.020, 0.020]), defaults)["adopt"]
+    assert not protocol.verdict(summary([0.000, 0.002], [0.026, 0.024]), defaults)["adopt"]
     with pytest.raises(ValueError, match="different worlds"):
         protocol.verdict(summary([0.0]), defaults)

@@ -123,19 +123,22 @@ def _check_same_model(saved: GlobalState, fresh: GlobalState, ckpt: Path) -> Non
 #: settings a resumed run must share with the run that wrote the checkpoint: the server
 #: optimizer's state, the async clock, the per-round seeds and the privacy state depend on
 #: them, and the phones' rows on the dataset ("data": a digest of its files)
-RESUME_KEYS = ("seed", "fl.strategy", "fl.schedule", "privacy.dp", "data")
+RESUME_KEYS = ("seed", "fl.strategy", "fl.schedule", "privacy.dp", "data", "fl.server_adaptive_scope",
+               "fl.output_bias_step")
 
 
 def _resume_settings(cfg: Config, dataset: Dataset) -> dict[str, Any]:
     files = json.dumps(dataset.manifest.get("files", {}), sort_keys=True).encode()
     return {"seed": cfg.seed, "fl.strategy": cfg.fl.strategy, "fl.schedule": cfg.fl.schedule,
-            "privacy.dp": cfg.privacy.dp, "data": hashlib.sha256(files).hexdigest()[:16]}
+            "privacy.dp": cfg.privacy.dp, "data": hashlib.sha256(files).hexdigest()[:16],
+            # which parts the server's moments cover
+            "fl.server_adaptive_scope": cfg.fl.server_adaptive_scope, "fl.output_bias_step": cfg.fl.output_bias_step}
 
 
 def _check_same_settings(saved: dict[str, Any] | None, cfg: Config, dataset: Dataset, ckpt: Path) -> None:
     """ConfigError when the checkpoint was written under another seed, strategy, schedule,
-    privacy setting or dataset (a FedAvg checkpoint resumed as FedAdam has no moments to
-    continue). Checkpoints from before a key was kept do not carry it and are not checked
+    privacy setting, dataset or split of what the server steps adaptively (a FedAvg
+    checkpoint resumed as FedAdam has no moments to continue). Checkpoints from before a key was kept do not carry it and are not checked
     on it."""
     now = _resume_settings(cfg, dataset)
     for key in RESUME_KEYS:

@@ -275,6 +275,8 @@ def test_resume_with_another_model_is_a_config_error(small_world, fl_config, tmp
     ("fl.strategy=\"fedavg\"", "fl.strategy=\"fedadam\"", r'written with fl\.strategy="fedavg", not "fedadam"'),
     ("seed=0", "seed=3", r"written with seed=0, not 3; resume with --set seed=0"),
     ("privacy.dp=false", "privacy.dp=true", r"written with privacy\.dp=false, not true; resume with --set privacy\.dp=false"),
+    ('fl.output_bias_step="average"', 'fl.output_bias_step="adaptive"',
+     r'written with fl\.output_bias_step="average", not "adaptive"; resume with --set fl\.output_bias_step="average"'),
 ])
 def test_resume_with_another_strategy_or_seed_is_a_config_error(small_world, fl_config, tmp_path,
                                                                 first, then, match):

@@ -101,7 +101,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        detail = " ".join(str(exc).split())
+        detail = " ".join(str(exc).split()).rstrip(".")
         raise DataError(f"{path}: not a readable parquet file (truncated?): {detail}; "
                         "regenerate or re-import the dataset") from exc
 

@@ -138,8 +138,8 @@ def _resume_settings(cfg: Config, dataset: Dataset) -> dict[str, Any]:
 def _check_same_settings(saved: dict[str, Any] | None, cfg: Config, dataset: Dataset, ckpt: Path) -> None:
     """ConfigError when the checkpoint was written under another seed, strategy, schedule,
     privacy setting, dataset or split of what the server steps adaptively (a FedAvg
-    checkpoint resumed as FedAdam has no moments to continue). Checkpoints from before a key was kept do not carry it and are not checked
-    on it."""
+    checkpoint resumed as FedAdam has no moments to continue). Checkpoints from before a
+    key was kept do not carry it and are not checked on it."""
     now = _resume_settings(cfg, dataset)
     for key in RESUME_KEYS:
         if saved is None or key not in saved or saved[key] == now[key]:

@@ -290,8 +290,7 @@ def _chunk(model: PCVRModel, tasks: Sequence[ClientTask], data: Examples,
     nll = ctcvr_nll(Output(ctr_logit=ctr, cvr_logit=cvr), batch)
     mask = batch.label_observed.to(nll.dtype)
     observed = _segment_sum(mask, phone, num).clamp(min=1.0)
-    ctcvr = nll * mask / observed[phone]
-    per_row = bce / counts.to(bce.dtype)[phone] + (ctcvr if s.ctcvr_weight == 1.0 else s.ctcvr_weight * ctcvr)
+    per_row = bce / counts.to(bce.dtype)[phone] + s.ctcvr_weight * (nll * mask / observed[phone])
     inputs = [*leaves, *(z for _, _, z in sites), ctr, cvr]
     grads = torch.autograd.grad(per_row.sum(), inputs)
     with torch.no_grad():

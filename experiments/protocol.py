@@ -4,7 +4,8 @@ replaces the defaults (docs/results/2026-12-06-federated-quality.md).
 
 A candidate is judged on the **choice** worlds (seeds 1-3 at 20k and 100k users, training
 seed 0) and reported on the **report** worlds (seeds 41/42/43 at 20k/50k/200k users,
-generated for nothing else, training seeds 0-2)::
+generated for nothing else, training seeds 0-2; **report2**, seeds 51/52/53, a second such
+set)::
 
     python -m experiments.protocol --stage choice --out runs/protocol/defaults
     python -m experiments.protocol --stage choice --out runs/protocol/cand --set fl.local_user_lr=0.2
@@ -41,7 +42,11 @@ from experiments.runs import Progress, train_and_write
 World = tuple[int, int]  # (users, world seed)
 CHOICE: tuple[World, ...] = ((20_000, 1), (20_000, 2), (20_000, 3), (100_000, 1), (100_000, 2), (100_000, 3))
 REPORT: tuple[World, ...] = ((20_000, 41), (50_000, 42), (200_000, 43))
-STAGES: dict[str, tuple[tuple[World, ...], tuple[int, ...]]] = {"choice": (CHOICE, (0,)), "report": (REPORT, (0, 1, 2))}
+#: a second set of fresh report worlds (section 13 of the study, 2026-12-07): the same sizes,
+#: seeds generated for nothing else, to replicate the report stage of the defaults
+REPORT2: tuple[World, ...] = ((20_000, 51), (50_000, 52), (200_000, 53))
+STAGES: dict[str, tuple[tuple[World, ...], tuple[int, ...]]] = {
+    "choice": (CHOICE, (0,)), "report": (REPORT, (0, 1, 2)), "report2": (REPORT2, (0, 1, 2))}
 #: the issue's target: mean expected-AUC gap per world at most TARGET, no seed above WORST
 TARGET, WORST = 0.01, 0.015
 #: the rule: a candidate's mean gap at least GAIN below the defaults', no world LOSS worse

@@ -405,6 +405,10 @@ def test_protocol_seeds_replace_the_stages(tmp_path, monkeypatch):
     assert seen["seeds"] == (0, 1) and seen["worlds"] == protocol.CHOICE
     assert protocol.main(["--stage", "report", "--out", str(tmp_path / "o")]) == 0
     assert seen["seeds"] == (0, 1, 2)
+    assert protocol.main(["--stage", "report2", "--out", str(tmp_path / "o")]) == 0
+    assert seen["seeds"] == (0, 1, 2) and seen["worlds"] == protocol.REPORT2
+    fresh = {seed for _, seed in protocol.REPORT2}
+    assert not fresh & {seed for _, seed in protocol.CHOICE + protocol.REPORT}
 
 
 def test_protocol_rule_and_target():

@@ -128,14 +128,29 @@ def _buckets(offsets: np.ndarray) -> Buckets:
     return out
 
 
-def _segment_outer(g: torch.Tensor, a: torch.Tensor, buckets: Buckets) -> torch.Tensor:
-    """``out[i] = g[rows_i].T @ a[rows_i]`` for each segment ``i`` of :func:`_buckets`:
-    float [P, o, k] from g [B, o], a [B, k].
+#: a layer's per-phone outer products of at least this many values are one ``mm`` per
+#: phone, written in place (padded ``bmm`` buckets copy each phone's rows and its result
+#: once more, and pad up to 2x: ~2x slower for the bottom layer); smaller ones (a head's
+#: [1, 64]) are a few ``bmm`` calls, cheaper than a hundred tiny ``mm``
+_MM_PER_PHONE = 1024
 
-    Segments are zero-padded within their bucket, so a few ``bmm`` calls cover every
-    phone however heavy-tailed their row counts are.
+
+def _segment_outer(g: torch.Tensor, a: torch.Tensor, buckets: Buckets, offsets: np.ndarray) -> torch.Tensor:
+    """``out[i] = g[rows_i].T @ a[rows_i]`` for each segment ``i`` (phone ``i``'s rows
+    ``offsets[i]:offsets[i + 1]``): float [P, o, k] from g [B, o], a [B, k].
+
+    Large layers: one ``mm`` per phone into its slot. Small ones: segments zero-padded
+    within their bucket (:func:`_buckets`), so a few ``bmm`` calls cover every phone
+    however heavy-tailed their row counts are. Both give the same values.
     """
-    num = sum(len(sel) for sel, _ in buckets)
+    num = len(offsets) - 1
+    if g.shape[1] * a.shape[1] >= _MM_PER_PHONE:
+        out = g.new_empty(num, g.shape[1], a.shape[1])
+        gt = g.t()
+        bounds = offsets.tolist()
+        for i in range(num):
+            torch.mm(gt[:, bounds[i] : bounds[i + 1]], a[bounds[i] : bounds[i + 1]], out=out[i])
+        return out
     out = g.new_zeros(num, g.shape[1], a.shape[1])
     g_pad = torch.cat([g, g.new_zeros(1, g.shape[1])])
     a_pad = torch.cat([a, a.new_zeros(1, a.shape[1])])
@@ -319,10 +334,10 @@ def _steps(model: PCVRModel, tasks: Sequence[ClientTask], s: ClientSettings, bat
     dense_grads: dict[str, torch.Tensor] = {}  # name -> [P, *shape]
     buckets = _buckets(offsets)
     for (name, a, _), gz in zip(sites, g_sites, strict=True):
-        dense_grads[f"{name}.weight"] = _segment_outer(gz, a, buckets)
+        dense_grads[f"{name}.weight"] = _segment_outer(gz, a, buckets, offsets)
         dense_grads[f"{name}.bias"] = _segment_sum(gz, phone, num)
     if match_counts is not None:
-        dense_grads["match.weight"] = _segment_outer(g_logits, match_counts, buckets).transpose(1, 2)
+        dense_grads["match.weight"] = _segment_outer(g_logits, match_counts, buckets, offsets).transpose(1, 2)
     lengths = {f.name: batch.bag_lengths(f.name) for f in emb.embedded if f.is_bag}
     reads = _table_reads(model, batch.ids, batch.bags, lengths, g_leaves, phone, emb.bag_pooling)
     sparse_grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # phone, ids, grads

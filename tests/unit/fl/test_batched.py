@@ -108,6 +108,23 @@ def test_chunks_give_the_same_updates(small_world, fl_config, monkeypatch: pytes
         _assert_close(a, b)
 
 
+@pytest.mark.parametrize("width", [64, 307])
+def test_per_phone_outer_products_by_mm_and_by_padded_bmm_agree(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    counts = np.array([1, 14, 3, 60, 2, 9, 1, 33])  # heavy-tailed: three buckets
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    g, a = torch.randn(int(counts.sum()), 64, generator=gen), torch.randn(int(counts.sum()), width, generator=gen)
+    reference = torch.stack([g[lo:hi].T @ a[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)])
+    buckets = batched._buckets(offsets)
+
+    by_mm = batched._segment_outer(g, a, buckets, offsets)
+    monkeypatch.setattr(batched, "_MM_PER_PHONE", 10**9)
+    by_bmm = batched._segment_outer(g, a, buckets, offsets)
+
+    torch.testing.assert_close(by_mm, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_bmm, reference, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(("overrides", "reason"), [
     (('fl.local_optimizer="adam"',), "fl.local_optimizer = 'adam'"),
     (("fl.local_epochs=2",), "fl.local_epochs = 2"),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from adfed.data.examples import Batch, Examples
 from adfed.data.schema import USER_KEY, FieldSpec, ParamGroup, Schema
@@ -267,6 +268,28 @@ class PCVRModel(nn.Module):
         return self.towers.forward_parts(parts)
 
 
+#: what the modules' constructors call to initialise their parameters
+_INITIALISERS = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+                           nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.trunc_normal_,
+                           nn.init.zeros_, nn.init.ones_, nn.init.constant_})
+
+
+class _SkipInitialisers(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: ``torch.nn.init``'s initialisers leave a meta
+    tensor as it is. Their values would be thrown away (:func:`init_parameters_` draws
+    every parameter), and running them on meta tensors imports ``torch._dynamo`` (their
+    meta kernels are Python decompositions): ~1.8 s the first time in a process, which a
+    federated run needs nowhere else."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def build_model(
     schema: Schema,
     *,
@@ -316,7 +339,7 @@ def build_model(
     has_user = USER_KEY in names
     rows = {USER_KEY: user_rows} if (has_user and user_rows is not None) else {}
     # Built on the meta device: the default initialisers would draw from the global RNG.
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitialisers():
         embeddings = FieldEmbeddings(used.fields, embedding_dim, rows_override=rows,
                                      bag_pooling=bag_pooling, share_vocab=share_vocab)
         interaction = DotInteraction([f.entity for f in embeddings.embedded])
@@ -331,7 +354,9 @@ def build_model(
         pairs = VocabMatch.pairs_of(used.fields) if vocab_match else []
         match = VocabMatch(pairs) if pairs else None
         model = PCVRModel(used, embeddings, interaction, towers, user_bias, match)
-    model.to_empty(device="cpu")
+    # to_empty(device="cpu") would take the same values, but its empty_like of a meta tensor
+    # runs a Python decomposition that imports sympy (~1 s the first time in a process)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
     generator = torch.Generator().manual_seed(seed)
     groups = model.parameter_groups()
     local = {id(p) for n, p in model.named_parameters() if local_zeros and groups[n] is ParamGroup.LOCAL}

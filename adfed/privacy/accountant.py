@@ -21,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-
-import dp_accounting as dpa
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.privacy_accountant import NeighboringRelation
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import TYPE_CHECKING
 
 from adfed.config import Config
 from adfed.errors import ConfigError
+
+# dp-accounting is imported where it is used: it pulls in scipy.signal (~0.7 s), which a
+# run without DP (and every worker process, which imports this module) never needs
+if TYPE_CHECKING:
+    import dp_accounting as dpa
+    from dp_accounting.privacy_accountant import NeighboringRelation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,8 @@ def make_plan(cfg: Config, population: int, *, noise_multiplier: float | None = 
 
 
 def _relation(plan: PrivacyPlan) -> NeighboringRelation:
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
     return NeighboringRelation.REPLACE_SPECIAL if plan.mechanism == "dp_ftrl" else NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
@@ -116,6 +120,8 @@ def dp_event(plan: PrivacyPlan, rounds: int, *, with_vocabulary: bool = True,
     """The dp-accounting event of ``rounds`` rounds under ``plan``. ``realized``: the
     noise multiplier each round really carried (distributed noise: the phones' shares of
     the phones that arrived), accounted round by round instead of the plan's."""
+    import dp_accounting as dpa
+
     if plan.noise_multiplier == 0 or (realized is not None and min(realized, default=1.0) <= 0):
         return dpa.NonPrivateDpEvent()
     events: list[dpa.DpEvent] = []
@@ -148,6 +154,10 @@ def epsilon(plan: PrivacyPlan, rounds: int, *, accountant: str = "rdp", with_voc
         return math.inf
     if rounds == 0 and (not with_vocabulary or plan.vocabulary_noise is None):
         return 0.0
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     event = dp_event(plan, rounds, with_vocabulary=with_vocabulary, realized=realized)
     if isinstance(event, dpa.NonPrivateDpEvent):
         return math.inf

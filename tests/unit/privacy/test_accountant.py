@@ -97,3 +97,19 @@ def test_realized_noise_is_accounted_round_by_round() -> None:
     assert epsilon(plan, 3, realized=[1.0, 1.0, 1.0]) == pytest.approx(planned, rel=1e-9)
     assert epsilon(plan, 3, realized=[1.0, 0.7, 1.0]) > planned  # a round with fewer shares than planned
     assert math.isinf(epsilon(plan, 2, realized=[1.0, 0.0]))
+
+
+def test_a_run_without_dp_never_imports_dp_accounting() -> None:
+    """It pulls in scipy.signal (~0.7 s a process); the trainer and every worker import
+    this module, but only an accounting call needs the library."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "import adfed.trainer, adfed.fl.backends\n"
+            "from adfed.privacy import accountant\n"
+            "print('dp_accounting' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip().splitlines()[-1] == "False"

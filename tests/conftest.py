@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,21 @@ def _seeded_global_rngs() -> None:
     a test that draws from them does not depend on which tests ran before it."""
     torch.manual_seed(0)
     np.random.seed(0)  # noqa: NPY002 - the legacy global state, for code that uses it
+
+
+@pytest.fixture
+def modules_loaded_by() -> Callable[[str, tuple[str, ...]], set[str]]:
+    """Factory: which of the modules ``watch`` a fresh interpreter has imported after
+    running ``code`` at the repository root; for start-up costs that the test process,
+    which has imported everything, cannot see."""
+    root = Path(__file__).resolve().parents[1]
+
+    def loaded(code: str, watch: tuple[str, ...]) -> set[str]:
+        probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {list(watch)!r} if m in sys.modules]))\n"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root)
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    return loaded
 
 
 @pytest.fixture(scope="session")

@@ -277,9 +277,9 @@ _INITIALISERS = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_un
 class _SkipInitialisers(TorchFunctionMode):
     """Inside ``torch.device("meta")``: ``torch.nn.init``'s initialisers leave a meta
     tensor as it is. Their values would be thrown away (:func:`init_parameters_` draws
-    every parameter), and running them on meta tensors imports ``torch._dynamo`` (their
-    meta kernels are Python decompositions): ~1.8 s the first time in a process, which a
-    federated run needs nowhere else."""
+    every parameter), and running them on meta tensors imports torch's dynamo compiler
+    (their meta kernels are Python decompositions): ~1.8 s the first time in a process,
+    which a federated run needs nowhere else."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -288,6 +288,22 @@ class _SkipInitialisers(TorchFunctionMode):
             if isinstance(tensor, torch.Tensor) and tensor.is_meta:
                 return tensor
         return func(*args, **kwargs)
+
+
+def _materialise(model: nn.Module) -> None:
+    """Give ``model``'s meta parameters and buffers uninitialised CPU storage (a parameter
+    shared by two modules stays shared). ``model.to_empty(device="cpu")`` does the same,
+    but its ``empty_like`` of a meta tensor runs a Python decomposition that imports sympy
+    (~1 s the first time in a process)."""
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+            setattr(module, name, new[id(p)])
+        own = module.state_dict(keep_vars=True)
+        for name, b in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype), persistent=name in own)
 
 
 def build_model(
@@ -354,9 +370,7 @@ def build_model(
         pairs = VocabMatch.pairs_of(used.fields) if vocab_match else []
         match = VocabMatch(pairs) if pairs else None
         model = PCVRModel(used, embeddings, interaction, towers, user_bias, match)
-    # to_empty(device="cpu") would take the same values, but its empty_like of a meta tensor
-    # runs a Python decomposition that imports sympy (~1 s the first time in a process)
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+    _materialise(model)
     generator = torch.Generator().manual_seed(seed)
     groups = model.parameter_groups()
     local = {id(p) for n, p in model.named_parameters() if local_zeros and groups[n] is ParamGroup.LOCAL}

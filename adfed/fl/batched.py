@@ -141,7 +141,8 @@ def _segment_outer(g: torch.Tensor, a: torch.Tensor, buckets: Buckets, offsets: 
 
     Large layers: one ``mm`` per phone into its slot. Small ones: segments zero-padded
     within their bucket (:func:`_buckets`), so a few ``bmm`` calls cover every phone
-    however heavy-tailed their row counts are. Both give the same values.
+    however heavy-tailed their row counts are. Both sum the same products; the order BLAS
+    picks for a shape can differ, so they agree to rounding (bit for bit on most shapes).
     """
     num = len(offsets) - 1
     if g.shape[1] * a.shape[1] >= _MM_PER_PHONE:

@@ -14,7 +14,8 @@ backward pass over the phones' rows back to back:
 - autograd gives the gradient at every place a parameter is used (each field's pooled
   embedding, each linear layer's output, the two logits), per row; each phone's
   parameter gradient is then a reduction over its own rows only: per-phone outer
-  products for the linear layers (one ``bmm`` per bucket of phones of similar size),
+  products for the linear layers (one ``mm`` per phone for a wide layer, one ``bmm`` per
+  bucket of phones of similar size for a head's few values: :func:`_segment_outer`),
   per-(phone, row) sums for the embedding tables.
 
 The step then gives each phone its own :class:`~adfed.fl.types.Update` and ``local``
